@@ -1,0 +1,1 @@
+"""Development and test tooling: the local control plane, S3 server and their launchers (not shipped in images)."""

@@ -1,0 +1,157 @@
+"""The local development environment: one control plane and one S3 server, started and stopped together.
+
+Its state (kubeconfig, S3 endpoint and throw-away credentials, pids) lives in a single directory, so
+`tweetbot dev up`, `dev env` and `dev down` can run as separate commands, and a test session can own a
+private environment that a reaper process tears down if the session dies without cleaning up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .binaries import cache_root, ensure_binaries
+from .cluster import Cluster
+from .processes import is_running
+from .s3 import S3Server
+
+STATE_FILE = "state.json"
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("TWEETBOT_DEV_HOME") or cache_root() / "dev")
+
+
+@dataclass
+class DevEnvironment:
+    home: Path
+    bin_dir: Path
+    cluster_name: str = "tweetbot"
+    s3_port: int = 0
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_pid: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def cluster(self) -> Cluster:
+        return Cluster(self.cluster_name, self.home / "kwok", self.bin_dir)
+
+    @property
+    def s3(self) -> S3Server:
+        return S3Server(
+            self.home / "s3-data", self.bin_dir, self.s3_port, self.s3_access_key, self.s3_secret_key, self.s3_pid
+        )
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.cluster.kubeconfig
+
+    @property
+    def s3_endpoint(self) -> str:
+        return self.s3.endpoint
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, home: Path) -> DevEnvironment | None:
+        try:
+            state = json.loads((home / STATE_FILE).read_text())
+        except FileNotFoundError:
+            return None
+        return cls(home=home, bin_dir=Path(state.pop("bin_dir")), **state)
+
+    def save(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        state = {
+            "bin_dir": str(self.bin_dir),
+            "cluster_name": self.cluster_name,
+            "s3_port": self.s3_port,
+            "s3_access_key": self.s3_access_key,
+            "s3_secret_key": self.s3_secret_key,
+            "s3_pid": self.s3_pid,
+            "timings": self.timings,
+        }
+        path = self.home / STATE_FILE
+        path.touch(mode=0o600)  # holds the S3 server's credentials
+        path.write_text(json.dumps(state, indent=2))
+
+    @classmethod
+    def up(cls, home: Path, log=print, owner_pid: int | None = None) -> DevEnvironment:
+        """Start cluster and S3 under `home`; with `owner_pid`, a reaper tears both down when it exits."""
+        existing = cls.load(home)
+        if existing is not None and existing.is_running():
+            return existing
+        if existing is not None:
+            existing.down()
+        env = cls(home=home, bin_dir=ensure_binaries(log))
+        home.mkdir(parents=True, exist_ok=True)
+        env.save()  # so a failed start can still be cleaned up by `down`
+        if owner_pid is not None:
+            start_reaper(owner_pid, home)
+        try:
+            started = time.monotonic()
+            s3 = env.s3
+            s3.start(home / "s3.log")
+            env.s3_port, env.s3_access_key, env.s3_secret_key, env.s3_pid = (
+                s3.port, s3.access_key, s3.secret_key, s3.pid
+            )
+            env.save()
+            env.timings["s3_start_seconds"] = round(time.monotonic() - started, 2)
+            started = time.monotonic()
+            env.cluster.create()
+            env.timings["cluster_start_seconds"] = round(time.monotonic() - started, 2)
+            env.save()
+        except BaseException:
+            env.down()
+            raise
+        return env
+
+    def is_running(self) -> bool:
+        pids = self.cluster.component_pids()
+        return (
+            self.s3_pid is not None
+            and is_running(self.s3_pid, "minio")
+            and bool(pids)
+            and all(is_running(pid) for pid in pids.values())
+        )
+
+    def down(self) -> None:
+        """Stop everything this environment started and delete its data; safe to call twice."""
+        self.cluster.delete()
+        self.s3.stop()
+        self.s3_pid = None
+        shutil.rmtree(self.home, ignore_errors=True)
+
+    # --- what a person or a test needs to talk to it ---------------------------------------------
+
+    def variables(self) -> dict[str, str]:
+        return {
+            "KUBECONFIG": str(self.kubeconfig),
+            "AWS_ENDPOINT_URL": self.s3_endpoint,
+            "AWS_ACCESS_KEY_ID": self.s3_access_key,
+            "AWS_SECRET_ACCESS_KEY": self.s3_secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "PATH": f"{self.bin_dir}:{os.environ.get('PATH', '')}",
+        }
+
+    def shell_exports(self) -> str:
+        return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in self.variables().items())
+
+
+def start_reaper(owner_pid: int, home: Path) -> None:
+    """A detached watcher that runs `down` once `owner_pid` is gone, even if it was SIGKILLed."""
+    subprocess.Popen(
+        [sys.executable, "-m", "tweetbot_dev.reaper", str(owner_pid), str(home)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )

@@ -1,0 +1,1 @@
+"""The TweetBot operator: watches TweetBot resources and runs their stage Jobs."""

@@ -1,0 +1,81 @@
+"""The `tweetbot` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def dev_build(args: argparse.Namespace) -> int:
+    from tweetbot_dev.binaries import ensure_binaries
+
+    print(ensure_binaries(_log))
+    return 0
+
+
+def dev_up(args: argparse.Namespace) -> int:
+    from tweetbot_dev.devenv import DevEnvironment
+
+    env = DevEnvironment.up(args.home, log=_log)
+    _log(f"cluster up: kubeconfig {env.kubeconfig}")
+    _log(f"S3 up: {env.s3_endpoint}")
+    _log(f"use it from a shell with:  eval \"$(tweetbot dev env --home {args.home})\"")
+    print(env.kubeconfig)
+    return 0
+
+
+def dev_env(args: argparse.Namespace) -> int:
+    from tweetbot_dev.devenv import DevEnvironment
+
+    env = DevEnvironment.load(args.home)
+    if env is None:
+        _log(f"no dev environment in {args.home}: run `tweetbot dev up` first")
+        return 1
+    sys.stdout.write(env.shell_exports())
+    return 0
+
+
+def dev_down(args: argparse.Namespace) -> int:
+    from tweetbot_dev.devenv import DevEnvironment
+
+    env = DevEnvironment.load(args.home)
+    if env is None:
+        _log(f"no dev environment in {args.home}")
+        return 0
+    env.down()
+    _log("cluster and S3 stopped, their data deleted")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tweetbot_dev.devenv import default_home
+
+    parser = argparse.ArgumentParser(prog="tweetbot", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    dev = commands.add_parser("dev", help="the local control plane and S3 server for development")
+    dev_commands = dev.add_subparsers(dest="dev_command", required=True)
+    for name, handler, help_text in (
+        ("build", dev_build, "build (or find cached) the pinned Kubernetes, etcd, kwok, helm and MinIO binaries"),
+        ("up", dev_up, "start the cluster and S3; prints the kubeconfig path"),
+        ("env", dev_env, "print shell exports: KUBECONFIG, the AWS_* variables for S3, PATH with kubectl and helm"),
+        ("down", dev_down, "stop the cluster and S3 and delete their data"),
+    ):
+        sub = dev_commands.add_parser(name, help=help_text)
+        sub.add_argument("--home", type=Path, default=default_home(), help="state directory (default: %(default)s)")
+        sub.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

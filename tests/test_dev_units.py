@@ -1,0 +1,71 @@
+"""Pure pieces of the dev tooling: pins, stamps, node shapes and generated settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tweetbot_dev import binaries
+from tweetbot_dev.cluster import GPU_RESOURCE, GPU_TAINT, fake_node, fake_nodes, kwokctl_config
+from tweetbot_dev.devenv import DevEnvironment
+
+
+def test_kubernetes_ldflags_carry_the_release():
+    flags = binaries.kubernetes_ldflags("v1.34.4")
+    assert "-X k8s.io/component-base/version.gitVersion=v1.34.4" in flags
+    assert "gitMajor=1 " in flags and "gitMinor=34 " in flags
+
+
+def test_build_stamp_follows_toolchain_and_pins(monkeypatch):
+    first = binaries.build_stamp("go1.26.8")
+    assert first == binaries.build_stamp("go1.26.8")
+    assert first != binaries.build_stamp("go1.27.0")
+    monkeypatch.setattr(binaries, "GO_TOOLS", binaries.GO_TOOLS[:-1])
+    assert first != binaries.build_stamp("go1.26.8")
+
+
+def test_every_pin_is_exact():
+    for tool in binaries.GO_TOOLS:
+        assert tool.version.startswith("v") and "latest" not in tool.version
+    go_mod = (binaries.CONTROLPLANE_MODULE / "go.mod").read_text()
+    assert f"k8s.io/kubernetes {binaries.KUBERNETES_VERSION}" in go_mod
+    assert f"go.etcd.io/etcd/server/v3 {binaries.ETCD_VERSION}" in go_mod
+    staging_minor = "v0." + binaries.KUBERNETES_VERSION.split(".", 1)[1]
+    replaces = [line for line in go_mod.splitlines() if "=>" in line]
+    assert replaces and all(line.strip().endswith(staging_minor) for line in replaces)
+
+
+def test_gpu_nodes_advertise_gpus_and_are_tainted():
+    gpu = fake_node("g", gpus=4)
+    assert gpu["status"]["allocatable"][GPU_RESOURCE] == "4"
+    assert gpu["spec"]["taints"] == [GPU_TAINT]
+    cpu = fake_node("c")
+    assert GPU_RESOURCE not in cpu["status"]["capacity"] and "taints" not in cpu["spec"]
+    names = [node["metadata"]["name"] for node in fake_nodes(cpu_nodes=1, gpu_nodes=2)]
+    assert names == ["kwok-cpu-0", "kwok-gpu-0", "kwok-gpu-1"]
+
+
+def test_kwokctl_uses_local_binaries_on_loopback():
+    options = kwokctl_config(Path("/opt/bin"))["options"]
+    assert options["bindAddress"] == "127.0.0.1"
+    assert options["runtime"] == "binary"
+    binary_options = {key: value for key, value in options.items() if key.endswith("Binary")}
+    assert binary_options and all(value.startswith("/opt/bin/") for value in binary_options.values())
+
+
+def test_shell_exports_are_quoted(tmp_path):
+    env = DevEnvironment(home=tmp_path / "with space", bin_dir=Path("/opt/bin"), s3_port=9000,
+                         s3_access_key="key", s3_secret_key="it's")
+    exports = env.shell_exports()
+    assert "export AWS_SECRET_ACCESS_KEY='it'\"'\"'s'\n" in exports
+    assert f"export KUBECONFIG='{tmp_path}/with space/kwok/kubeconfig'\n" in exports
+    assert "export AWS_ENDPOINT_URL=http://127.0.0.1:9000\n" in exports
+    assert "export PATH=/opt/bin:" in exports
+
+
+def test_state_round_trips_and_is_private(tmp_path):
+    env = DevEnvironment(home=tmp_path, bin_dir=Path("/opt/bin"), s3_port=9000, s3_access_key="k",
+                         s3_secret_key="s", s3_pid=123, timings={"cluster_start_seconds": 3.5})
+    env.save()
+    assert (tmp_path / "state.json").stat().st_mode & 0o077 == 0
+    assert DevEnvironment.load(tmp_path) == env
+    assert DevEnvironment.load(tmp_path / "missing") is None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import signal
 import tempfile
 from pathlib import Path
@@ -50,7 +52,8 @@ def namespace(api_client, request):
     from kubernetes import client
 
     core = client.CoreV1Api(api_client)
-    name = f"t-{request.node.name.lower().replace('_', '-')[:40].strip('-')}-{os.getpid() % 10000}"
+    readable = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
+    name = f"t-{readable}-{secrets.token_hex(3)}"
     core.create_namespace({"metadata": {"name": name}})
     yield name
     core.delete_namespace(name)

@@ -1,0 +1,128 @@
+"""The TweetBot CRD on the real API server: defaults, printer columns, and bad input refused at `kubectl apply`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[1]
+CRD = REPO / "crds" / "huggingtweets.dev_tweetbots.yaml"
+
+
+@pytest.fixture(scope="module")
+def kubectl(dev_env):
+    def run(*args: str, manifest: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(dev_env.cluster.kubectl), "--kubeconfig", str(dev_env.kubeconfig), *args],
+            input=None if manifest is None else json.dumps(manifest),
+            capture_output=True,
+            text=True,
+        )
+
+    applied = run("apply", "-f", str(CRD))
+    assert applied.returncode == 0, applied.stderr
+    established = run("wait", "--for=condition=Established", "crd/tweetbots.huggingtweets.dev", "--timeout=60s")
+    assert established.returncode == 0, established.stderr
+    return run
+
+
+def bot(**spec_changes) -> dict:
+    manifest = {
+        "apiVersion": "huggingtweets.dev/v1alpha1",
+        "kind": "TweetBot",
+        "metadata": {"name": "valid-bot"},
+        "spec": {
+            "handles": ["purefulsoul"],
+            "source": {"x": {"bearerTokenSecretRef": {"name": "x-api"}}},
+            "output": {"s3": {"bucket": "tweetbot-artifacts"}},
+        },
+    }
+    return merge(manifest, {"spec": spec_changes})
+
+
+def merge(base: dict, patch: dict) -> dict:
+    """JSON merge patch (RFC 7386): None deletes a key."""
+    result = copy.deepcopy(base)
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        elif isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merge(result[key], value)
+        else:
+            result[key] = value
+    return result
+
+
+INVALID = [
+    ("no handles", bot(handles=[]), "should have at least 1 items"),
+    ("four handles", bot(handles=["a", "b", "c", "d"]), "must have at most 3 items"),
+    ("handle with spaces", bot(handles=["elon musk"]), "spec.handles[0]: Invalid value"),
+    ("same handle twice", bot(handles=["Alice", "@alice"]), "handles must be distinct"),
+    ("two sources", bot(source={"mastodon": {"instanceUrl": "https://mastodon.social"}}),
+     "set exactly one source of x, xArchive, mastodon, bluesky or file"),
+    ("no source", bot(source={"x": None, "maxPostsPerHandle": 10}), "set exactly one source"),
+    ("archive over ftp", bot(source={"x": None, "xArchive": {"uri": "ftp://host/tweets.js"}}),
+     "uri must be s3://<bucket>/<key> or an http(s):// URL"),
+    ("file that is not jsonl or csv", bot(source={"x": None, "file": {"uri": "s3://posts/alice.txt"}}),
+     "ending in .jsonl or .csv"),
+    ("name too long", merge(bot(), {"metadata": {"name": "a" * 41}}), "metadata.name must be at most 40 characters"),
+    ("name with a dot", merge(bot(), {"metadata": {"name": "my.bot"}}), "metadata.name must be a DNS label"),
+    ("zero learning rate", bot(training={"learningRate": 0}), "should be greater than 0"),
+    ("unknown precision", bot(training={"precision": "int8"}), 'Unsupported value: "int8"'),
+    ("DeepSpeed config twice", bot(training={"deepspeed": {"zeroStage": 3, "configMapRef": {"name": "ds"}}}),
+     "set it or zeroStage/offload, not both"),
+    ("negative GPUs", bot(resources={"gpus": -1}), "should be greater than or equal to 0"),
+    ("bucket with capitals", bot(output={"s3": {"bucket": "My_Bucket"}}), "bucket must be an S3 bucket name"),
+    ("hub repo without org", bot(output={"hub": {"repoId": "nobody", "tokenSecretRef": {"name": "hf"}}}),
+     "spec.output.hub.repoId: Invalid value"),
+    ("hub without token", bot(output={"hub": {"repoId": "org/bot"}}), "spec.output.hub.tokenSecretRef: Required value"),
+    ("validation share too big", bot(data={"validationFraction": 0.9}), "should be less than or equal to 0.5"),
+    ("unknown deletion policy", bot(deletionPolicy="Keep"), 'Unsupported value: "Keep"'),
+    ("no output", bot(output=None), "spec.output: Required value"),
+    ("Kueue queue name not a DNS label", bot(resources={"queueName": "Team_A"}), "spec.resources.queueName"),
+]
+
+
+@pytest.mark.parametrize("manifest, message", [case[1:] for case in INVALID], ids=[case[0] for case in INVALID])
+def test_invalid_bots_are_refused_at_apply(kubectl, namespace, manifest, message):
+    result = kubectl("apply", "-n", namespace, "-f", "-", manifest=manifest)
+    assert result.returncode != 0, f"accepted: {result.stdout}"
+    assert message in result.stderr
+    assert kubectl("get", "tweetbots", "-n", namespace, "-o", "name").stdout == ""
+
+
+def test_defaults_are_filled_by_the_api_server(kubectl, namespace):
+    created = kubectl("apply", "-n", namespace, "-o", "json", "-f", "-", manifest=bot(handles=["@PurefulSoul"]))
+    assert created.returncode == 0, created.stderr
+    spec = json.loads(created.stdout)["spec"]
+    assert spec["handles"] == ["@PurefulSoul"]  # normalised by the operator, not rewritten by the schema
+    assert spec["training"]["learningRate"] == pytest.approx(1.372e-4)
+    assert spec["training"]["lrScheduler"] == "cosine" and spec["training"]["epochs"] == 4
+    assert spec["data"] == {"dropRetweets": True, "dropShortPosts": True, "keepReplies": True,
+                            "validationFraction": 0.1, "balanceHandles": False}
+    assert spec["source"]["maxPostsPerHandle"] == 3200
+    assert spec["source"]["x"]["bearerTokenSecretRef"]["key"] == "token"
+    assert spec["model"] == {"name": "gpt2", "revision": "main"}
+    assert spec["deletionPolicy"] == "Retain" and spec["suspend"] is False
+
+
+def test_printer_columns_and_short_name(kubectl, namespace):
+    assert kubectl("apply", "-n", namespace, "-f", "-", manifest=bot(handles=["a", "b"])).returncode == 0
+    table = kubectl("get", "tb", "-n", namespace, "-o", "wide").stdout.splitlines()
+    assert table[0].split() == ["NAME", "HANDLES", "PHASE", "PROGRESS", "READY", "HUB", "AGE"]
+    assert table[1].split()[:2] == ["valid-bot", '["a","b"]']
+
+
+@pytest.mark.parametrize("example", sorted((REPO / "examples").glob("*.yaml")), ids=lambda path: path.name)
+def test_examples_apply_cleanly(kubectl, namespace, example):
+    for document in yaml.safe_load_all(example.read_text()):
+        if document and document.get("kind") == "TweetBot":
+            result = kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", manifest=document)
+            assert result.returncode == 0, result.stderr

@@ -235,3 +235,20 @@ def test_gpu_pods_land_only_on_gpu_nodes(api_client, namespace):
 
     wait_for(unschedulable, what="the scheduler to refuse the untolerated GPU pod")
     assert scheduled("no-toleration") is None
+
+
+def test_stage_pods_wait_for_their_container(api_client, namespace):
+    """kwok completes ordinary Job pods, but leaves TweetBot stage pods Running for whatever plays the container."""
+    batch, core = client.BatchV1Api(api_client), client.CoreV1Api(api_client)
+    manifest = job("held")
+    manifest["spec"]["template"]["metadata"] = {"labels": {"huggingtweets.dev/stage": "scrape"}}
+    batch.create_namespaced_job(namespace, manifest)
+    batch.create_namespaced_job(namespace, job("ordinary"))
+
+    def phase(name):
+        pods = job_pods(core, namespace, name)
+        return pods[0].status.phase if pods else None
+
+    wait_for(lambda: phase("ordinary") == "Succeeded", what="the ordinary pod to complete")
+    wait_for(lambda: phase("held") == "Running", what="the stage pod to run")
+    assert phase("held") == "Running"

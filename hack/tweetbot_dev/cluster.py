@@ -21,6 +21,8 @@ GPU_RESOURCE = "nvidia.com/gpu"
 # The taint GKE and the NVIDIA GPU operator put on GPU nodes: only pods that tolerate it land there.
 GPU_TAINT = {"key": GPU_RESOURCE, "value": "present", "effect": "NoSchedule"}
 GPU_NODE_LABEL = "nvidia.com/gpu.present"
+# kwok completes Job pods at once, except TweetBot stage pods: see kwok-stages.yaml.
+POD_STAGES = Path(__file__).with_name("kwok-stages.yaml")
 
 
 def kwokctl_config(bin_dir: Path) -> dict:
@@ -114,7 +116,7 @@ class Cluster:
 
     def create(self, nodes: list[dict] | None = None, wait: str = "2m") -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_file.write_text(yaml.safe_dump(kwokctl_config(self.bin_dir)))
+        self.config_file.write_text(yaml.safe_dump(kwokctl_config(self.bin_dir)) + "---\n" + POD_STAGES.read_text())
         try:
             self._kwokctl(
                 "create", "cluster", "--name", self.name, "--kubeconfig", str(self.kubeconfig), "--wait", wait

@@ -52,11 +52,36 @@ def dev_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_operator(args: argparse.Namespace) -> int:
+    import logging
+
+    import kopf
+
+    from . import handlers
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = handlers.SETTINGS
+    kopf.run(
+        standalone=True,  # one replica (Deployment strategy Recreate): no peering objects needed
+        clusterwide=not settings.namespaces,
+        namespaces=settings.namespaces,
+        liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz",
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tweetbot_dev.devenv import default_home
 
     parser = argparse.ArgumentParser(prog="tweetbot", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    operator = commands.add_parser(
+        "operator", help="run the operator (settings from TWEETBOT_* environment variables; see settings.py)"
+    )
+    operator.add_argument("--verbose", action="store_true")
+    operator.set_defaults(handler=run_operator)
 
     dev = commands.add_parser("dev", help="the local control plane and S3 server for development")
     dev_commands = dev.add_subparsers(dest="dev_command", required=True)

@@ -1,0 +1,212 @@
+"""The kopf shell around the pure core: gather what exists for a bot, call `plan`, apply the result.
+
+Every trigger (bot created, changed or resumed after an operator restart, one of its Jobs changed, a slow
+timer) runs the same level-based `reconcile`, so a missed event costs at most one timer interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from datetime import datetime, timezone
+
+import kopf
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from tweetbot_trainer.contract import BOT_LABEL, GROUP, STAGE_LABEL, STAGES, ContractError, StageResult
+
+from . import metrics
+from .reconcile import Observed, job_state, plan, secret_needs, status_patch
+from .settings import Settings
+
+VERSION = "v1alpha1"
+PLURAL = "tweetbots"
+FINISHED = ("Succeeded", "Failed")
+
+log = logging.getLogger("tweetbot.operator")
+SETTINGS = Settings.from_env()
+_api: client.ApiClient | None = None
+_locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_) -> None:
+    global _api
+    # kopf's own bookkeeping in annotations under our group; status holds only declared fields.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.posting.level = logging.INFO
+    settings.execution.max_workers = 16
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    _api = client.ApiClient()
+    metrics.serve(SETTINGS.metrics_port)
+    log.info("operator started: namespaces=%s trainer image=%s", SETTINGS.namespaces or "all", SETTINGS.trainer_image)
+
+
+@kopf.on.cleanup()
+def close(**_) -> None:
+    if _api is not None:
+        _api.close()
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+def bot_changed(namespace: str, name: str, **_) -> None:
+    reconcile(namespace, name)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.timer_seconds, initial_delay=SETTINGS.timer_seconds)
+def bot_timer(namespace: str, name: str, **_) -> None:
+    reconcile(namespace, name)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={BOT_LABEL: kopf.PRESENT})
+def job_changed(namespace: str, labels: dict, **_) -> None:
+    reconcile(namespace, labels[BOT_LABEL])
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
+def bot_deleted(namespace: str, name: str, **_) -> None:
+    # Its Jobs and pods go with it through owner references; no finalizer, so deletion never waits on us.
+    metrics.forget(namespace, name)
+
+
+def reconcile(namespace: str, name: str) -> None:
+    with _locks[(namespace, name)]:  # a bot's handlers and its Jobs' events would otherwise race
+        for attempt in range(3):
+            try:
+                return _reconcile(namespace, name)
+            except ApiException as error:
+                if error.status == 409 and attempt < 2:
+                    continue  # someone wrote the bot between our read and our status write: read again
+                metrics.RECONCILE_ERRORS.inc()
+                raise
+            except Exception:
+                metrics.RECONCILE_ERRORS.inc()
+                raise
+
+
+def _reconcile(namespace: str, name: str) -> None:
+    custom, batch = client.CustomObjectsApi(_api), client.BatchV1Api(_api)
+    try:
+        bot = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except ApiException as error:
+        if error.status == 404:
+            return
+        raise
+    if bot["metadata"].get("deletionTimestamp"):
+        return
+    metrics.RECONCILES.inc()
+    jobs = [
+        _api.sanitize_for_serialization(job)
+        for job in batch.list_namespaced_job(namespace, label_selector=f"{BOT_LABEL}={name}").items
+    ]
+    observed = Observed(jobs=jobs)
+    observed.results = _stage_results(namespace, bot, jobs)
+    old_status = bot.get("status") or {}
+    if old_status.get("phase") not in FINISHED or old_status.get("observedGeneration") != bot["metadata"]["generation"]:
+        observed.secrets = _secret_keys(namespace, bot)
+        if SETTINGS.max_concurrent_trainings:
+            observed.other_active_trainings = _active_trainings(exclude_bot=(namespace, name))
+
+    decided = plan(bot, observed, SETTINGS, datetime.now(timezone.utc))
+
+    for job_name in decided.delete:
+        try:
+            batch.delete_namespaced_job(job_name, namespace, propagation_policy="Background")
+        except ApiException as error:
+            if error.status != 404:
+                raise
+    for manifest in decided.create:
+        kopf.adopt(manifest, owner=bot)
+        try:
+            batch.create_namespaced_job(namespace, manifest)
+        except ApiException as error:
+            if error.status != 409:  # already there: an earlier reconcile created it
+                raise
+    patch = status_patch(old_status, decided.status)
+    if patch:
+        # resourceVersion makes this a compare-and-swap: a concurrent writer gets 409 and kopf retries us.
+        custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name,
+            {"metadata": {"resourceVersion": bot["metadata"]["resourceVersion"]}, "status": patch},
+        )
+    for event_type, reason, message in decided.events:
+        kopf.event(bot, type=event_type, reason=reason, message=message)
+    metrics.observe(namespace, name, old_status, decided.status)
+
+
+def _stage_results(namespace: str, bot: dict, jobs: list[dict]) -> dict[str, StageResult]:
+    """Results of ended Jobs not yet recorded in status, from their pods' termination messages."""
+    core = client.CoreV1Api(_api)
+    recorded = {
+        stage.get("jobName")
+        for stage in ((bot.get("status") or {}).get("stages") or {}).values()
+        if stage.get("state") == "Succeeded"
+    }
+    results = {}
+    for job in jobs:
+        job_name, state = job["metadata"]["name"], job_state(job)
+        if state not in FINISHED or job_name in recorded:
+            continue
+        pods = core.list_namespaced_pod(namespace, label_selector=f"job-name={job_name}").items
+        wanted_phase = "Succeeded" if state == "Succeeded" else "Failed"
+        for pod in sorted(pods, key=lambda p: p.metadata.creation_timestamp, reverse=True):
+            if pod.status.phase != wanted_phase:
+                continue
+            message = _termination_message(pod)
+            if not message:
+                continue
+            try:
+                results[job_name] = StageResult.from_termination_message(message)
+            except ContractError as error:
+                results[job_name] = StageResult(stage=job["metadata"]["labels"].get(STAGE_LABEL, ""),
+                                                run_id="", ok=False, error=str(error))
+            break
+    return results
+
+
+def _termination_message(pod) -> str:
+    for container in pod.status.container_statuses or []:
+        terminated = container.state.terminated if container.state else None
+        if terminated is not None and terminated.message:
+            return terminated.message
+    return ""
+
+
+def _secret_keys(namespace: str, bot: dict) -> dict[str, frozenset[str] | None]:
+    """Which keys each referenced Secret has; the values are never kept or logged."""
+    core = client.CoreV1Api(_api)
+    keys: dict[str, frozenset[str] | None] = {}
+    for stage in STAGES:
+        for need in secret_needs(bot, stage):
+            if need.name in keys:
+                continue
+            try:
+                secret = core.read_namespaced_secret(need.name, namespace)
+                keys[need.name] = frozenset((secret.data or {}).keys()) | frozenset((secret.string_data or {}).keys())
+            except ApiException as error:
+                if error.status != 404:
+                    raise
+                keys[need.name] = None
+    return keys
+
+
+def _active_trainings(exclude_bot: tuple[str, str]) -> int:
+    batch = client.BatchV1Api(_api)
+    jobs = batch.list_job_for_all_namespaces(label_selector=f"{STAGE_LABEL}=train").items
+    return sum(
+        1
+        for job in jobs
+        if (job.metadata.namespace, job.metadata.labels.get(BOT_LABEL)) != exclude_bot
+        and job_state(_api.sanitize_for_serialization(job)) not in FINISHED
+    )
+

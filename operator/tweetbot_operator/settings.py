@@ -1,0 +1,53 @@
+"""Operator settings, read once from the environment (the Helm chart sets them)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class StageResources:
+    cpu: str
+    memory: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    trainer_image: str = "ghcr.io/huggingtweets/tweetbot-trainer:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    # Stage pods need no Kubernetes API rights: their own account, with no token mounted.
+    trainer_service_account: str = ""
+    namespaces: tuple[str, ...] = ()  # empty: every namespace
+    max_concurrent_trainings: int = 0  # 0: no limit of the operator's own (Kueue may still queue)
+    scrape_resources: StageResources = field(default_factory=lambda: StageResources("500m", "1Gi"))
+    publish_resources: StageResources = field(default_factory=lambda: StageResources("1", "4Gi"))
+    timer_seconds: float = 60.0
+    metrics_port: int = 8080
+    health_port: int = 8081
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        defaults = cls()
+
+        def get(name: str, default):
+            value = env.get(f"TWEETBOT_{name}")
+            return default if value in (None, "") else type(default)(value)
+
+        return cls(
+            trainer_image=get("TRAINER_IMAGE", defaults.trainer_image),
+            image_pull_policy=get("IMAGE_PULL_POLICY", defaults.image_pull_policy),
+            trainer_service_account=get("TRAINER_SERVICE_ACCOUNT", defaults.trainer_service_account),
+            namespaces=tuple(ns.strip() for ns in env.get("TWEETBOT_NAMESPACES", "").split(",") if ns.strip()),
+            max_concurrent_trainings=get("MAX_CONCURRENT_TRAININGS", defaults.max_concurrent_trainings),
+            scrape_resources=StageResources(
+                get("SCRAPE_CPU", defaults.scrape_resources.cpu), get("SCRAPE_MEMORY", defaults.scrape_resources.memory)
+            ),
+            publish_resources=StageResources(
+                get("PUBLISH_CPU", defaults.publish_resources.cpu), get("PUBLISH_MEMORY", defaults.publish_resources.memory)
+            ),
+            timer_seconds=get("TIMER_SECONDS", defaults.timer_seconds),
+            metrics_port=get("METRICS_PORT", defaults.metrics_port),
+            health_port=get("HEALTH_PORT", defaults.health_port),
+        )

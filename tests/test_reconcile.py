@@ -1,0 +1,318 @@
+"""The operator's pure core and the operator/trainer contract, without a cluster."""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tweetbot_operator.reconcile import (
+    KUEUE_QUEUE_LABEL,
+    InvalidSpec,
+    Observed,
+    desired_job,
+    job_name,
+    normalize_handles,
+    plan,
+    run_id_for,
+    status_patch,
+)
+from tweetbot_operator.settings import Settings
+from tweetbot_trainer.contract import (
+    MAX_HANDLES,
+    RUN_LABEL,
+    ContractError,
+    HandleStats,
+    StageRequest,
+    StageResult,
+)
+
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
+SETTINGS = Settings(trainer_image="trainer:test")
+
+
+def make_bot(**spec_changes) -> dict:
+    spec = {
+        "handles": ["@PurefulSoul", "turtlebreezee"],
+        "source": {"x": {"bearerTokenSecretRef": {"name": "x-api", "key": "token"}}, "maxPostsPerHandle": 3200},
+        "output": {
+            "s3": {"bucket": "bots", "prefix": "tweetbot", "credentialsSecretRef": {"name": "s3-creds"}},
+            "hub": {"tokenSecretRef": {"name": "hf", "key": "token"}, "private": False},
+        },
+        "training": {"epochs": 4, "learningRate": 1.372e-4},
+        "resources": {"gpus": 2, "cpu": "8", "memory": "32Gi"},
+        "backoffLimit": 2,
+        "suspend": False,
+    }
+    spec.update(spec_changes)
+    return {
+        "apiVersion": "huggingtweets.dev/v1alpha1",
+        "kind": "TweetBot",
+        "metadata": {"name": "cyborg", "namespace": "bots", "uid": "uid-1", "generation": 1},
+        "spec": spec,
+    }
+
+
+ALL_SECRETS = {"x-api": frozenset({"token"}), "hf": frozenset({"token"}),
+               "s3-creds": frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"})}
+
+
+def job(bot, stage, state, failed=0, run_id=None):
+    run_id = run_id or run_id_for(bot)
+    conditions = {"Succeeded": [{"type": "Complete", "status": "True"}],
+                  "Failed": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                              "message": "Job has reached the specified backoff limit"}]}.get(state, [])
+    return {
+        "metadata": {"name": job_name("cyborg", run_id, stage), "labels": {RUN_LABEL: run_id}},
+        "spec": {},
+        "status": {"conditions": conditions, "active": 1 if state == "Running" else 0, "failed": failed,
+                   "startTime": "2026-11-22T11:00:00Z",
+                   **({"completionTime": "2026-11-22T11:30:00Z"} if state == "Succeeded" else {})},
+    }
+
+
+def result(bot, stage, **fields):
+    return StageResult(stage=stage, run_id=run_id_for(bot), **fields)
+
+
+def step(bot, observed):
+    """Apply a plan's status to the bot, as the API server would."""
+    decided = plan(bot, observed, SETTINGS, NOW)
+    bot = copy.deepcopy(bot)
+    bot["status"] = {k: v for k, v in decided.status.items() if v is not None}
+    return decided, bot
+
+
+def condition(status, type_):
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+# --- handles and runs -----------------------------------------------------------------------------
+
+def test_handles_are_normalised_and_checked():
+    assert normalize_handles(["@PurefulSoul", " turtlebreezee "]) == ["purefulsoul", "turtlebreezee"]
+    with pytest.raises(InvalidSpec, match="alice more than once"):
+        normalize_handles(["Alice", "@alice"])
+    with pytest.raises(InvalidSpec, match="1 to 3"):
+        normalize_handles(["a", "b", "c", "d"])
+
+
+def test_handle_limit_matches_the_crd():
+    crd = yaml.safe_load((Path(__file__).parents[1] / "crds/huggingtweets.dev_tweetbots.yaml").read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    assert schema["properties"]["spec"]["properties"]["handles"]["maxItems"] == MAX_HANDLES
+
+
+def test_run_id_survives_suspend_and_changes_on_edits():
+    bot = make_bot()
+    first = run_id_for(bot)
+    assert run_id_for(make_bot(suspend=True)) == first
+    assert run_id_for(make_bot(training={"epochs": 5, "learningRate": 1.372e-4})) != first
+    other_uid = make_bot()
+    other_uid["metadata"]["uid"] = "uid-2"
+    assert run_id_for(other_uid) != first  # a re-created bot of the same name never reuses artifacts
+    # While the generation is already observed, the recorded run stands even if defaults change the spec.
+    bot["status"] = {"runId": "abc123", "observedGeneration": 1}
+    bot["spec"]["newlyDefaulted"] = True
+    assert run_id_for(bot) == "abc123"
+
+
+# --- spec -> Job ----------------------------------------------------------------------------------
+
+def test_only_the_train_job_asks_for_gpus_and_tolerates_gpu_nodes():
+    bot = make_bot(resources={"gpus": 2, "cpu": "8", "memory": "32Gi", "queueName": "team-a",
+                              "nodeSelector": {"pool": "a100"}})
+    run = run_id_for(bot)
+    train = desired_job(bot, run, "train", SETTINGS)
+    container = train["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in train["spec"]["template"]["spec"]["tolerations"]
+    assert train["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "a100"}
+    assert train["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "team-a"
+    assert train["spec"]["suspend"] is True  # Kueue admits it
+    for stage in ("scrape", "publish"):
+        manifest = desired_job(bot, run, stage, SETTINGS)
+        pod = manifest["spec"]["template"]["spec"]
+        assert "nvidia.com/gpu" not in json.dumps(pod["containers"][0]["resources"])
+        assert "tolerations" not in pod and "nodeSelector" not in pod
+        assert manifest["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "team-a"
+
+
+def test_each_stage_gets_only_its_secrets_and_the_request_holds_none():
+    bot = make_bot()
+    run = run_id_for(bot)
+    env_of = {}
+    for stage in ("scrape", "train", "publish"):
+        container = desired_job(bot, run, stage, SETTINGS)["spec"]["template"]["spec"]["containers"][0]
+        env_of[stage] = {item["name"]: item for item in container["env"]}
+        request = StageRequest.from_json(env_of[stage]["TWEETBOT_REQUEST"]["value"])
+        assert request.stage == stage and request.handles == ["purefulsoul", "turtlebreezee"]
+        assert "SecretRef" not in env_of[stage]["TWEETBOT_REQUEST"]["value"]
+    assert env_of["scrape"]["X_BEARER_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "x-api", "key": "token"}}
+    assert "HF_TOKEN" not in env_of["scrape"] and "X_BEARER_TOKEN" not in env_of["train"]
+    assert env_of["publish"]["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf"
+    assert all("AWS_SECRET_ACCESS_KEY" in env for env in env_of.values())
+
+
+def test_job_names_fit_kubernetes_limits_and_pods_cannot_call_the_api():
+    bot = make_bot()
+    bot["metadata"]["name"] = "a" * 40  # the CRD's maximum
+    manifest = desired_job(bot, run_id_for(bot), "publish", SETTINGS)
+    assert len(manifest["metadata"]["name"]) + len("-abcde") <= 63  # pod names add a 6-character suffix
+    pod = manifest["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+# --- Jobs -> status -------------------------------------------------------------------------------
+
+def test_a_new_bot_starts_scraping():
+    bot = make_bot()
+    decided, bot = step(bot, Observed(secrets=ALL_SECRETS))
+    assert [m["metadata"]["name"] for m in decided.create] == [job_name("cyborg", run_id_for(bot), "scrape")]
+    assert bot["status"]["phase"] == "Scraping"
+    assert condition(bot["status"], "Reconciling")["status"] == "True"
+    assert condition(bot["status"], "Ready")["status"] == "False"
+    assert decided.events[0][:2] == ("Normal", "JobCreated")
+
+
+def test_stages_run_in_order_and_results_reach_the_status():
+    bot = make_bot()
+    stats = [HandleStats("purefulsoul", 3200, 100, 50, 3050, "Pureful Soul"), HandleStats("turtlebreezee", 10, 0, 1, 9)]
+    scrape_done = [job(bot, "scrape", "Succeeded")]
+    results = {scrape_done[0]["metadata"]["name"]: result(bot, "scrape", data=stats,
+                                                          artifacts={"datasetUri": "s3://bots/d.jsonl"})}
+    decided, bot = step(bot, Observed(jobs=scrape_done, results=results, secrets=ALL_SECRETS))
+    assert [m["metadata"]["labels"]["huggingtweets.dev/stage"] for m in decided.create] == ["train"]
+    assert bot["status"]["phase"] == "Training"
+    assert bot["status"]["data"][0] == {"handle": "purefulsoul", "downloaded": 3200, "retweets": 100, "short": 50,
+                                        "kept": 3050, "displayName": "Pureful Soul"}
+    assert condition(bot["status"], "DataReady")["status"] == "True"
+
+    # The scrape Job is gone (ttlSecondsAfterFinished): the status remembers it, nothing is re-run.
+    jobs = [job(bot, "train", "Succeeded"), job(bot, "publish", "Succeeded")]
+    results = {jobs[0]["metadata"]["name"]: result(bot, "train", metrics={"evalLoss": 2.5, "perplexity": 12.18}),
+               jobs[1]["metadata"]["name"]: result(bot, "publish", artifacts={"hubUrl": "https://hf.co/o/b",
+                                                                               "hubCommit": "c0ffee"})}
+    decided, bot = step(bot, Observed(jobs=jobs, results=results, secrets=ALL_SECRETS))
+    assert decided.create == [] and decided.delete == []
+    status = bot["status"]
+    assert status["phase"] == "Succeeded" and status["progress"]["summary"] == "3/3"
+    assert status["metrics"]["perplexity"] == 12.18
+    assert status["artifacts"] == {"datasetUri": "s3://bots/d.jsonl", "hubUrl": "https://hf.co/o/b", "hubCommit": "c0ffee"}
+    assert status["data"][1]["handle"] == "turtlebreezee"
+    for type_, value in (("Ready", "True"), ("Reconciling", "False"), ("Stalled", "False"), ("Trained", "True"),
+                         ("Published", "True")):
+        assert condition(status, type_)["status"] == value
+    assert status["completionTime"] == "2026-11-22T12:00:00Z"
+
+
+def test_a_failed_stage_fails_the_bot_with_its_reason():
+    bot = make_bot()
+    failed = job(bot, "scrape", "Failed", failed=3)
+    results = {failed["metadata"]["name"]: result(bot, "scrape", ok=False, error="X API answered 401: check x-api")}
+    decided, bot = step(bot, Observed(jobs=[failed], results=results, secrets=ALL_SECRETS))
+    status = bot["status"]
+    assert status["phase"] == "Failed" and status["attempts"] == 3
+    assert "failed after 3 attempt(s): X API answered 401" in status["lastError"]
+    assert condition(status, "Stalled")["status"] == "True" and condition(status, "Ready")["reason"] == "StageFailed"
+    assert decided.create == [] and decided.events[0][0] == "Warning"
+
+
+def test_success_without_a_result_is_a_failure():
+    bot = make_bot()
+    decided, bot = step(bot, Observed(jobs=[job(bot, "scrape", "Succeeded")], secrets=ALL_SECRETS))
+    assert bot["status"]["phase"] == "Failed" and "reported no result" in bot["status"]["lastError"]
+
+
+def test_a_spec_edit_removes_the_old_run():
+    bot = make_bot()
+    old_run = run_id_for(bot)
+    _, bot = step(bot, Observed(jobs=[job(bot, "scrape", "Running")], secrets=ALL_SECRETS))
+    bot["spec"]["training"] = {"epochs": 8}
+    bot["metadata"]["generation"] = 2
+    new_run = run_id_for(bot)
+    assert new_run != old_run
+    decided, bot = step(bot, Observed(jobs=[job(bot, "scrape", "Running", run_id=old_run)], secrets=ALL_SECRETS))
+    assert decided.delete == [job_name("cyborg", old_run, "scrape")]
+    assert [m["metadata"]["labels"][RUN_LABEL] for m in decided.create] == [new_run]
+    assert bot["status"]["runId"] == new_run and bot["status"]["observedGeneration"] == 2
+
+
+def test_suspend_stops_the_running_stage_and_resume_recreates_it():
+    bot = make_bot()
+    train = [job(bot, "scrape", "Succeeded"), job(bot, "train", "Running")]
+    results = {train[0]["metadata"]["name"]: result(bot, "scrape")}
+    _, bot = step(bot, Observed(jobs=train, results=results, secrets=ALL_SECRETS))
+    bot["spec"]["suspend"], bot["metadata"]["generation"] = True, 2
+    decided, bot = step(bot, Observed(jobs=train, secrets=ALL_SECRETS))
+    assert decided.delete == [job_name("cyborg", run_id_for(bot), "train")] and decided.create == []
+    assert bot["status"]["phase"] == "Suspended"
+    assert condition(bot["status"], "Reconciling")["status"] == "False"
+
+    bot["spec"]["suspend"], bot["metadata"]["generation"] = False, 3
+    decided, bot = step(bot, Observed(jobs=train[:1], secrets=ALL_SECRETS))
+    assert [m["metadata"]["name"] for m in decided.create] == [job_name("cyborg", run_id_for(bot), "train")]
+    assert bot["status"]["phase"] == "Training"
+
+
+def test_a_missing_secret_stalls_with_what_to_fix_and_creates_nothing():
+    bot = make_bot()
+    decided, bot = step(bot, Observed(secrets={**ALL_SECRETS, "x-api": None}))
+    assert decided.create == []
+    assert bot["status"]["phase"] == "Pending"
+    assert condition(bot["status"], "Stalled")["status"] == "True"
+    assert bot["status"]["lastError"] == "Secret 'x-api' (named by spec.source.x.bearerTokenSecretRef) does not exist"
+
+    decided, _ = step(bot, Observed(secrets={**ALL_SECRETS, "x-api": frozenset({"other"})}))
+    assert "has no key 'token'" in decided.status["lastError"]
+
+
+def test_the_operator_limits_concurrent_trainings():
+    bot = make_bot()
+    jobs = [job(bot, "scrape", "Succeeded")]
+    results = {jobs[0]["metadata"]["name"]: result(bot, "scrape")}
+    limited = Settings(max_concurrent_trainings=2)
+    decided = plan(bot, Observed(jobs=jobs, results=results, secrets=ALL_SECRETS, other_active_trainings=2), limited, NOW)
+    assert decided.create == [] and decided.status["phase"] == "Queued"
+    decided = plan(bot, Observed(jobs=jobs, results=results, secrets=ALL_SECRETS, other_active_trainings=1), limited, NOW)
+    assert decided.status["phase"] == "Training"
+
+
+def test_condition_times_change_only_on_transitions():
+    bot = make_bot()
+    _, bot = step(bot, Observed(secrets=ALL_SECRETS))
+    ready_since = condition(bot["status"], "Ready")["lastTransitionTime"]
+    later = plan(bot, Observed(jobs=[job(bot, "scrape", "Running")], secrets=ALL_SECRETS), SETTINGS, NOW + timedelta(hours=1))
+    assert condition(later.status, "Ready")["lastTransitionTime"] == ready_since
+    assert condition(later.status, "Ready")["reason"] == "ScrapeRunning"
+
+
+def test_status_patch_removes_dropped_fields():
+    assert status_patch({"phase": "Failed", "lastError": "x", "runId": "r"}, {"phase": "Scraping", "runId": "r"}) == {
+        "phase": "Scraping", "lastError": None}
+
+
+# --- the contract ---------------------------------------------------------------------------------
+
+def test_a_stage_refuses_a_contract_it_does_not_know():
+    request = json.loads(StageRequest.from_json(
+        desired_job(make_bot(), "abc123", "scrape", SETTINGS)["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"]
+    ).to_json())
+    request["version"] = 2
+    with pytest.raises(ContractError, match="contract version 2, this side speaks version 1"):
+        StageRequest.from_json(json.dumps(request))
+
+
+def test_results_round_trip_and_stay_within_the_termination_message_limit():
+    stats = [HandleStats("a", 10, 1, 2, 7)]
+    sent = StageResult("scrape", "abc123", data=stats, artifacts={"datasetUri": "s3://b/k"})
+    assert StageResult.from_termination_message(sent.to_termination_message()) == sent
+    with pytest.raises(ContractError, match="limit is 4096"):
+        StageResult("scrape", "abc123", error="x" * 5000).to_termination_message()
+    with pytest.raises(ContractError, match="do not add up"):
+        HandleStats("a", 10, 1, 2, 3)

@@ -1,0 +1,177 @@
+"""The one contract between the operator and the stage Jobs, imported by both (standard library only).
+
+The operator hands a stage a `StageRequest` (JSON in the `TWEETBOT_REQUEST` variable; secrets arrive as
+separate variables filled from Kubernetes Secrets, never inside the request). The stage hands back a
+`StageResult` as its container's termination message, which the operator reads from the pod status, so
+stage pods need no rights on the Kubernetes API. Both carry `CONTRACT_VERSION`; a side refuses a version
+it does not know with a message naming both versions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+CONTRACT_VERSION = 1
+
+STAGES = ("scrape", "train", "publish")
+MAX_HANDLES = 3  # huggingtweets' limit; the CRD's spec.handles maxItems says the same
+
+# Labels on every stage Job and pod.
+GROUP = "huggingtweets.dev"
+BOT_LABEL = f"{GROUP}/bot"
+RUN_LABEL = f"{GROUP}/run"
+STAGE_LABEL = f"{GROUP}/stage"
+
+REQUEST_ENV = "TWEETBOT_REQUEST"
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+TERMINATION_MESSAGE_LIMIT = 4096  # bytes the kubelet keeps of a container's termination message
+
+# Where each secret reaches the stage container (environment variables filled by secretKeyRef).
+X_BEARER_TOKEN_ENV = "X_BEARER_TOKEN"
+MASTODON_TOKEN_ENV = "MASTODON_ACCESS_TOKEN"
+HUB_TOKEN_ENV = "HF_TOKEN"
+S3_ACCESS_KEY_ENV = "AWS_ACCESS_KEY_ID"
+S3_SECRET_KEY_ENV = "AWS_SECRET_ACCESS_KEY"
+
+
+class ContractError(ValueError):
+    """A request or result that this side of the contract cannot accept."""
+
+
+def _check_version(payload: dict, what: str) -> None:
+    version = payload.get("version")
+    if version != CONTRACT_VERSION:
+        raise ContractError(
+            f"{what} uses contract version {version!r}, this side speaks version {CONTRACT_VERSION}: "
+            "run matching operator and trainer images"
+        )
+
+
+def _from_dict(cls, payload: dict):
+    known = {f.name for f in fields(cls)}
+    return cls(**{key: value for key, value in payload.items() if key in known})
+
+
+@dataclass(frozen=True)
+class S3Layout:
+    """Where one run's artifacts live: s3://<bucket>/<prefix>/<namespace>/<bot>/<run>/..."""
+
+    bucket: str
+    prefix: str
+    namespace: str
+    bot: str
+    run_id: str
+    endpoint: str = ""
+    region: str = "us-east-1"
+
+    @property
+    def run_prefix(self) -> str:
+        return "/".join(part.strip("/") for part in (self.prefix, self.namespace, self.bot, self.run_id) if part.strip("/"))
+
+    def key(self, *parts: str) -> str:
+        return "/".join((self.run_prefix, *parts))
+
+    def uri(self, *parts: str) -> str:
+        return f"s3://{self.bucket}/{self.key(*parts)}"
+
+    # The stages' artifacts, each written last-manifest-wins so a re-run or resume is safe.
+    @property
+    def dataset(self) -> str:
+        return self.key("data", "dataset.jsonl")
+
+    @property
+    def stats(self) -> str:
+        return self.key("data", "stats.json")
+
+    @property
+    def checkpoints(self) -> str:
+        return self.key("checkpoints") + "/"
+
+    @property
+    def final_model(self) -> str:
+        return self.key("final") + "/"
+
+
+@dataclass(frozen=True)
+class StageRequest:
+    stage: str
+    run_id: str
+    namespace: str
+    bot: str
+    handles: list[str]
+    s3: S3Layout
+    source: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    hub: dict[str, Any] | None = None
+    gpus: int = 0
+    version: int = CONTRACT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> StageRequest:
+        try:
+            payload = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ContractError(f"{REQUEST_ENV} is not JSON: {error}") from None
+        _check_version(payload, "the stage request")
+        if payload.get("stage") not in STAGES:
+            raise ContractError(f"unknown stage {payload.get('stage')!r}; expected one of {', '.join(STAGES)}")
+        payload["s3"] = _from_dict(S3Layout, payload.get("s3") or {})
+        return _from_dict(cls, payload)
+
+
+@dataclass(frozen=True)
+class HandleStats:
+    """huggingtweets' per-handle table; downloaded = retweets + short + kept always holds."""
+
+    handle: str
+    downloaded: int
+    retweets: int
+    short: int
+    kept: int
+    displayName: str = ""
+
+    def __post_init__(self):
+        if self.downloaded != self.retweets + self.short + self.kept:
+            raise ContractError(
+                f"stats for {self.handle} do not add up: downloaded {self.downloaded} != "
+                f"retweets {self.retweets} + short {self.short} + kept {self.kept}"
+            )
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage reports back: its stats, metrics and artifact locations, or why it failed."""
+
+    stage: str
+    run_id: str
+    ok: bool = True
+    error: str = ""
+    data: list[HandleStats] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    version: int = CONTRACT_VERSION
+
+    def to_termination_message(self) -> str:
+        text = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:
+            raise ContractError(f"stage result is {len(text.encode())} bytes; the limit is {TERMINATION_MESSAGE_LIMIT}")
+        return text
+
+    @classmethod
+    def from_termination_message(cls, text: str) -> StageResult:
+        try:
+            payload = json.loads(text)
+        except json.JSONDecodeError:
+            raise ContractError("the stage's termination message is not a stage result") from None
+        if not isinstance(payload, dict):
+            raise ContractError("the stage's termination message is not a stage result")
+        _check_version(payload, "the stage result")
+        payload["data"] = [_from_dict(HandleStats, item) for item in payload.get("data") or []]
+        return _from_dict(cls, payload)

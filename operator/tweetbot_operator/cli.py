@@ -53,14 +53,14 @@ def dev_down(args: argparse.Namespace) -> int:
 
 
 def run_operator(args: argparse.Namespace) -> int:
-    import logging
-
     import kopf
 
     from . import handlers
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    kopf.configure(
+        verbose=args.verbose,
+        log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL,
+    )
     settings = handlers.SETTINGS
     kopf.run(
         standalone=True,  # one replica (Deployment strategy Recreate): no peering objects needed
@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         "operator", help="run the operator (settings from TWEETBOT_* environment variables; see settings.py)"
     )
     operator.add_argument("--verbose", action="store_true")
+    operator.add_argument("--log-format", choices=("json", "plain"), default="json",
+                          help="json (one object a line, for log collectors) or plain")
     operator.set_defaults(handler=run_operator)
 
     dev = commands.add_parser("dev", help="the local control plane and S3 server for development")

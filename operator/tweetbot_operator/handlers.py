@@ -39,7 +39,8 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
     )
-    settings.posting.level = logging.INFO
+    # Only our own events (phase changes, warnings) reach `kubectl describe`, not kopf's per-handler chatter.
+    settings.posting.level = logging.WARNING
     settings.execution.max_workers = 16
     try:
         config.load_incluster_config()

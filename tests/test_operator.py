@@ -1,0 +1,335 @@
+"""The real operator process against the real control plane: a TweetBot's whole lifecycle.
+
+kwok runs the stage pods on fake nodes and leaves them Running; each test plays the container by writing
+the pod's final status with a termination message, exactly what a kubelet reports for a finished container.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from tweetbot_dev.polling import wait_for
+from tweetbot_dev.s3 import free_port
+from tweetbot_trainer.contract import BOT_LABEL, RUN_LABEL, STAGE_LABEL, HandleStats, StageResult
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[1]
+GROUP, VERSION, PLURAL = "huggingtweets.dev", "v1alpha1", "tweetbots"
+
+
+class OperatorProcess:
+    def __init__(self, dev_env, log_dir: Path):
+        self.dev_env, self.log_dir = dev_env, log_dir
+        self.process: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        health = free_port()
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.dev_env.kubeconfig),
+            "TWEETBOT_TRAINER_IMAGE": "tweetbot-trainer:test",
+            "TWEETBOT_TIMER_SECONDS": "3",
+            "TWEETBOT_METRICS_PORT": str(free_port()),
+            "TWEETBOT_HEALTH_PORT": str(health),
+        }
+        self.log = self.log_dir / f"operator-{self.starts}.log"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tweetbot_operator.cli", "operator"],
+            env=env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
+        )
+        self.metrics_url = f"http://127.0.0.1:{env['TWEETBOT_METRICS_PORT']}/metrics"
+
+        def healthy():
+            assert self.process.poll() is None, self.log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=1) as response:
+                    return response.status == 200
+            except OSError:
+                return False
+
+        wait_for(healthy, timeout=60, what="the operator's liveness endpoint")
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture(scope="module")
+def operator(dev_env, api_client, tmp_path_factory):
+    subprocess.run(
+        [str(dev_env.cluster.kubectl), "--kubeconfig", str(dev_env.kubeconfig), "apply", "-f", str(REPO / "crds")],
+        check=True, capture_output=True,
+    )
+    process = OperatorProcess(dev_env, tmp_path_factory.mktemp("operator"))
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def apis(api_client):
+    return client.CustomObjectsApi(api_client), client.BatchV1Api(api_client), client.CoreV1Api(api_client)
+
+
+@pytest.fixture
+def secrets(api_client, namespace):
+    core = client.CoreV1Api(api_client)
+    for name, data in (("x-api", {"token": "x-secret-value"}), ("hf", {"token": "hf_secret_value"})):
+        core.create_namespaced_secret(namespace, {"metadata": {"name": name}, "stringData": data})
+
+
+def tweetbot(name="cyborg", **spec_changes) -> dict:
+    spec = {
+        "handles": ["@PurefulSoul", "turtlebreezee"],
+        "source": {"x": {"bearerTokenSecretRef": {"name": "x-api"}}},
+        "output": {"s3": {"bucket": "bots"}, "hub": {"tokenSecretRef": {"name": "hf"}}},
+        "resources": {"gpus": 2},
+        "backoffLimit": 0,
+    }
+    spec.update(spec_changes)
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TweetBot", "metadata": {"name": name}, "spec": spec}
+
+
+def get_bot(custom, namespace, name="cyborg") -> dict:
+    return custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+
+def wait_phase(custom, namespace, phase, name="cyborg", timeout=60) -> dict:
+    def reached():
+        bot = get_bot(custom, namespace, name)
+        return bot if (bot.get("status") or {}).get("phase") == phase else None
+
+    try:
+        return wait_for(reached, timeout=timeout, what=f"phase {phase}")
+    except AssertionError:
+        raise AssertionError(f"never reached {phase}; status: {json.dumps(get_bot(custom, namespace, name).get('status'), indent=1)}")
+
+
+def stage_jobs(batch, namespace, bot="cyborg", stage=None):
+    selector = f"{BOT_LABEL}={bot}" + (f",{STAGE_LABEL}={stage}" if stage else "")
+    return batch.list_namespaced_job(namespace, label_selector=selector).items
+
+
+def wait_job(batch, namespace, stage, bot="cyborg"):
+    return wait_for(lambda: (stage_jobs(batch, namespace, bot, stage) or [None])[0], what=f"the {stage} Job")
+
+
+def play_container(core, namespace, job_name, result: StageResult, exit_code=0):
+    """Finish the Job's running pod as a kubelet would, with `result` as the termination message."""
+
+    def running_pod():
+        pods = core.list_namespaced_pod(namespace, label_selector=f"job-name={job_name}").items
+        return next((pod for pod in pods if pod.status.phase == "Running"), None)
+
+    pod = wait_for(running_pod, what=f"a running pod of {job_name}")
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    container = pod.spec.containers[0]
+    core.patch_namespaced_pod_status(pod.metadata.name, namespace, {"status": {
+        "phase": "Succeeded" if exit_code == 0 else "Failed",
+        "containerStatuses": [{
+            "name": container.name, "image": container.image, "imageID": "", "ready": False, "restartCount": 0,
+            "state": {"terminated": {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
+                                     "message": result.to_termination_message(), "startedAt": now, "finishedAt": now}},
+        }],
+    }})
+
+
+def succeed(core, job, **fields):
+    labels = job.metadata.labels
+    play_container(core, job.metadata.namespace, job.metadata.name,
+                   StageResult(stage=labels[STAGE_LABEL], run_id=labels[RUN_LABEL], **fields))
+
+
+SCRAPE_STATS = [HandleStats("purefulsoul", 3200, 310, 411, 2479, "Pureful Soul"), HandleStats("turtlebreezee", 812, 0, 37, 775)]
+
+
+def test_a_bot_runs_scrape_train_publish_and_succeeds(operator, apis, namespace, secrets, dev_env):
+    custom, batch, core = apis
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot(resources={"gpus": 2, "queueName": "team-a"}))
+
+    scrape = wait_job(batch, namespace, "scrape")
+    assert scrape.metadata.owner_references[0].kind == "TweetBot"
+    assert "nvidia.com/gpu" not in json.dumps(scrape.spec.template.spec.containers[0].resources.to_dict())
+    env = {item.name: item for item in scrape.spec.template.spec.containers[0].env}
+    assert env["X_BEARER_TOKEN"].value_from.secret_key_ref.name == "x-api"
+    assert scrape.spec.suspend is True and wait_phase(custom, namespace, "Queued")
+    batch.patch_namespaced_job(scrape.metadata.name, namespace, {"spec": {"suspend": False}})  # as Kueue admits it
+    wait_phase(custom, namespace, "Scraping")
+    succeed(core, scrape, data=SCRAPE_STATS, artifacts={"datasetUri": "s3://bots/dataset.jsonl"})
+
+    train = wait_job(batch, namespace, "train")
+    assert train.metadata.labels["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert train.spec.template.spec.containers[0].resources.limits["nvidia.com/gpu"] == "2"
+    batch.patch_namespaced_job(train.metadata.name, namespace, {"spec": {"suspend": False}})
+    wait_for(lambda: core.list_namespaced_pod(namespace, label_selector=f"job-name={train.metadata.name}").items
+             and core.list_namespaced_pod(namespace, label_selector=f"job-name={train.metadata.name}").items[0].spec.node_name,
+             what="the train pod to be scheduled")
+    train_pod = core.list_namespaced_pod(namespace, label_selector=f"job-name={train.metadata.name}").items[0]
+    assert train_pod.spec.node_name.startswith("kwok-gpu-")
+    bot = wait_phase(custom, namespace, "Training")
+    assert bot["status"]["data"][0]["kept"] == 2479
+    succeed(core, train, metrics={"trainLoss": 2.9, "evalLoss": 3.1, "perplexity": 22.2, "steps": 480})
+
+    publish = wait_job(batch, namespace, "publish")
+    assert "nvidia.com/gpu" not in json.dumps(publish.spec.template.spec.containers[0].resources.to_dict())
+    batch.patch_namespaced_job(publish.metadata.name, namespace, {"spec": {"suspend": False}})
+    succeed(core, publish, artifacts={"hubUrl": "https://huggingface.co/org/purefulsoul-turtlebreezee", "hubCommit": "abc123"})
+
+    bot = wait_phase(custom, namespace, "Succeeded")
+    status = bot["status"]
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {
+        "Ready": "True", "Reconciling": "False", "Stalled": "False", "DataReady": "True", "Trained": "True", "Published": "True"}
+    assert status["metrics"]["perplexity"] == 22.2
+    assert status["artifacts"]["hubCommit"] == "abc123" and status["artifacts"]["datasetUri"].startswith("s3://")
+    assert status["observedGeneration"] == bot["metadata"]["generation"]
+    assert set(status["stages"]) == {"scrape", "train", "publish"}
+
+    kubectl = [str(dev_env.cluster.kubectl), "--kubeconfig", str(dev_env.kubeconfig), "-n", namespace]
+    waited = subprocess.run(kubectl + ["wait", "--for=condition=Ready", "tweetbot/cyborg", "--timeout=10s"],
+                            capture_output=True, text=True)
+    assert waited.returncode == 0, waited.stderr
+    row = subprocess.run(kubectl + ["get", "tb", "cyborg", "--no-headers"], capture_output=True, text=True).stdout.split()
+    assert row[:5] == ["cyborg", '["@PurefulSoul","turtlebreezee"]', "Succeeded", "3/3", "True"]
+    reasons = [event.reason for event in core.list_namespaced_event(namespace, field_selector="involvedObject.name=cyborg").items]
+    assert "Succeeded" in reasons and "JobCreated" in reasons
+    # No secret value anywhere the operator writes.
+    everything = json.dumps(bot) + json.dumps([e.message for e in core.list_namespaced_event(namespace).items])
+    assert "x-secret-value" not in everything and "hf_secret_value" not in everything
+    with urllib.request.urlopen(operator.metrics_url) as response:
+        assert 'tweetbot_bots{phase="Succeeded"}' in response.read().decode()
+
+
+def test_a_failing_stage_is_retried_then_fails_the_bot(operator, apis, namespace, secrets):
+    custom, batch, core = apis
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot(backoffLimit=1))
+    scrape = wait_job(batch, namespace, "scrape")
+    assert scrape.spec.backoff_limit == 1
+    failure = StageResult(stage="scrape", run_id=scrape.metadata.labels[RUN_LABEL], ok=False,
+                          error="X API answered 401 Unauthorized: check the token in Secret x-api")
+    play_container(core, namespace, scrape.metadata.name, failure, exit_code=1)
+    # The Job controller retries with its own backoff (about 10 s), then gives up.
+    play_container(core, namespace, scrape.metadata.name, failure, exit_code=1)
+    bot = wait_phase(custom, namespace, "Failed")
+    assert bot["status"]["attempts"] == 2
+    assert "X API answered 401 Unauthorized" in bot["status"]["lastError"]
+    assert next(c for c in bot["status"]["conditions"] if c["type"] == "Stalled")["status"] == "True"
+    assert not stage_jobs(batch, namespace, stage="train")
+
+
+def test_an_operator_restart_neither_duplicates_nor_loses_jobs(operator, apis, namespace, secrets):
+    custom, batch, core = apis
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot())
+    scrape = wait_job(batch, namespace, "scrape")
+    operator.kill()
+    succeed(core, scrape, data=SCRAPE_STATS)  # the stage finishes while no operator is running
+    operator.start()
+    train = wait_job(batch, namespace, "train")
+    wait_phase(custom, namespace, "Training")
+    operator.kill()
+    operator.start()
+    succeed(core, train, metrics={"evalLoss": 3.0})
+    succeed(core, wait_job(batch, namespace, "publish"), artifacts={"hubCommit": "def456"})
+    wait_phase(custom, namespace, "Succeeded")
+    names = sorted(job.metadata.name for job in stage_jobs(batch, namespace))
+    assert len(names) == 3 and [name.rsplit("-", 1)[1] for name in names] == ["publish", "scrape", "train"]
+
+
+def test_a_spec_edit_starts_a_new_run(operator, apis, namespace, secrets):
+    custom, batch, core = apis
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot())
+    first = wait_job(batch, namespace, "scrape")
+    first_run = wait_phase(custom, namespace, "Scraping")["status"]["runId"]
+    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "cyborg", {"spec": {"training": {"epochs": 2}}})
+
+    def new_run():
+        jobs = stage_jobs(batch, namespace, stage="scrape")
+        return jobs if [j.metadata.name for j in jobs] != [first.metadata.name] and len(jobs) == 1 else None
+
+    [second] = wait_for(new_run, what="the old run's Job to be replaced")
+    bot = get_bot(custom, namespace)
+    assert second.metadata.labels[RUN_LABEL] == bot["status"]["runId"] != first_run
+    assert bot["status"]["observedGeneration"] == 2
+    request = json.loads(second.spec.template.spec.containers[0].env[0].value)
+    assert request["training"]["epochs"] == 2
+
+
+def test_suspend_stops_the_run_and_resume_continues_it(operator, apis, namespace, secrets):
+    custom, batch, core = apis
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot())
+    succeed(core, wait_job(batch, namespace, "scrape"), data=SCRAPE_STATS)
+    wait_job(batch, namespace, "train")
+    run_id = wait_phase(custom, namespace, "Training")["status"]["runId"]
+
+    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "cyborg", {"spec": {"suspend": True}})
+    bot = wait_phase(custom, namespace, "Suspended")
+    wait_for(lambda: not stage_jobs(batch, namespace, stage="train"), what="the train Job to stop")
+    assert stage_jobs(batch, namespace, stage="scrape"), "a finished stage is kept"
+
+    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "cyborg", {"spec": {"suspend": False}})
+    train = wait_job(batch, namespace, "train")
+    bot = wait_phase(custom, namespace, "Training")
+    assert bot["status"]["runId"] == run_id and train.metadata.labels[RUN_LABEL] == run_id
+    assert bot["status"]["data"][1]["handle"] == "turtlebreezee"  # results of the finished stage kept
+
+
+def test_deleting_a_bot_removes_its_jobs_and_pods(operator, apis, namespace, secrets):
+    custom, batch, core = apis
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot())
+    scrape = wait_job(batch, namespace, "scrape")
+    wait_for(lambda: core.list_namespaced_pod(namespace, label_selector=f"job-name={scrape.metadata.name}").items,
+             what="the scrape pod")
+    custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "cyborg")
+
+    def gone():
+        try:
+            get_bot(custom, namespace)
+            return False
+        except client.ApiException as error:
+            return error.status == 404
+
+    wait_for(gone, timeout=20, what="the TweetBot to be deleted without waiting on a finalizer")
+    wait_for(lambda: not stage_jobs(batch, namespace), what="the garbage collector to delete the Jobs")
+    wait_for(lambda: not core.list_namespaced_pod(namespace, label_selector=f"{BOT_LABEL}=cyborg").items,
+             what="the garbage collector to delete the pods")
+
+
+def test_a_missing_secret_stalls_one_bot_and_the_others_go_on(operator, apis, namespace, secrets):
+    custom, batch, core = apis
+    custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, tweetbot("lonely", source={"x": {"bearerTokenSecretRef": {"name": "absent"}}}))
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot("fine"))
+
+    def stalled():
+        status = get_bot(custom, namespace, "lonely").get("status") or {}
+        return status if any(c["type"] == "Stalled" and c["status"] == "True" for c in status.get("conditions", [])) else None
+
+    status = wait_for(stalled, what="the bot to stall")
+    assert status["lastError"] == "Secret 'absent' (named by spec.source.x.bearerTokenSecretRef) does not exist"
+    assert not stage_jobs(batch, namespace, "lonely")
+    wait_job(batch, namespace, "scrape", bot="fine")
+
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "absent"}, "stringData": {"token": "t"}})
+    wait_job(batch, namespace, "scrape", bot="lonely")  # picked up by the timer, no edit needed
+    wait_phase(custom, namespace, "Scraping", name="lonely")

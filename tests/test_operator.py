@@ -333,3 +333,41 @@ def test_a_missing_secret_stalls_one_bot_and_the_others_go_on(operator, apis, na
     core.create_namespaced_secret(namespace, {"metadata": {"name": "absent"}, "stringData": {"token": "t"}})
     wait_job(batch, namespace, "scrape", bot="lonely")  # picked up by the timer, no edit needed
     wait_phase(custom, namespace, "Scraping", name="lonely")
+
+
+def test_deletion_policy_delete_removes_only_this_bots_artifacts(operator, apis, namespace, secrets, dev_env):
+    import boto3
+
+    custom, batch, core = apis
+    s3 = boto3.client("s3", endpoint_url=dev_env.s3_endpoint, aws_access_key_id=dev_env.s3_access_key,
+                      aws_secret_access_key=dev_env.s3_secret_key, region_name="us-east-1")
+    bucket = f"artifacts-{namespace}"[:63].rstrip("-")
+    s3.create_bucket(Bucket=bucket)
+    keys = [f"tweetbot/{namespace}/{bot}/r{run}/data/dataset.jsonl" for bot in ("doomed", "doomed2", "kept") for run in (1, 2)]
+    for key in keys:
+        s3.put_object(Bucket=bucket, Key=key, Body=b"{}")
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "s3"}, "stringData": {
+        "AWS_ACCESS_KEY_ID": dev_env.s3_access_key, "AWS_SECRET_ACCESS_KEY": dev_env.s3_secret_key}})
+    output = {"s3": {"bucket": bucket, "endpoint": dev_env.s3_endpoint, "credentialsSecretRef": {"name": "s3"}}}
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot("doomed", output=output, deletionPolicy="Delete"))
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot("kept", output=output))
+    unreachable = {"s3": {"bucket": bucket, "endpoint": "http://127.0.0.1:9"}}
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot("stranded", output=unreachable, deletionPolicy="Delete"))
+    for name in ("doomed", "kept", "stranded"):
+        wait_job(batch, namespace, "scrape", bot=name)
+    assert wait_for(lambda: get_bot(custom, namespace, "doomed")["metadata"].get("finalizers")) == ["huggingtweets.dev/artifacts"]
+    assert not get_bot(custom, namespace, "kept")["metadata"].get("finalizers")
+
+    for name in ("doomed", "kept", "stranded"):
+        custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+    def all_gone():
+        return not custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+
+    wait_for(all_gone, timeout=60, what="every bot to be deleted, even the one whose S3 is unreachable")
+    left = sorted(item["Key"] for item in s3.list_objects_v2(Bucket=bucket)["Contents"])
+    assert left == [key for key in keys if "/doomed/" not in key]  # "doomed2" shares a prefix but is not doomed
+    messages = {event.reason: event.message for event in core.list_namespaced_event(namespace).items}
+    assert messages["ArtifactsDeleted"] == f"deleted 2 objects under s3://{bucket}/tweetbot/{namespace}/doomed/"
+    assert messages["ArtifactsLeft"].startswith(f"could not delete s3://{bucket}/tweetbot/{namespace}/stranded/")
+    assert dev_env.s3_secret_key not in json.dumps(messages)

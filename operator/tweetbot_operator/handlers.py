@@ -1,11 +1,13 @@
 """The kopf shell around the pure core: gather what exists for a bot, call `plan`, apply the result.
 
 Every trigger (bot created, changed or resumed after an operator restart, one of its Jobs changed, a slow
-timer) runs the same level-based `reconcile`, so a missed event costs at most one timer interval.
+resync loop) runs the same level-based `reconcile`, so a missed event costs at most one resync interval.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import logging
 import threading
 from collections import defaultdict
@@ -18,12 +20,14 @@ from kubernetes.client.rest import ApiException
 from tweetbot_trainer.contract import BOT_LABEL, GROUP, STAGE_LABEL, STAGES, ContractError, StageResult
 
 from . import metrics
+from .artifacts import bot_prefix, delete_artifacts
 from .reconcile import Observed, job_state, plan, secret_needs, status_patch
 from .settings import Settings
 
 VERSION = "v1alpha1"
 PLURAL = "tweetbots"
 FINISHED = ("Succeeded", "Failed")
+FINALIZER = f"{GROUP}/artifacts"  # only on bots whose deletionPolicy is Delete
 
 log = logging.getLogger("tweetbot.operator")
 SETTINGS = Settings.from_env()
@@ -40,6 +44,7 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
         prefix=GROUP, key="last-handled-configuration"
     )
     # Only our own events (phase changes, warnings) reach `kubectl describe`, not kopf's per-handler chatter.
+    settings.persistence.finalizer = FINALIZER
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = 16
     try:
@@ -64,9 +69,44 @@ def bot_changed(namespace: str, name: str, **_) -> None:
     reconcile(namespace, name)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.timer_seconds, initial_delay=SETTINGS.timer_seconds)
-def bot_timer(namespace: str, name: str, **_) -> None:
-    reconcile(namespace, name)
+@kopf.on.startup()
+async def start_resync(memo: kopf.Memo, **_) -> None:
+    memo.resync = asyncio.create_task(_resync_forever())
+
+
+@kopf.on.cleanup()
+async def stop_resync(memo: kopf.Memo, **_) -> None:
+    memo.resync.cancel()
+
+
+async def _resync_forever() -> None:
+    """One slow loop over unfinished bots, for what sends no event (a Secret created later, a lost watch).
+
+    Not a kopf timer: those put a finalizer on every bot, and then no bot could be deleted while the
+    operator is down or uninstalled.
+    """
+    while True:
+        await asyncio.sleep(SETTINGS.timer_seconds)
+        try:
+            for namespace, name in await asyncio.to_thread(_unfinished_bots):
+                await asyncio.to_thread(reconcile, namespace, name)
+        except Exception:
+            log.exception("resync failed; trying again in %.0fs", SETTINGS.timer_seconds)
+
+
+def _unfinished_bots() -> list[tuple[str, str]]:
+    custom = client.CustomObjectsApi(_api)
+    if SETTINGS.namespaces:
+        bots = [bot for ns in SETTINGS.namespaces
+                for bot in custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]]
+    else:
+        bots = custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
+    return [
+        (bot["metadata"]["namespace"], bot["metadata"]["name"])
+        for bot in bots
+        if (bot.get("status") or {}).get("phase") not in FINISHED
+        or bot["status"].get("observedGeneration") != bot["metadata"].get("generation")
+    ]
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={BOT_LABEL: kopf.PRESENT})
@@ -78,6 +118,30 @@ def job_changed(namespace: str, labels: dict, **_) -> None:
 def bot_deleted(namespace: str, name: str, **_) -> None:
     # Its Jobs and pods go with it through owner references; no finalizer, so deletion never waits on us.
     metrics.forget(namespace, name)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, when=lambda spec, **_: spec.get("deletionPolicy") == "Delete")
+def artifacts_deleted(body: kopf.Body, namespace: str, **_) -> None:
+    """Only bots with deletionPolicy Delete carry a finalizer, and it is released whatever happens here."""
+    bot = dict(body)
+    layout = bot_prefix(bot)
+    where = f"s3://{layout.bucket}/{layout.run_prefix}/"
+    try:
+        credentials = None
+        ref = bot["spec"]["output"]["s3"].get("credentialsSecretRef")
+        if ref:
+            secret = client.CoreV1Api(_api).read_namespaced_secret(ref["name"], namespace)
+            credentials = {key: base64.b64decode(value).decode() for key, value in (secret.data or {}).items()}
+        deleted = delete_artifacts(layout, credentials)
+    except Exception as error:  # the bot goes anyway; say what is left behind, never a credential
+        kopf.event(bot, type="Warning", reason="ArtifactsLeft", message=f"could not delete {where}: {type(error).__name__}: {_short(error)}")
+        return
+    kopf.event(bot, type="Normal", reason="ArtifactsDeleted", message=f"deleted {deleted} objects under {where}")
+
+
+def _short(error: Exception) -> str:
+    text = str(error)
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def reconcile(namespace: str, name: str) -> None:

@@ -20,7 +20,7 @@ from kubernetes import client
 
 from tweetbot_dev.polling import wait_for
 from tweetbot_dev.s3 import free_port
-from tweetbot_trainer.contract import BOT_LABEL, RUN_LABEL, STAGE_LABEL, HandleStats, StageResult
+from tweetbot_trainer.contract import BOT_LABEL, RUN_LABEL, STAGE_LABEL, HandleStats, Progress, StageResult
 
 pytestmark = pytest.mark.cluster
 
@@ -335,20 +335,49 @@ def test_a_missing_secret_stalls_one_bot_and_the_others_go_on(operator, apis, na
     wait_phase(custom, namespace, "Scraping", name="lonely")
 
 
-def test_deletion_policy_delete_removes_only_this_bots_artifacts(operator, apis, namespace, secrets, dev_env):
+@pytest.fixture
+def minio(dev_env, api_client, namespace):
+    """A bucket on the real S3 server, and a Secret with its credentials for the bot to name."""
     import boto3
 
-    custom, batch, core = apis
     s3 = boto3.client("s3", endpoint_url=dev_env.s3_endpoint, aws_access_key_id=dev_env.s3_access_key,
                       aws_secret_access_key=dev_env.s3_secret_key, region_name="us-east-1")
     bucket = f"artifacts-{namespace}"[:63].rstrip("-")
     s3.create_bucket(Bucket=bucket)
+    client.CoreV1Api(api_client).create_namespaced_secret(namespace, {"metadata": {"name": "s3"}, "stringData": {
+        "AWS_ACCESS_KEY_ID": dev_env.s3_access_key, "AWS_SECRET_ACCESS_KEY": dev_env.s3_secret_key}})
+    output = {"s3": {"bucket": bucket, "endpoint": dev_env.s3_endpoint, "credentialsSecretRef": {"name": "s3"}}}
+    return s3, bucket, output
+
+
+def test_live_training_progress_reaches_the_status(operator, apis, namespace, secrets, minio):
+    custom, batch, core = apis
+    s3, bucket, output = minio
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot(output=output))
+    succeed(core, wait_job(batch, namespace, "scrape"), data=SCRAPE_STATS)
+    train = wait_job(batch, namespace, "train")
+    run_id = wait_phase(custom, namespace, "Training")["status"]["runId"]
+    report = Progress(step=120, total_steps=480, loss=3.25, tokens_per_second=5321.5, eta_seconds=1800)
+    s3.put_object(Bucket=bucket, Key=f"tweetbot/{namespace}/cyborg/{run_id}/train/progress.json", Body=report.to_json().encode())
+
+    def progress():
+        live = (get_bot(custom, namespace).get("status") or {}).get("progress") or {}
+        return live if live.get("step") == 120 else None
+
+    live = wait_for(progress, timeout=30, what="the progress report to reach the status")
+    assert live == {"step": 120, "totalSteps": 480, "loss": 3.25, "tokensPerSecond": 5321.5, "etaSeconds": 1800,
+                    "summary": "train 25% (120/480 steps)"}
+    succeed(core, train, metrics={"evalLoss": 3.0})
+    wait_job(batch, namespace, "publish")
+    assert wait_phase(custom, namespace, "Publishing")["status"]["progress"] == {"summary": "2/3"}
+
+
+def test_deletion_policy_delete_removes_only_this_bots_artifacts(operator, apis, namespace, secrets, minio, dev_env):
+    custom, batch, core = apis
+    s3, bucket, output = minio
     keys = [f"tweetbot/{namespace}/{bot}/r{run}/data/dataset.jsonl" for bot in ("doomed", "doomed2", "kept") for run in (1, 2)]
     for key in keys:
         s3.put_object(Bucket=bucket, Key=key, Body=b"{}")
-    core.create_namespaced_secret(namespace, {"metadata": {"name": "s3"}, "stringData": {
-        "AWS_ACCESS_KEY_ID": dev_env.s3_access_key, "AWS_SECRET_ACCESS_KEY": dev_env.s3_secret_key}})
-    output = {"s3": {"bucket": bucket, "endpoint": dev_env.s3_endpoint, "credentialsSecretRef": {"name": "s3"}}}
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot("doomed", output=output, deletionPolicy="Delete"))
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot("kept", output=output))
     unreachable = {"s3": {"bucket": bucket, "endpoint": "http://127.0.0.1:9"}}

@@ -27,6 +27,7 @@ from tweetbot_trainer.contract import (
     RUN_LABEL,
     ContractError,
     HandleStats,
+    Progress,
     StageRequest,
     StageResult,
 )
@@ -292,9 +293,11 @@ def test_condition_times_change_only_on_transitions():
     assert condition(later.status, "Ready")["reason"] == "ScrapeRunning"
 
 
-def test_status_patch_removes_dropped_fields():
-    assert status_patch({"phase": "Failed", "lastError": "x", "runId": "r"}, {"phase": "Scraping", "runId": "r"}) == {
-        "phase": "Scraping", "lastError": None}
+def test_status_patch_removes_dropped_fields_at_every_depth():
+    old = {"phase": "Failed", "lastError": "x", "runId": "r", "progress": {"step": 3, "summary": "train 1%"}}
+    new = {"phase": "Scraping", "runId": "r", "progress": {"summary": "2/3"}}
+    assert status_patch(old, new) == {"phase": "Scraping", "lastError": None, "progress": {"step": None, "summary": "2/3"}}
+    assert status_patch(new, new) == {}
 
 
 # --- the contract ---------------------------------------------------------------------------------
@@ -316,3 +319,15 @@ def test_results_round_trip_and_stay_within_the_termination_message_limit():
         StageResult("scrape", "abc123", error="x" * 5000).to_termination_message()
     with pytest.raises(ContractError, match="do not add up"):
         HandleStats("a", 10, 1, 2, 3)
+
+
+def test_live_progress_shows_while_training_only():
+    bot = make_bot()
+    jobs = [job(bot, "scrape", "Succeeded"), job(bot, "train", "Running")]
+    results = {jobs[0]["metadata"]["name"]: result(bot, "scrape")}
+    report = Progress(step=30, total_steps=40, loss=2.0)
+    decided, _ = step(bot, Observed(jobs=jobs, results=results, secrets=ALL_SECRETS, progress=report))
+    assert decided.status["progress"] == {"step": 30, "totalSteps": 40, "loss": 2.0, "summary": "train 75% (30/40 steps)"}
+    assert Progress.from_json(report.to_json()) == report
+    decided, _ = step(bot, Observed(jobs=jobs, results=results, secrets=ALL_SECRETS))
+    assert decided.status["progress"] == {"summary": "1/3"}

@@ -1,31 +1,37 @@
-"""Deleting a bot's S3 artifacts when its deletionPolicy is Delete."""
+"""The operator's few S3 reads and writes: live training progress, and deleting a bot's artifacts."""
 
 from __future__ import annotations
 
 import boto3
 from botocore.config import Config
 
-from tweetbot_trainer.contract import S3_ACCESS_KEY_ENV, S3_SECRET_KEY_ENV, S3Layout
+from botocore.exceptions import BotoCoreError, ClientError
+
+from tweetbot_trainer.contract import S3_ACCESS_KEY_ENV, S3_SECRET_KEY_ENV, ContractError, Progress, S3Layout
 
 
-def bot_prefix(bot: dict) -> S3Layout:
-    """Every run of the bot lives under this layout's run_prefix (run id left empty)."""
-    s3 = bot["spec"]["output"]["s3"]
-    return S3Layout(
-        bucket=s3["bucket"], prefix=s3.get("prefix", "tweetbot"), namespace=bot["metadata"]["namespace"],
-        bot=bot["metadata"]["name"], run_id="", endpoint=s3.get("endpoint", ""), region=s3.get("region", "us-east-1"),
+def s3_client(layout: S3Layout, credentials: dict[str, str] | None):
+    keys = {}
+    if credentials:
+        keys = {"aws_access_key_id": credentials[S3_ACCESS_KEY_ENV], "aws_secret_access_key": credentials[S3_SECRET_KEY_ENV]}
+    return boto3.client(
+        "s3", endpoint_url=layout.endpoint or None, region_name=layout.region,
+        config=Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 2}), **keys,
     )
+
+
+def read_progress(layout: S3Layout, credentials: dict[str, str] | None) -> Progress | None:
+    """The train stage's latest progress report, or None if there is none (yet) or it cannot be read."""
+    try:
+        body = s3_client(layout, credentials).get_object(Bucket=layout.bucket, Key=layout.progress)["Body"].read()
+        return Progress.from_json(body.decode())
+    except (BotoCoreError, ClientError, ContractError, UnicodeDecodeError):
+        return None
 
 
 def delete_artifacts(layout: S3Layout, credentials: dict[str, str] | None) -> int:
     """Delete every object under the bot's prefix; returns how many. Raises on any S3 error."""
-    keys = {}
-    if credentials:
-        keys = {"aws_access_key_id": credentials[S3_ACCESS_KEY_ENV], "aws_secret_access_key": credentials[S3_SECRET_KEY_ENV]}
-    s3 = boto3.client(
-        "s3", endpoint_url=layout.endpoint or None, region_name=layout.region,
-        config=Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 2}), **keys,
-    )
+    s3 = s3_client(layout, credentials)
     deleted = 0
     # The trailing slash keeps bot "a" from deleting the artifacts of bot "ab".
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=layout.bucket, Prefix=layout.run_prefix + "/"):

@@ -17,11 +17,11 @@ import kopf
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from tweetbot_trainer.contract import BOT_LABEL, GROUP, STAGE_LABEL, STAGES, ContractError, StageResult
+from tweetbot_trainer.contract import BOT_LABEL, GROUP, RUN_LABEL, STAGE_LABEL, STAGES, ContractError, StageResult
 
 from . import metrics
-from .artifacts import bot_prefix, delete_artifacts
-from .reconcile import Observed, job_state, plan, secret_needs, status_patch
+from .artifacts import delete_artifacts, read_progress
+from .reconcile import Observed, job_state, plan, run_id_for, s3_layout, secret_needs, status_patch
 from .settings import Settings
 
 VERSION = "v1alpha1"
@@ -124,19 +124,23 @@ def bot_deleted(namespace: str, name: str, **_) -> None:
 def artifacts_deleted(body: kopf.Body, namespace: str, **_) -> None:
     """Only bots with deletionPolicy Delete carry a finalizer, and it is released whatever happens here."""
     bot = dict(body)
-    layout = bot_prefix(bot)
+    layout = s3_layout(bot, run_id="")  # every run of the bot
     where = f"s3://{layout.bucket}/{layout.run_prefix}/"
     try:
-        credentials = None
-        ref = bot["spec"]["output"]["s3"].get("credentialsSecretRef")
-        if ref:
-            secret = client.CoreV1Api(_api).read_namespaced_secret(ref["name"], namespace)
-            credentials = {key: base64.b64decode(value).decode() for key, value in (secret.data or {}).items()}
-        deleted = delete_artifacts(layout, credentials)
+        deleted = delete_artifacts(layout, _s3_credentials(namespace, bot))
     except Exception as error:  # the bot goes anyway; say what is left behind, never a credential
         kopf.event(bot, type="Warning", reason="ArtifactsLeft", message=f"could not delete {where}: {type(error).__name__}: {_short(error)}")
         return
     kopf.event(bot, type="Normal", reason="ArtifactsDeleted", message=f"deleted {deleted} objects under {where}")
+
+
+def _s3_credentials(namespace: str, bot: dict) -> dict[str, str] | None:
+    """The bot's S3 keys from its Secret, or None to use the operator's own identity."""
+    ref = bot["spec"]["output"]["s3"].get("credentialsSecretRef")
+    if not ref:
+        return None
+    secret = client.CoreV1Api(_api).read_namespaced_secret(ref["name"], namespace)
+    return {key: base64.b64decode(value).decode() for key, value in (secret.data or {}).items()}
 
 
 def _short(error: Exception) -> str:
@@ -182,6 +186,13 @@ def _reconcile(namespace: str, name: str) -> None:
         if SETTINGS.max_concurrent_trainings:
             observed.other_active_trainings = _active_trainings(exclude_bot=(namespace, name))
 
+    run_id = run_id_for(bot)
+    if any(job["metadata"]["labels"].get(STAGE_LABEL) == "train" and job["metadata"]["labels"].get(RUN_LABEL) == run_id
+           and job_state(job) == "Running" for job in jobs):
+        try:
+            observed.progress = read_progress(s3_layout(bot, run_id), _s3_credentials(namespace, bot))
+        except ApiException:
+            observed.progress = None  # its Secret is gone; the stage itself will report that
     decided = plan(bot, observed, SETTINGS, datetime.now(timezone.utc))
 
     for job_name in decided.delete:

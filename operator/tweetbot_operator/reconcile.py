@@ -24,6 +24,7 @@ from tweetbot_trainer.contract import (
     TERMINATION_MESSAGE_PATH,
     X_BEARER_TOKEN_ENV,
     S3Layout,
+    Progress,
     StageRequest,
     StageResult,
 )
@@ -261,6 +262,8 @@ class Observed:
     secrets: dict[str, frozenset[str] | None] = field(default_factory=dict)
     # Train Jobs running for other bots (for the operator's own concurrency limit).
     other_active_trainings: int = 0
+    # The running train stage's latest report, if it has written one.
+    progress: Progress | None = None
 
 
 @dataclass
@@ -369,11 +372,13 @@ def plan(bot: dict, observed: Observed, settings: Settings, now: datetime) -> Pl
         phase = "Queued" if state == "Queued" else STAGE_PHASES[stage]
         reason = "Queued" if state == "Queued" else f"{stage.capitalize()}{state}"
         message = f"Job {name} is {state.lower()}"
+        if stage == "train" and state == "Running" and observed.progress is not None:
+            status["progress"] = _live_progress(observed.progress)
         break
     else:
         phase, reason, message = "Succeeded", "Succeeded", "scraped, trained and published"
 
-    status["progress"] = {"summary": f"{done}/{len(STAGES)}"}
+    status.setdefault("progress", {"summary": f"{done}/{len(STAGES)}"})
     return _finish(result, old_status, generation, now, phase=phase, reason=reason, message=message,
                    stalled=stalled, status=status, done=done)
 
@@ -387,6 +392,16 @@ def _missing_secrets(bot: dict, stage: str, observed: Observed) -> str:
         elif need.key not in keys:
             problems.append(f"Secret {need.name!r} (named by {need.field}) has no key {need.key!r}")
     return "; ".join(dict.fromkeys(problems))
+
+
+def _live_progress(progress: Progress) -> dict:
+    live = {"step": progress.step, "totalSteps": progress.total_steps,
+            "summary": f"train {progress.percent}% ({progress.step}/{progress.total_steps} steps)"}
+    for key, value in (("loss", progress.loss), ("tokensPerSecond", progress.tokens_per_second),
+                       ("etaSeconds", progress.eta_seconds)):
+        if value is not None:
+            live[key] = value
+    return live
 
 
 def _apply_result(status: dict, stage: str, stage_result: StageResult) -> None:
@@ -439,8 +454,16 @@ def _finish(result: Plan, old_status: dict, generation, now: datetime, *, phase:
 
 
 def status_patch(old: dict, new: dict) -> dict:
-    """A JSON merge patch from `old` to `new` at the top level: fields `new` drops are removed."""
-    patch = {key: value for key, value in new.items() if old.get(key) != value}
+    """The JSON merge patch (RFC 7386) that turns `old` into `new`: nested objects are merged, so every
+    field `new` drops must be named with null."""
+    patch = {}
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(old.get(key), dict):
+            nested = status_patch(old[key], value)
+            if nested:
+                patch[key] = nested
+        elif old.get(key) != value:
+            patch[key] = value
     for key in old:
         if key not in new:
             patch[key] = None

@@ -93,6 +93,10 @@ class S3Layout:
     def final_model(self) -> str:
         return self.key("final") + "/"
 
+    @property
+    def progress(self) -> str:
+        return self.key("train", "progress.json")
+
 
 @dataclass(frozen=True)
 class StageRequest:
@@ -124,6 +128,35 @@ class StageRequest:
             raise ContractError(f"unknown stage {payload.get('stage')!r}; expected one of {', '.join(STAGES)}")
         payload["s3"] = _from_dict(S3Layout, payload.get("s3") or {})
         return _from_dict(cls, payload)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Live training progress, overwritten in S3 (`S3Layout.progress`) as training goes; the operator
+    copies it into the bot's status, so trainer pods need no rights on the Kubernetes API."""
+
+    step: int
+    total_steps: int
+    loss: float | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: int | None = None
+    version: int = CONTRACT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Progress:
+        try:
+            payload = json.loads(text)
+        except json.JSONDecodeError:
+            raise ContractError("progress.json is not JSON") from None
+        _check_version(payload, "the progress report")
+        return _from_dict(cls, payload)
+
+    @property
+    def percent(self) -> int:
+        return min(100, int(100 * self.step / self.total_steps)) if self.total_steps else 0
 
 
 @dataclass(frozen=True)

@@ -29,23 +29,26 @@ def dev_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def dev_env(args: argparse.Namespace) -> int:
+def _existing_env(args: argparse.Namespace):
     from tweetbot_dev.devenv import DevEnvironment
 
     env = DevEnvironment.load(args.home)
     if env is None:
         _log(f"no dev environment in {args.home}: run `tweetbot dev up` first")
+    return env
+
+
+def dev_env(args: argparse.Namespace) -> int:
+    env = _existing_env(args)
+    if env is None:
         return 1
     sys.stdout.write(env.shell_exports())
     return 0
 
 
 def dev_down(args: argparse.Namespace) -> int:
-    from tweetbot_dev.devenv import DevEnvironment
-
-    env = DevEnvironment.load(args.home)
+    env = _existing_env(args)
     if env is None:
-        _log(f"no dev environment in {args.home}")
         return 0
     env.down()
     _log("cluster and S3 stopped, their data deleted")

@@ -49,6 +49,18 @@ def _check_version(payload: dict, what: str) -> None:
         )
 
 
+def _load(text: str, what: str) -> dict:
+    """Parse one side's JSON message and check its contract version."""
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError:
+        payload = None
+    if not isinstance(payload, dict):
+        raise ContractError(f"{what} is not a JSON object")
+    _check_version(payload, what)
+    return payload
+
+
 def _from_dict(cls, payload: dict):
     known = {f.name for f in fields(cls)}
     return cls(**{key: value for key, value in payload.items() if key in known})
@@ -119,11 +131,7 @@ class StageRequest:
 
     @classmethod
     def from_json(cls, text: str) -> StageRequest:
-        try:
-            payload = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ContractError(f"{REQUEST_ENV} is not JSON: {error}") from None
-        _check_version(payload, "the stage request")
+        payload = _load(text, f"the stage request ({REQUEST_ENV})")
         if payload.get("stage") not in STAGES:
             raise ContractError(f"unknown stage {payload.get('stage')!r}; expected one of {', '.join(STAGES)}")
         payload["s3"] = _from_dict(S3Layout, payload.get("s3") or {})
@@ -147,12 +155,7 @@ class Progress:
 
     @classmethod
     def from_json(cls, text: str) -> Progress:
-        try:
-            payload = json.loads(text)
-        except json.JSONDecodeError:
-            raise ContractError("progress.json is not JSON") from None
-        _check_version(payload, "the progress report")
-        return _from_dict(cls, payload)
+        return _from_dict(cls, _load(text, "the progress report"))
 
     @property
     def percent(self) -> int:
@@ -199,12 +202,6 @@ class StageResult:
 
     @classmethod
     def from_termination_message(cls, text: str) -> StageResult:
-        try:
-            payload = json.loads(text)
-        except json.JSONDecodeError:
-            raise ContractError("the stage's termination message is not a stage result") from None
-        if not isinstance(payload, dict):
-            raise ContractError("the stage's termination message is not a stage result")
-        _check_version(payload, "the stage result")
+        payload = _load(text, "the stage result")
         payload["data"] = [_from_dict(HandleStats, item) for item in payload.get("data") or []]
         return _from_dict(cls, payload)

@@ -1,0 +1,101 @@
+"""Posts -> training text, by huggingtweets' rules, so a card's numbers mean what huggingtweets' meant.
+
+Per handle: retweets are dropped and counted; `&amp;`, `&lt;` and `&gt;` (only those) are unescaped;
+words starting with `http:` or `https:` are removed; whitespace collapses to single spaces; a post with
+fewer than 3 words free of `http`, `@` and `#` is "short", dropped and counted. Replies and quotes stay.
+The counts come from one pass over immutable posts, so downloaded = retweets + short + kept always holds.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from .contract import HandleStats
+from .sources import Post
+
+MIN_CHARACTERS = 6_000  # below this the stage fails: too little text to fine-tune on
+WARN_CHARACTERS = 40_000  # below this the stage warns: the bot will mostly parrot
+
+_URL = re.compile(r"https?:\S+")
+_BORING_MARKERS = ("http", "@", "#")
+
+
+@dataclass(frozen=True)
+class CleaningOptions:
+    drop_retweets: bool = True
+    drop_short: bool = True
+    keep_replies: bool = True
+    min_words: int = 3
+
+    @classmethod
+    def from_spec(cls, data: dict) -> CleaningOptions:
+        return cls(
+            drop_retweets=data.get("dropRetweets", True),
+            drop_short=data.get("dropShortPosts", True),
+            keep_replies=data.get("keepReplies", True),
+        )
+
+
+def fix_text(text: str) -> str:
+    """huggingtweets unescapes just these three entities (the ones X escapes in post text)."""
+    return text.replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
+
+
+def clean_text(text: str) -> str:
+    return " ".join(_URL.sub("", fix_text(text)).split())
+
+
+def is_short(cleaned: str, min_words: int = 3) -> bool:
+    """Fewer than `min_words` words that contain none of http, @ and # (huggingtweets' "boring" test)."""
+    plain_words = sum(1 for word in cleaned.split() if not any(marker in word.lower() for marker in _BORING_MARKERS))
+    return plain_words < min_words
+
+
+def is_reply(text: str) -> bool:
+    return text.lstrip().startswith("@")
+
+
+@dataclass(frozen=True)
+class CuratedHandle:
+    stats: HandleStats
+    kept: list[tuple[str, str]]  # (post id, cleaned text), newest first
+
+    @property
+    def characters(self) -> int:
+        return sum(len(text) for _, text in self.kept)
+
+
+def curate(handle: str, posts: list[Post], options: CleaningOptions = CleaningOptions(), display_name: str = "") -> CuratedHandle:
+    retweets = short = 0
+    kept: list[tuple[str, str]] = []
+    for post in posts:
+        if post.is_repost and options.drop_retweets:
+            retweets += 1
+            continue
+        cleaned = clean_text(post.text)
+        if (options.drop_short and is_short(cleaned, options.min_words)) or not cleaned or (
+            not options.keep_replies and is_reply(cleaned)
+        ):
+            short += 1
+            continue
+        kept.append((post.id, cleaned))
+    stats = HandleStats(handle, len(posts), retweets, short, len(kept), display_name)
+    return CuratedHandle(stats, kept)
+
+
+def balance(curated: dict[str, CuratedHandle], seed: int) -> dict[str, list[tuple[str, str]]]:
+    """Oversample smaller handles' posts until each has about the largest handle's character count."""
+    target = max(handle.characters for handle in curated.values())
+    rng = random.Random(seed)
+    balanced = {}
+    for name, handle in curated.items():
+        posts = list(handle.kept)
+        characters = handle.characters
+        while handle.kept and characters < target:
+            extra = rng.choice(handle.kept)
+            posts.append(extra)
+            characters += len(extra[1])
+        balanced[name] = posts
+    return balanced

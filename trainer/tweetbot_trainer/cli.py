@@ -1,0 +1,111 @@
+"""`tweetbot-trainer scrape|...`: what the stage Jobs run, and usable by hand outside Kubernetes.
+
+In a Job the operator's request arrives in TWEETBOT_REQUEST and the result leaves as the container's
+termination message. By hand, flags describe the same request and the result is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from urllib.parse import urlsplit
+
+from .contract import REQUEST_ENV, TERMINATION_MESSAGE_PATH, ContractError, S3Layout, StageRequest, StageResult
+from .errors import ContractMismatch, StageError
+
+log = logging.getLogger("tweetbot.trainer")
+
+SOURCES = {
+    "x": lambda a: {"x": {"apiUrl": a.api_url or "https://api.x.com"}},
+    "x-archive": lambda a: {"xArchive": {"uri": a.archive}},
+    "mastodon": lambda a: {"mastodon": {"instanceUrl": a.instance_url}},
+    "bluesky": lambda a: {"bluesky": {"appViewUrl": a.api_url or "https://public.api.bsky.app"}},
+    "file": lambda a: {"file": {"uri": a.archive}},
+}
+
+
+def request_from_flags(args: argparse.Namespace) -> StageRequest:
+    out = urlsplit(args.out)
+    if out.scheme != "s3" or not out.netloc:
+        raise ContractMismatch(f"--out must be s3://bucket/prefix/, got {args.out!r}")
+    source = SOURCES[args.source](args)
+    source["maxPostsPerHandle"] = args.max_posts
+    return StageRequest(
+        stage=args.stage,
+        run_id="manual",
+        namespace="",
+        bot="",
+        handles=[h.strip().lstrip("@").lower() for h in args.handles.split(",") if h.strip()],
+        s3=S3Layout(bucket=out.netloc, prefix=out.path.strip("/"), namespace="", bot="", run_id="",
+                    endpoint=os.environ.get("AWS_ENDPOINT_URL", "")),
+        source=source,
+        data={"balanceHandles": args.balance},
+        training={"seed": args.seed},
+    )
+
+
+def run_stage(request: StageRequest) -> StageResult:
+    from .storage import Storage
+
+    storage = Storage(request.s3.endpoint, request.s3.region)
+    if request.stage == "scrape":
+        from .scrape import run_scrape
+
+        return run_scrape(request, storage)
+    raise ContractMismatch(f"this trainer cannot run the {request.stage} stage yet")
+
+
+def write_termination_message(result: StageResult) -> None:
+    try:
+        with open(TERMINATION_MESSAGE_PATH, "w") as file:
+            file.write(result.to_termination_message())
+    except OSError:
+        pass  # not in a container: the printed result is the output
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tweetbot-trainer", description=__doc__)
+    parser.add_argument("stage", choices=("scrape",))
+    parser.add_argument("--source", choices=sorted(SOURCES), help="by hand: where the posts come from")
+    parser.add_argument("--handles", default="", help="by hand: comma-separated handles")
+    parser.add_argument("--archive", help="by hand: s3:// or https:// URI of tweets.js ({handle} is replaced) or of a posts file")
+    parser.add_argument("--api-url", help="by hand: X API or Bluesky AppView base URL")
+    parser.add_argument("--instance-url", help="by hand: Mastodon instance URL")
+    parser.add_argument("--out", help="by hand: s3://bucket/prefix/ to write to")
+    parser.add_argument("--max-posts", type=int, default=3200)
+    parser.add_argument("--balance", action="store_true", help="oversample smaller handles to the largest one's size")
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+    in_job = REQUEST_ENV in os.environ
+    try:
+        if in_job:
+            try:
+                request = StageRequest.from_json(os.environ[REQUEST_ENV])
+            except ContractError as error:
+                raise ContractMismatch(str(error)) from None
+            if request.stage != args.stage:
+                raise ContractMismatch(f"the request is for the {request.stage} stage, not {args.stage}")
+        else:
+            if not (args.source and args.handles and args.out):
+                parser.error("by hand, --source, --handles and --out are required")
+            request = request_from_flags(args)
+        result = run_stage(request)
+    except StageError as error:
+        log.error("%s: %s", error.reason, error.message)
+        if in_job:
+            write_termination_message(StageResult(stage=args.stage, run_id="", ok=False, error=f"{error.reason}: {error.message}"))
+        return error.exit_code
+    if in_job:
+        write_termination_message(result)
+    print(json.dumps({"stage": result.stage, "data": [vars(s) for s in result.data],
+                      "metrics": result.metrics, "artifacts": result.artifacts}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The scrape stage: each handle's posts -> cleaned, counted dataset in S3 (private: raw posts never leave it)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from datetime import datetime, timezone
+
+from .cleaning import MIN_CHARACTERS, WARN_CHARACTERS, CleaningOptions, CuratedHandle, balance, curate
+from .contract import S3Layout, StageRequest, StageResult
+from .errors import EmptyTimeline, NotEnoughText
+from .sources import open_source
+from .storage import Storage
+
+log = logging.getLogger("tweetbot.scrape")
+
+
+def run_scrape(request: StageRequest, storage: Storage, environ: dict[str, str] | None = None) -> StageResult:
+    environ = os.environ if environ is None else environ
+    source = open_source(request.source, storage.read, environ)
+    options = CleaningOptions.from_spec(request.data)
+    limit = int(request.source.get("maxPostsPerHandle", 3200))
+
+    curated: dict[str, CuratedHandle] = {}
+    for handle in sorted(request.handles):  # as huggingtweets: lower-cased and sorted
+        timeline = source.fetch(handle, limit)
+        if not timeline.posts:
+            raise EmptyTimeline(f"{handle} has no posts on {source.network}")
+        curated[handle] = curate(handle, timeline.posts, options, timeline.display_name)
+        log.info("%s: %s", handle, curated[handle].stats)
+
+    characters = sum(handle.characters for handle in curated.values())
+    if characters < MIN_CHARACTERS:
+        raise NotEnoughText(
+            f"only {characters} characters of text are left after cleaning ({', '.join(f'{h}: {c.stats.kept} posts' for h, c in curated.items())}); "
+            f"at least {MIN_CHARACTERS} are needed to fine-tune"
+        )
+    if characters < WARN_CHARACTERS:
+        log.warning("only %d characters of text: under %d the bot will mostly repeat its training posts",
+                    characters, WARN_CHARACTERS)
+
+    seed = int(request.training.get("seed", 42))
+    balanced = bool(request.data.get("balanceHandles")) and len(curated) > 1
+    texts = balance(curated, seed) if balanced else {handle: c.kept for handle, c in curated.items()}
+    if balanced:
+        log.info("balanced handles by character count with seed %d", seed)
+
+    dataset = "".join(
+        json.dumps({"handle": handle, "id": post_id, "text": text}, ensure_ascii=False) + "\n"
+        for handle, posts in texts.items()
+        for post_id, text in posts
+    ).encode()
+    stats = {
+        "network": source.network,
+        "collectedAt": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "handles": [vars(c.stats) for c in curated.values()],
+        "characters": characters,
+        "balanced": balanced,
+        "seed": seed,
+    }
+    layout = request.s3
+    storage.write_all(
+        layout.bucket,
+        {layout.dataset: dataset, layout.stats: json.dumps(stats, indent=1, ensure_ascii=False).encode()},
+        manifest_key=scrape_manifest(layout),
+    )
+    return StageResult(
+        stage="scrape",
+        run_id=request.run_id,
+        data=[c.stats for c in curated.values()],
+        metrics={"characters": characters, "posts": sum(len(posts) for posts in texts.values())},
+        artifacts={"datasetUri": layout.uri("data", "dataset.jsonl")},
+    )
+
+
+def scrape_manifest(layout: S3Layout) -> str:
+    return layout.key("data", "manifest.json")

@@ -1,0 +1,59 @@
+"""Post sources behind one interface: `open_source(request_source, secrets).fetch(handle, limit)`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Post:
+    id: str
+    text: str  # as the source gives it: HTML entities still escaped where the source escapes them
+    is_repost: bool
+    created_at: str = ""
+
+
+@dataclass
+class Timeline:
+    handle: str
+    display_name: str
+    posts: list[Post]
+
+
+class Source(Protocol):
+    network: str
+
+    def fetch(self, handle: str, limit: int) -> Timeline: ...
+
+
+def open_source(source: dict, read, environ: dict[str, str] | None = None) -> Source:
+    """The client for a TweetBot's `spec.source` (as passed in the stage request); `read(uri) -> bytes`
+    fetches archive and post files from S3 or a URL."""
+    from ..contract import MASTODON_TOKEN_ENV, X_BEARER_TOKEN_ENV
+    from ..errors import AuthenticationFailed, MalformedInput
+    from .bluesky import BlueskySource
+    from .files import FileSource
+    from .mastodon import MastodonSource
+    from .x_api import XApiSource
+    from .x_archive import XArchiveSource
+
+    env = os.environ if environ is None else environ
+    if "x" in source:
+        token = env.get(X_BEARER_TOKEN_ENV, "")
+        if not token:
+            raise AuthenticationFailed(
+                f"no X API bearer token: {X_BEARER_TOKEN_ENV} is empty (check spec.source.x.bearerTokenSecretRef)"
+            )
+        return XApiSource(source["x"].get("apiUrl", "https://api.x.com"), token)
+    if "xArchive" in source:
+        return XArchiveSource(source["xArchive"]["uri"], read)
+    if "mastodon" in source:
+        return MastodonSource(source["mastodon"]["instanceUrl"], env.get(MASTODON_TOKEN_ENV, ""))
+    if "bluesky" in source:
+        return BlueskySource(source["bluesky"].get("appViewUrl", "https://public.api.bsky.app"))
+    if "file" in source:
+        return FileSource(source["file"]["uri"], read)
+    raise MalformedInput(f"no known source in {sorted(source)}: expected x, xArchive, mastodon, bluesky or file")
+

@@ -1,0 +1,73 @@
+"""GET with the patience a scraper needs: network failures and 5xx retried with back-off, 429 waited out
+until the reset time the server announces, within a budget."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from urllib.parse import urlsplit
+
+import requests
+
+from ..errors import NetworkFailure, RateLimited
+
+
+class HttpClient:
+    def __init__(self, headers: dict[str, str] | None = None, *, attempts: int = 4, backoff: float = 0.5,
+                 rate_limit_budget: float = 900.0, timeout: float = 30.0, sleep=time.sleep, clock=time.time):
+        self.session = requests.Session()
+        self.session.headers.update({"User-Agent": "tweetbot-trainer", **(headers or {})})
+        self.attempts, self.backoff, self.timeout = attempts, backoff, timeout
+        self.rate_limit_budget, self.rate_limit_waited = rate_limit_budget, 0.0
+        self.sleep, self.clock = sleep, clock
+        self.requests = 0
+
+    def get(self, url: str, params: dict | None = None) -> requests.Response:
+        host = urlsplit(url).netloc
+        failures = 0
+        while True:
+            self.requests += 1
+            try:
+                response = self.session.get(url, params=params, timeout=self.timeout)
+            except (requests.ConnectionError, requests.Timeout) as error:
+                failures += 1
+                if failures >= self.attempts:
+                    raise NetworkFailure(f"cannot reach {host} after {failures} attempts ({type(error).__name__})") from None
+                self.sleep(self.backoff * 2 ** (failures - 1))
+                continue
+            if response.status_code == 429:
+                self._wait_for_reset(response, host)
+                continue
+            if response.status_code >= 500:
+                failures += 1
+                if failures >= self.attempts:
+                    raise NetworkFailure(f"{host} answered {response.status_code} {failures} times in a row")
+                self.sleep(self.backoff * 2 ** (failures - 1))
+                continue
+            return response
+
+    def _wait_for_reset(self, response: requests.Response, host: str) -> None:
+        headers = response.headers  # X: x-rate-limit-reset, Mastodon: X-RateLimit-Reset, Bluesky: ratelimit-reset
+        reset = headers.get("x-rate-limit-reset") or headers.get("x-ratelimit-reset") or headers.get("ratelimit-reset")
+        retry_after = headers.get("retry-after")
+        if reset:
+            wait = max(0.0, _epoch(reset) - self.clock()) + 1
+        elif retry_after:
+            wait = float(retry_after)
+        else:
+            wait = 60.0
+        if self.rate_limit_waited + wait > self.rate_limit_budget:
+            raise RateLimited(
+                f"{host} rate limit: the next window opens in {wait:.0f}s, beyond the remaining "
+                f"{self.rate_limit_budget - self.rate_limit_waited:.0f}s of the {self.rate_limit_budget:.0f}s budget"
+            )
+        self.rate_limit_waited += wait
+        self.sleep(wait)
+
+
+def _epoch(reset: str) -> float:
+    """X and Bluesky send epoch seconds; Mastodon sends an ISO 8601 time."""
+    try:
+        return float(reset)
+    except ValueError:
+        return datetime.fromisoformat(reset.replace("Z", "+00:00")).timestamp()

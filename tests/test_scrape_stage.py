@@ -1,0 +1,156 @@
+"""`tweetbot-trainer scrape` as a Job runs it: the operator's request in, dataset in the real S3, result out."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import boto3
+import pytest
+
+from tweetbot_dev.fakes import FakeAccount, FakePost, FakeSocialServer, tweets_js
+from tweetbot_operator.reconcile import desired_job
+from tweetbot_operator.settings import Settings
+from tweetbot_trainer.contract import HandleStats, StageResult
+
+pytestmark = pytest.mark.s3
+
+WORDS = "the quick brown fox jumps over the lazy dog while thinking about".split()
+
+
+def fake_timeline(count: int, seed: int) -> list[FakePost]:
+    posts = []
+    for i in range(count):
+        if i % 9 == 4:
+            text, repost = "a retweeted thought about foxes", True
+        elif i % 7 == 5:
+            text, repost = "ok https://t.co/x", False
+        else:
+            text = " ".join(WORDS[(i * seed + k) % len(WORDS)] for k in range(12)) + f" & more #{i}"
+            repost = False
+        posts.append(FakePost(10_000 - i, text, repost))
+    return posts
+
+
+@pytest.fixture
+def world(dev_env, tmp_path):
+    s3 = boto3.client("s3", endpoint_url=dev_env.s3_endpoint, aws_access_key_id=dev_env.s3_access_key,
+                      aws_secret_access_key=dev_env.s3_secret_key, region_name="us-east-1")
+    bucket = f"scrape-{os.getpid()}-{tmp_path.name[-8:]}".lower().replace("_", "-")
+    s3.create_bucket(Bucket=bucket)
+    accounts = {"purefulsoul": FakeAccount("purefulsoul", "Pureful | Soul <3", fake_timeline(300, 3)),
+                "turtlebreezee": FakeAccount("turtlebreezee", "Turtle", fake_timeline(80, 5)),
+                "quiet": FakeAccount("quiet", "Quiet", fake_timeline(3, 1))}
+    with FakeSocialServer(accounts) as server:
+        yield dev_env, s3, bucket, server, tmp_path
+
+
+def bot(bucket, endpoint, api_url, handles=("@PurefulSoul", "turtlebreezee"), **spec_changes):
+    spec = {"handles": list(handles), "source": {"x": {"apiUrl": api_url, "bearerTokenSecretRef": {"name": "x", "key": "token"}},
+                                                 "maxPostsPerHandle": 3200},
+            "output": {"s3": {"bucket": bucket, "prefix": "tweetbot", "endpoint": endpoint}},
+            "data": {"dropRetweets": True, "dropShortPosts": True, "keepReplies": True, "balanceHandles": False},
+            "training": {"seed": 42}}
+    spec.update(spec_changes)
+    return {"metadata": {"name": "cyborg", "namespace": "bots", "uid": "u-1", "generation": 1}, "spec": spec}
+
+
+def run_job_container(world, manifest_bot, token=None):
+    """Run the scrape container's command with the environment its Job gives it."""
+    dev_env, s3, bucket, server, tmp_path = world
+    container = desired_job(manifest_bot, "run001", "scrape", Settings())["spec"]["template"]["spec"]["containers"][0]
+    env = {item["name"]: item["value"] for item in container["env"] if "value" in item}
+    env.update(PATH=os.environ["PATH"], HOME=os.environ["HOME"], X_BEARER_TOKEN=token or server.x_bearer_token,
+               AWS_ACCESS_KEY_ID=dev_env.s3_access_key, AWS_SECRET_ACCESS_KEY=dev_env.s3_secret_key,
+               TWEETBOT_TERMINATION_MESSAGE_PATH=str(tmp_path / "termination-log"))
+    command = [sys.executable, "-m", "tweetbot_trainer.cli", *container["command"][1:]]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    message = (tmp_path / "termination-log").read_text() if (tmp_path / "termination-log").exists() else ""
+    return finished, message
+
+
+def test_scrape_writes_the_dataset_and_reports_its_stats(world):
+    dev_env, s3, bucket, server, tmp_path = world
+    finished, message = run_job_container(world, bot(bucket, dev_env.s3_endpoint, server.url))
+    assert finished.returncode == 0, finished.stderr
+    result = StageResult.from_termination_message(message)
+    assert [s.handle for s in result.data] == ["purefulsoul", "turtlebreezee"]
+    pureful = result.data[0]
+    assert pureful.displayName == "Pureful | Soul <3"
+    assert pureful.downloaded == 300 and pureful.downloaded == pureful.retweets + pureful.short + pureful.kept
+    assert pureful.retweets == sum(1 for i in range(300) if i % 9 == 4)
+    assert result.artifacts["datasetUri"] == f"s3://{bucket}/tweetbot/bots/cyborg/run001/data/dataset.jsonl"
+
+    prefix = "tweetbot/bots/cyborg/run001/data/"
+    lines = [json.loads(line) for line in
+             s3.get_object(Bucket=bucket, Key=prefix + "dataset.jsonl")["Body"].read().decode().splitlines()]
+    assert len(lines) == pureful.kept + result.data[1].kept
+    assert lines[0]["handle"] == "purefulsoul" and lines[0]["id"] == "10000"
+    assert "&amp;" not in lines[0]["text"] and "& more" in lines[0]["text"] and "https://" not in json.dumps(lines)
+    stats = json.loads(s3.get_object(Bucket=bucket, Key=prefix + "stats.json")["Body"].read())
+    assert stats["network"] == "X" and stats["handles"][1]["handle"] == "turtlebreezee"
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=prefix + "manifest.json")["Body"].read())
+    for key, entry in manifest["files"].items():
+        assert hashlib.sha256(s3.get_object(Bucket=bucket, Key=key)["Body"].read()).hexdigest() == entry["sha256"]
+    # Neither the token nor any post's text reaches the logs.
+    logs = finished.stdout + finished.stderr
+    assert server.x_bearer_token not in logs and "quick brown" not in logs and "lazy dog" not in logs
+
+
+def test_balancing_oversamples_the_smaller_handle(world):
+    dev_env, s3, bucket, server, tmp_path = world
+    finished, _ = run_job_container(world, bot(bucket, dev_env.s3_endpoint, server.url,
+                                               data={"balanceHandles": True}))
+    assert finished.returncode == 0, finished.stderr
+    body = s3.get_object(Bucket=bucket, Key="tweetbot/bots/cyborg/run001/data/dataset.jsonl")["Body"].read().decode()
+    characters = {}
+    for line in body.splitlines():
+        post = json.loads(line)
+        characters[post["handle"]] = characters.get(post["handle"], 0) + len(post["text"])
+    assert characters["turtlebreezee"] >= characters["purefulsoul"] * 0.95
+
+
+@pytest.mark.parametrize("handles, token, exit_code, message", [
+    (["purefulsoul", "ghost"], None, 10, "UnknownHandle: @ghost does not exist on X"),
+    (["quiet"], None, 17, "NotEnoughText: only"),
+    (["purefulsoul"], "wrong-token", 12, "AuthenticationFailed: the X API refused the bearer token (401)"),
+])
+def test_failures_exit_with_their_own_code_and_reason(world, handles, token, exit_code, message):
+    dev_env, s3, bucket, server, tmp_path = world
+    finished, termination = run_job_container(world, bot(bucket, dev_env.s3_endpoint, server.url, handles=handles), token)
+    assert finished.returncode == exit_code, finished.stderr
+    result = StageResult.from_termination_message(termination)
+    assert not result.ok and result.error.startswith(message)
+    assert "wrong-token" not in termination + finished.stderr
+    assert "KeyCount" not in s3.list_objects_v2(Bucket=bucket, Prefix="tweetbot/") or \
+        s3.list_objects_v2(Bucket=bucket, Prefix="tweetbot/")["KeyCount"] == 0
+
+
+def test_an_unknown_contract_version_is_refused(world, tmp_path):
+    env = {**os.environ, "TWEETBOT_REQUEST": json.dumps({"version": 99, "stage": "scrape"}),
+           "TWEETBOT_TERMINATION_MESSAGE_PATH": str(tmp_path / "log")}
+    finished = subprocess.run([sys.executable, "-m", "tweetbot_trainer.cli", "scrape"], env=env, capture_output=True, text=True)
+    assert finished.returncode == 2
+    assert "contract version 99, this side speaks version 1" in StageResult.from_termination_message((tmp_path / "log").read_text()).error
+
+
+def test_by_hand_from_an_archive_in_s3(world):
+    dev_env, s3, bucket, server, tmp_path = world
+    for handle in ("purefulsoul", "turtlebreezee"):
+        s3.put_object(Bucket=bucket, Key=f"archives/{handle}/tweets.js",
+                      Body=tweets_js(server.accounts[handle].posts).encode())
+    env = {**os.environ, "AWS_ENDPOINT_URL": dev_env.s3_endpoint, "AWS_ACCESS_KEY_ID": dev_env.s3_access_key,
+           "AWS_SECRET_ACCESS_KEY": dev_env.s3_secret_key}
+    env.pop("TWEETBOT_REQUEST", None)
+    finished = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "tweetbot-trainer"), "scrape", "--source", "x-archive", "--archive", f"s3://{bucket}/archives/{{handle}}/tweets.js",
+         "--handles", "TurtleBreezee,@purefulsoul", "--out", f"s3://{bucket}/manual/"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    printed = json.loads(finished.stdout)
+    assert [row["handle"] for row in printed["data"]] == ["purefulsoul", "turtlebreezee"]
+    assert HandleStats(**printed["data"][0]).downloaded == 300
+    assert s3.head_object(Bucket=bucket, Key="manual/data/manifest.json")["ContentLength"] > 0

@@ -74,6 +74,13 @@ def run_operator(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bench(args: argparse.Namespace) -> int:
+    from tweetbot_dev import bench
+
+    bench.main(args.json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tweetbot_dev.devenv import default_home
 
@@ -87,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument("--log-format", choices=("json", "plain"), default="json",
                           help="json (one object a line, for log collectors) or plain")
     operator.set_defaults(handler=run_operator)
+
+    bench = commands.add_parser("bench", help="benchmarks, each against a baseline measured in the same run")
+    bench.add_argument("--json", help="also write the results to this file")
+    bench.set_defaults(handler=run_bench)
 
     dev = commands.add_parser("dev", help="the local control plane and S3 server for development")
     dev_commands = dev.add_subparsers(dest="dev_command", required=True)

@@ -73,6 +73,14 @@ def test_options_can_keep_retweets_and_drop_replies():
     assert (stats.retweets, stats.short, stats.kept) == (0, 1, 2)
 
 
+def test_dedupe_and_min_words():
+    posts = [Post("1", "same words again here", False), Post("2", "same  words again here https://t.co/x", False),
+             Post("3", "two words", False)]
+    stats = curate("a", posts, CleaningOptions(dedupe=True, min_words=2)).stats
+    assert (stats.short, stats.kept) == (1, 2)
+    assert CleaningOptions.from_spec({"dedupe": True, "minWords": 5}) == CleaningOptions(dedupe=True, min_words=5)
+
+
 def test_balancing_oversamples_smaller_handles_to_the_largest_size_reproducibly():
     big = curate("big", [Post(str(i), f"a long post with many words number {i}", False) for i in range(100)])
     small = curate("small", [Post(str(i), f"tiny post {i} here", False) for i in range(5)])

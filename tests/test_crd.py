@@ -105,8 +105,8 @@ def test_defaults_are_filled_by_the_api_server(kubectl, namespace):
     assert spec["handles"] == ["@PurefulSoul"]  # normalised by the operator, not rewritten by the schema
     assert spec["training"]["learningRate"] == pytest.approx(1.372e-4)
     assert spec["training"]["lrScheduler"] == "cosine" and spec["training"]["epochs"] == 4
-    assert spec["data"] == {"dropRetweets": True, "dropShortPosts": True, "keepReplies": True,
-                            "validationFraction": 0.1, "balanceHandles": False}
+    assert spec["data"] == {"dropRetweets": True, "dropShortPosts": True, "keepReplies": True, "dedupe": False,
+                            "minWords": 3, "validationFraction": 0.1, "balanceHandles": False}
     assert spec["source"]["maxPostsPerHandle"] == 3200
     assert spec["source"]["x"]["bearerTokenSecretRef"]["key"] == "token"
     assert spec["model"] == {"name": "gpt2", "revision": "main"}

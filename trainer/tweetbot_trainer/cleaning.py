@@ -27,6 +27,7 @@ class CleaningOptions:
     drop_retweets: bool = True
     drop_short: bool = True
     keep_replies: bool = True
+    dedupe: bool = False
     min_words: int = 3
 
     @classmethod
@@ -35,6 +36,8 @@ class CleaningOptions:
             drop_retweets=data.get("dropRetweets", True),
             drop_short=data.get("dropShortPosts", True),
             keep_replies=data.get("keepReplies", True),
+            dedupe=data.get("dedupe", False),
+            min_words=data.get("minWords", 3),
         )
 
 
@@ -70,16 +73,22 @@ class CuratedHandle:
 def curate(handle: str, posts: list[Post], options: CleaningOptions = CleaningOptions(), display_name: str = "") -> CuratedHandle:
     retweets = short = 0
     kept: list[tuple[str, str]] = []
+    seen: set[str] = set()
     for post in posts:
         if post.is_repost and options.drop_retweets:
             retweets += 1
             continue
         cleaned = clean_text(post.text)
-        if (options.drop_short and is_short(cleaned, options.min_words)) or not cleaned or (
-            not options.keep_replies and is_reply(cleaned)
+        # Posts the optional rules drop (replies, repeats) count as short, so the card's identity holds.
+        if (
+            not cleaned
+            or (options.drop_short and is_short(cleaned, options.min_words))
+            or (not options.keep_replies and is_reply(cleaned))
+            or (options.dedupe and cleaned in seen)
         ):
             short += 1
             continue
+        seen.add(cleaned)
         kept.append((post.id, cleaned))
     stats = HandleStats(handle, len(posts), retweets, short, len(kept), display_name)
     return CuratedHandle(stats, kept)

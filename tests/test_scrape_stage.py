@@ -42,7 +42,7 @@ def world(dev_env, tmp_path):
     bucket = f"scrape-{os.getpid()}-{tmp_path.name[-8:]}".lower().replace("_", "-")
     s3.create_bucket(Bucket=bucket)
     accounts = {"purefulsoul": FakeAccount("purefulsoul", "Pureful | Soul <3", fake_timeline(300, 3)),
-                "turtlebreezee": FakeAccount("turtlebreezee", "Turtle", fake_timeline(80, 5)),
+                "turtlebreezee": FakeAccount("turtlebreezee", "Turtle", fake_timeline(120, 5)),
                 "quiet": FakeAccount("quiet", "Quiet", fake_timeline(3, 1))}
     with FakeSocialServer(accounts) as server:
         yield dev_env, s3, bucket, server, tmp_path
@@ -115,7 +115,7 @@ def test_balancing_oversamples_the_smaller_handle(world):
 
 @pytest.mark.parametrize("handles, token, exit_code, message", [
     (["purefulsoul", "ghost"], None, 10, "UnknownHandle: @ghost does not exist on X"),
-    (["quiet"], None, 17, "NotEnoughText: only"),
+    (["purefulsoul", "quiet"], None, 17, "NotEnoughText: quiet has only"),
     (["purefulsoul"], "wrong-token", 12, "AuthenticationFailed: the X API refused the bearer token (401)"),
 ])
 def test_failures_exit_with_their_own_code_and_reason(world, handles, token, exit_code, message):

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from .contract import HandleStats
 from .sources import Post
 
+# Per handle, on its kept posts joined with <|endoftext|>, as huggingtweets checked.
 MIN_CHARACTERS = 6_000  # below this the stage fails: too little text to fine-tune on
 WARN_CHARACTERS = 40_000  # below this the stage warns: the bot will mostly parrot
+SEPARATOR = "<|endoftext|>"
 
 _URL = re.compile(r"https?:\S+")
 _BORING_MARKERS = ("http", "@", "#")
@@ -69,6 +71,10 @@ class CuratedHandle:
     def characters(self) -> int:
         return sum(len(text) for _, text in self.kept)
 
+    @property
+    def joined_length(self) -> int:
+        return self.characters + len(SEPARATOR) * max(0, len(self.kept) - 1)
+
 
 def curate(handle: str, posts: list[Post], options: CleaningOptions = CleaningOptions(), display_name: str = "") -> CuratedHandle:
     retweets = short = 0
@@ -95,16 +101,20 @@ def curate(handle: str, posts: list[Post], options: CleaningOptions = CleaningOp
 
 
 def balance(curated: dict[str, CuratedHandle], seed: int) -> dict[str, list[tuple[str, str]]]:
-    """Oversample smaller handles' posts until each has about the largest handle's character count."""
+    """huggingtweets' oversampling: shuffle each handle's posts, then cycle through them again until the
+    handle has at least the largest handle's character count (separators not counted)."""
     target = max(handle.characters for handle in curated.values())
     rng = random.Random(seed)
     balanced = {}
     for name, handle in curated.items():
         posts = list(handle.kept)
-        characters = handle.characters
-        while handle.kept and characters < target:
-            extra = rng.choice(handle.kept)
-            posts.append(extra)
-            characters += len(extra[1])
+        rng.shuffle(posts)
+        characters, original = handle.characters, list(posts)
+        while original and characters < target:
+            for post in original:
+                posts.append(post)
+                characters += len(post[1])
+                if characters >= target:
+                    break
         balanced[name] = posts
     return balanced

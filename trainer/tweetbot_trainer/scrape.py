@@ -30,15 +30,16 @@ def run_scrape(request: StageRequest, storage: Storage, environ: dict[str, str] 
         curated[handle] = curate(handle, timeline.posts, options, timeline.display_name)
         log.info("%s: %s", handle, curated[handle].stats)
 
-    characters = sum(handle.characters for handle in curated.values())
-    if characters < MIN_CHARACTERS:
-        raise NotEnoughText(
-            f"only {characters} characters of text are left after cleaning ({', '.join(f'{h}: {c.stats.kept} posts' for h, c in curated.items())}); "
-            f"at least {MIN_CHARACTERS} are needed to fine-tune"
-        )
-    if characters < WARN_CHARACTERS:
-        log.warning("only %d characters of text: under %d the bot will mostly repeat its training posts",
-                    characters, WARN_CHARACTERS)
+    for handle, c in curated.items():
+        if c.joined_length < MIN_CHARACTERS:
+            raise NotEnoughText(
+                f"{handle} has only {c.joined_length} characters of text after cleaning ({c.stats.kept} of "
+                f"{c.stats.downloaded} posts kept); at least {MIN_CHARACTERS} are needed to fine-tune"
+            )
+        if c.joined_length < WARN_CHARACTERS:
+            log.warning("%s has only %d characters of text: under %d the bot will mostly repeat its posts",
+                        handle, c.joined_length, WARN_CHARACTERS)
+    characters = sum(c.characters for c in curated.values())
 
     seed = int(request.training.get("seed", 42))
     balanced = bool(request.data.get("balanceHandles")) and len(curated) > 1

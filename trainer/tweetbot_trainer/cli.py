@@ -55,7 +55,24 @@ def run_stage(request: StageRequest) -> StageResult:
         from .scrape import run_scrape
 
         return run_scrape(request, storage)
+    if request.stage == "train":
+        from .train import run_train
+
+        single_process_group()
+        return run_train(request, storage)
     raise ContractMismatch(f"this trainer cannot run the {request.stage} stage yet")
+
+
+def single_process_group() -> None:
+    """DeepSpeed wants a process group even for one process; torchrun sets these for several."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 def write_termination_message(result: StageResult) -> None:
@@ -70,7 +87,7 @@ def write_termination_message(result: StageResult) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tweetbot-trainer", description=__doc__)
-    parser.add_argument("stage", choices=("scrape",))
+    parser.add_argument("stage", choices=("scrape", "train"))
     parser.add_argument("--source", choices=sorted(SOURCES), help="by hand: where the posts come from")
     parser.add_argument("--handles", default="", help="by hand: comma-separated handles")
     parser.add_argument("--archive", help="by hand: s3:// or https:// URI of tweets.js ({handle} is replaced) or of a posts file")

@@ -25,6 +25,8 @@ RUN_LABEL = f"{GROUP}/run"
 STAGE_LABEL = f"{GROUP}/stage"
 
 REQUEST_ENV = "TWEETBOT_REQUEST"
+# Where the train pod finds a user's complete DeepSpeed config (spec.training.deepspeed.configMapRef).
+DEEPSPEED_CONFIG_PATH = "/etc/tweetbot/deepspeed/ds_config.json"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 TERMINATION_MESSAGE_LIMIT = 4096  # bytes the kubelet keeps of a container's termination message
 

@@ -49,3 +49,19 @@ class MalformedInput(StageError):
 
 class NotEnoughText(StageError):
     exit_code, reason = 17, "NotEnoughText"
+
+
+class MissingInput(StageError):
+    exit_code, reason = 18, "MissingInput"
+
+
+class DatasetTooSmall(StageError):
+    exit_code, reason = 19, "DatasetTooSmall"
+
+
+class BaseModelUnavailable(StageError):
+    exit_code, reason = 20, "BaseModelUnavailable"
+
+
+class OutOfMemory(StageError):
+    exit_code, reason = 21, "OutOfMemory"

@@ -1,0 +1,137 @@
+"""`tweetbot-trainer train` with DeepSpeed on CPU: a tiny GPT-2 from the real S3 server, trained, checkpointed,
+resumed, saved and reloaded with pipeline()."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+
+from tweetbot_dev.polling import wait_for
+from tweetbot_dev.tiny_model import build_tiny_gpt2
+from tweetbot_trainer.contract import S3Layout, StageRequest, StageResult
+
+pytestmark = pytest.mark.s3
+
+WORDS = ("my dream is to sail across the quiet sea with a small boat and a cat who likes fish "
+         "every morning the sun rises over the water and the birds sing their songs").split()
+
+
+def posts(count: int) -> list[str]:
+    return [" ".join(WORDS[(i * 5 + k) % len(WORDS)] for k in range(8 + i % 9)) for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def world(dev_env, tmp_path_factory):
+    s3 = boto3.client("s3", endpoint_url=dev_env.s3_endpoint, aws_access_key_id=dev_env.s3_access_key,
+                      aws_secret_access_key=dev_env.s3_secret_key, region_name="us-east-1")
+    bucket = f"train-{os.getpid()}"
+    s3.create_bucket(Bucket=bucket)
+    model_dir = build_tiny_gpt2(tmp_path_factory.mktemp("tiny"), posts(400))
+    for path in model_dir.iterdir():
+        s3.upload_file(str(path), bucket, f"base/tiny-gpt2/{path.name}")
+    return dev_env, s3, bucket
+
+
+def request_for(bucket, endpoint, run_id, **training) -> StageRequest:
+    return StageRequest(
+        stage="train", run_id=run_id, namespace="bots", bot="dreamer", handles=["dreamer"],
+        s3=S3Layout(bucket=bucket, prefix="tweetbot", namespace="bots", bot="dreamer", run_id=run_id, endpoint=endpoint),
+        model={"name": f"s3://{bucket}/base/tiny-gpt2/", "revision": "main"},
+        data={"validationFraction": 0.1},
+        training={"epochs": 3, "learningRate": 3e-3, "batchSize": 8, "blockSize": 64, "seed": 1,
+                  "deepspeed": {"zeroStage": 2}, **training},
+    )
+
+
+def put_dataset(s3, bucket, layout: S3Layout, count: int):
+    body = "".join(json.dumps({"handle": "dreamer", "id": str(i), "text": text}) + "\n" for i, text in enumerate(posts(count)))
+    s3.put_object(Bucket=bucket, Key=layout.dataset, Body=body.encode())
+    s3.put_object(Bucket=bucket, Key=layout.key("data", "manifest.json"), Body=b"{}")
+
+
+def start_train(dev_env, request: StageRequest, tmp_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "TWEETBOT_REQUEST": request.to_json(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2",
+           "AWS_ACCESS_KEY_ID": dev_env.s3_access_key, "AWS_SECRET_ACCESS_KEY": dev_env.s3_secret_key,
+           "TWEETBOT_TERMINATION_MESSAGE_PATH": str(tmp_path / "termination-log")}
+    return subprocess.Popen([sys.executable, "-m", "tweetbot_trainer.cli", "train"], env=env,
+                            stdout=open(tmp_path / "train.log", "wb"), stderr=subprocess.STDOUT)
+
+
+def test_train_with_zero2_saves_a_model_that_generates(world, tmp_path):
+    dev_env, s3, bucket = world
+    request = request_for(bucket, dev_env.s3_endpoint, "run-a")
+    put_dataset(s3, bucket, request.s3, 300)
+    process = start_train(dev_env, request, tmp_path)
+    assert process.wait(timeout=600) == 0, (tmp_path / "train.log").read_text()[-5000:]
+    result = StageResult.from_termination_message((tmp_path / "termination-log").read_text())
+    assert result.ok and result.metrics["steps"] > 0
+    assert result.metrics["evalLoss"] < 4.5  # the random init scores about ln(357 tokens) = 5.9
+    assert result.artifacts["modelUri"] == f"s3://{bucket}/tweetbot/bots/dreamer/run-a/final/"
+
+    final = tmp_path / "final"
+    prefix = request.s3.final_model
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=prefix + "manifest.json")["Body"].read())
+    assert "model.safetensors" in manifest["files"] and "generation_config.json" in manifest["files"]
+    for name in manifest["files"]:
+        final.joinpath(name).parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file(bucket, prefix + name, str(final / name))
+    generation = json.loads((final / "generation_config.json").read_text())
+    assert generation["prefix"] == "<|endoftext|>" and generation["top_p"] == 0.95 and generation["max_length"] == 160
+
+    from transformers import pipeline
+
+    generator = pipeline("text-generation", model=str(final), device="cpu")
+    text = generator("My dream is", max_new_tokens=60)[0]["generated_text"]
+    assert text.startswith("My dream is") and len(text) > len("My dream is")
+    assert len(json.loads((final / "samples.json").read_text())) == 3
+
+
+def checkpoint_steps(s3, bucket, layout: S3Layout) -> list[int]:
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix=layout.checkpoints).get("Contents", [])
+    return sorted(int(item["Key"].split("/checkpoint-")[1].split("/")[0]) for item in listed if item["Key"].endswith("/manifest.json"))
+
+
+def test_a_killed_training_resumes_from_its_last_checkpoint(world, tmp_path):
+    dev_env, s3, bucket = world
+    request = request_for(bucket, dev_env.s3_endpoint, "run-b", epochs=40, learningRate=1e-3,
+                          checkpoint={"everySteps": 20, "everyMinutes": 60, "keep": 2})
+    put_dataset(s3, bucket, request.s3, 300)
+    first = tmp_path / "first"
+    first.mkdir()
+    process = start_train(dev_env, request, first)
+    try:
+        wait_for(lambda: any(step >= 40 for step in checkpoint_steps(s3, bucket, request.s3)) or process.poll() is not None,
+                 timeout=300, interval=0.2, what="a checkpoint in S3")
+    finally:
+        process.send_signal(signal.SIGKILL)  # a spot GPU disappearing: no chance to clean up
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    resumed_from = max(checkpoint_steps(s3, bucket, request.s3))
+    files = [item["Key"] for item in s3.list_objects_v2(Bucket=bucket, Prefix=f"{request.s3.checkpoints}checkpoint-{resumed_from}/")["Contents"]]
+    assert any("optim_states" in key for key in files), "the checkpoint holds DeepSpeed's ZeRO optimizer state"
+
+    second = tmp_path / "second"
+    second.mkdir()
+    process = start_train(dev_env, request, second)
+    assert process.wait(timeout=600) == 0, (second / "train.log").read_text()[-5000:]
+    log = (second / "train.log").read_text()
+    assert f"resuming from checkpoint {resumed_from}" in log
+    result = StageResult.from_termination_message((second / "termination-log").read_text())
+    total_steps = 40 * -(-54 // 8)  # epochs x steps per epoch (54 blocks, batch 8)
+    assert result.metrics["steps"] == total_steps
+    # The scheduler came back too: the first learning rate logged after the restart is already decayed.
+    first_lr = float(log.split("'learning_rate': '")[1].split("'")[0])
+    cosine_at_resume = 0.5e-3 * (1 + math.cos(math.pi * resumed_from / total_steps))
+    assert first_lr <= cosine_at_resume + 1e-7 < 1e-3 * 0.99
+    # The optimizer and model came back: the first loss after the restart is far below the untrained ~5.9.
+    assert float(log.split("{'loss': '")[1].split("'")[0]) < 4.0
+    assert len(checkpoint_steps(s3, bucket, request.s3)) <= 2  # keep: 2

@@ -1,0 +1,354 @@
+"""The train stage: the scrape stage's dataset -> a fine-tuned causal LM in S3, with transformers + DeepSpeed.
+
+Read top to bottom like transformers' run_clm.py: arguments, data, model, training, saving. Checkpoints go
+to S3 in the background and a restarted pod resumes from the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from .contract import DEEPSPEED_CONFIG_PATH, Progress, S3Layout, StageRequest, StageResult
+from .errors import BaseModelUnavailable, DatasetTooSmall, MissingInput, OutOfMemory, StageError
+from .storage import Storage
+
+log = logging.getLogger("tweetbot.train")
+EOS = "<|endoftext|>"
+SAMPLE_PROMPT = "My dream is"
+# huggingtweets' generation settings, saved with the model so pipeline() uses them.
+GENERATION_DEFAULTS = {"do_sample": True, "top_p": 0.95, "temperature": 1.0, "min_length": 10, "max_length": 160}
+
+
+@dataclass
+class TrainArguments:
+    model_name: str = "gpt2"
+    revision: str = "main"
+    epochs: int = 4
+    learning_rate: float = 1.372e-4
+    lr_scheduler: str = "cosine"
+    batch_size: int = 4
+    block_size: int = 512
+    seed: int = 42
+    precision: str = "auto"
+    zero_stage: int = 2
+    offload: str = "none"
+    validation_fraction: float = 0.1
+    checkpoint_every_minutes: float = 10.0
+    checkpoint_every_steps: int = 0  # 0: by time only
+    keep_checkpoints: int = 2
+    gpus: int = 0
+
+    @classmethod
+    def from_request(cls, request: StageRequest) -> TrainArguments:
+        training, deepspeed = request.training, request.training.get("deepspeed") or {}
+        checkpoint = training.get("checkpoint") or {}
+        return cls(
+            model_name=request.model.get("name", "gpt2"), revision=request.model.get("revision", "main"),
+            epochs=training.get("epochs", 4), learning_rate=training.get("learningRate", 1.372e-4),
+            lr_scheduler=training.get("lrScheduler", "cosine"), batch_size=training.get("batchSize", 4),
+            block_size=training.get("blockSize", 512), seed=training.get("seed", 42),
+            precision=training.get("precision", "auto"), zero_stage=deepspeed.get("zeroStage", 2),
+            offload=deepspeed.get("offload", "none"),
+            validation_fraction=request.data.get("validationFraction", 0.1),
+            checkpoint_every_minutes=checkpoint.get("everyMinutes", 10), keep_checkpoints=checkpoint.get("keep", 2),
+            checkpoint_every_steps=checkpoint.get("everySteps", 0), gpus=request.gpus,
+        )
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+
+def load_posts(storage: Storage, layout: S3Layout) -> list[str]:
+    try:
+        storage.read(f"s3://{layout.bucket}/{layout.key('data', 'manifest.json')}")
+        body = storage.read(f"s3://{layout.bucket}/{layout.dataset}")
+    except FileNotFoundError:
+        raise MissingInput(f"no complete dataset at s3://{layout.bucket}/{layout.key('data')}/: run the scrape stage first") from None
+    return [json.loads(line)["text"] for line in body.decode().splitlines() if line.strip()]
+
+
+def split_posts(posts: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    import random
+
+    shuffled = list(posts)
+    random.Random(seed).shuffle(shuffled)
+    held_out = int(len(shuffled) * fraction) if len(shuffled) > 1 else 0
+    return shuffled[held_out:], shuffled[:held_out]
+
+
+def pack(token_ids: list[int], block_size: int) -> list[list[int]]:
+    """Contiguous blocks of `block_size` tokens; the remainder shorter than a block is dropped."""
+    return [token_ids[i:i + block_size] for i in range(0, len(token_ids) - block_size + 1, block_size)]
+
+
+def tokenize_posts(tokenizer, posts: list[str]) -> list[int]:
+    """huggingtweets' format: <|endoftext|> before, between and after posts, so the model learns to stop."""
+    return tokenizer(EOS + EOS.join(posts) + EOS)["input_ids"] if posts else []
+
+
+class BlockDataset:
+    """labels = input_ids, every EOS included: a collator that pads with EOS would mask them all out."""
+
+    def __init__(self, blocks: list[list[int]]):
+        self.blocks = blocks
+
+    def __len__(self):
+        return len(self.blocks)
+
+    def __getitem__(self, index):
+        import torch
+
+        ids = torch.tensor(self.blocks[index], dtype=torch.long)
+        return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+
+
+# --- model --------------------------------------------------------------------------------------------
+
+
+def resolve_model(storage: Storage, name: str, cache: Path) -> str:
+    """A Hub id or local path as it is; an s3:// prefix downloaded first. One from_pretrained path after."""
+    if not name.startswith("s3://"):
+        return name
+    bucket, _, prefix = name[len("s3://"):].partition("/")
+    target = cache / "base-model"
+    count = storage.download_prefix(bucket, prefix.rstrip("/") + "/", target)
+    if not count:
+        raise BaseModelUnavailable(f"no model files under {name}")
+    return str(target)
+
+
+def load_model_and_tokenizer(source: str, revision: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(source, revision=revision)
+    except (OSError, ValueError) as error:
+        raise BaseModelUnavailable(f"cannot load the base model {source!r} (revision {revision}): {str(error).splitlines()[0]}") from None
+    return model, tokenizer
+
+
+def deepspeed_config(args: TrainArguments) -> dict:
+    """ZeRO from the CRD, or the user's complete config from the mounted ConfigMap."""
+    if Path(DEEPSPEED_CONFIG_PATH).is_file():
+        return json.loads(Path(DEEPSPEED_CONFIG_PATH).read_text())
+    zero: dict = {"stage": args.zero_stage, "overlap_comm": True, "contiguous_gradients": True}
+    if args.offload == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if args.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if args.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # so save_model writes model.safetensors
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "zero_optimization": zero,
+        # transformers' own AdamW: no DeepSpeed op to compile, the same optimizer on CPU and GPU.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+    }
+
+
+def precision_flags(precision: str) -> dict:
+    import torch
+
+    if precision == "auto":
+        if not torch.cuda.is_available():
+            precision = "fp32"
+        else:
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+# --- checkpoints and progress in S3 ---------------------------------------------------------------------
+
+
+def newest_complete_checkpoint(storage: Storage, layout: S3Layout) -> tuple[int, dict] | None:
+    manifests = storage.list_keys(layout.bucket, layout.checkpoints, suffix="/manifest.json")
+    steps = sorted((int(key.rstrip("/").split("/")[-2].split("-")[-1]), key) for key in manifests)
+    if not steps:
+        return None
+    step, key = steps[-1]
+    return step, json.loads(storage.read(f"s3://{layout.bucket}/{key}"))
+
+
+def make_callbacks(args: TrainArguments, storage: Storage, layout: S3Layout, tokens_per_step: int):
+    from transformers import TrainerCallback
+
+    class TimedCheckpoints(TrainerCallback):
+        """Save at least every `checkpoint_every_minutes`, whatever the step count."""
+
+        def __init__(self):
+            self.last = time.monotonic()
+
+        def on_step_end(self, training_args, state, control, **kwargs):
+            every_steps = args.checkpoint_every_steps and state.global_step % args.checkpoint_every_steps == 0
+            if every_steps or time.monotonic() - self.last >= args.checkpoint_every_minutes * 60:
+                control.should_save = True
+            return control
+
+        def on_save(self, training_args, state, control, **kwargs):
+            self.last = time.monotonic()
+
+    class S3Checkpoints(TrainerCallback):
+        """Upload each saved checkpoint in the background, manifest last; keep the newest K complete ones."""
+
+        def __init__(self):
+            self.pool = ThreadPoolExecutor(max_workers=1)
+            self.pending = []
+
+        def on_save(self, training_args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                local = Path(training_args.output_dir) / f"checkpoint-{state.global_step}"
+                self.pending.append(self.pool.submit(self._upload, local, state.global_step))
+
+        def _upload(self, local: Path, step: int):
+            prefix = f"{layout.checkpoints}checkpoint-{step}/"
+            storage.upload_directory(local, layout.bucket, prefix, manifest_key=prefix + "manifest.json")
+            complete = storage.list_keys(layout.bucket, layout.checkpoints, suffix="/manifest.json")
+            for old in sorted(complete, key=lambda k: int(k.rstrip("/").split("/")[-2].split("-")[-1]))[:-args.keep_checkpoints]:
+                storage.delete_prefix(layout.bucket, old.rsplit("/", 1)[0] + "/")
+            log.info("checkpoint %d uploaded to s3://%s/%s", step, layout.bucket, prefix)
+
+        def wait(self):
+            for future in self.pending:
+                future.result()  # an upload that failed after its retries fails the stage here
+
+        def on_train_end(self, training_args, state, control, **kwargs):
+            self.wait()
+
+    class ProgressReports(TrainerCallback):
+        def __init__(self):
+            self.started = time.monotonic()
+            self.first_step = None
+
+        def on_log(self, training_args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not state.max_steps:
+                return
+            if self.first_step is None:
+                self.first_step, self.started = state.global_step, time.monotonic()
+                return
+            elapsed = max(time.monotonic() - self.started, 1e-6)
+            steps_done = state.global_step - self.first_step
+            rate = steps_done / elapsed
+            progress = Progress(
+                step=state.global_step, total_steps=state.max_steps, loss=(logs or {}).get("loss"),
+                tokens_per_second=round(rate * tokens_per_step, 1),
+                eta_seconds=int((state.max_steps - state.global_step) / rate) if rate > 0 else None,
+            )
+            try:
+                storage.put(layout.bucket, layout.progress, progress.to_json().encode())
+            except Exception as error:  # progress is best effort: never stop training for it
+                log.warning("progress report not written: %s", type(error).__name__)
+
+    return [TimedCheckpoints(), S3Checkpoints(), ProgressReports()]
+
+
+# --- the stage ----------------------------------------------------------------------------------------
+
+
+def run_train(request: StageRequest, storage: Storage, workdir: Path | None = None) -> StageResult:
+    import torch
+    from transformers import GenerationConfig, Trainer, TrainingArguments, set_seed
+
+    args = TrainArguments.from_request(request)
+    layout = request.s3
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="tweetbot-train-"))
+    started = time.monotonic()
+    set_seed(args.seed)
+
+    posts = load_posts(storage, layout)
+    model, tokenizer = load_model_and_tokenizer(resolve_model(storage, args.model_name, workdir), args.revision)
+    block_size = min(args.block_size, getattr(model.config, "n_positions", None) or args.block_size)
+    train_posts, eval_posts = split_posts(posts, args.validation_fraction, args.seed)
+    train_blocks = pack(tokenize_posts(tokenizer, train_posts), block_size)
+    eval_blocks = pack(tokenize_posts(tokenizer, eval_posts), block_size)
+    if not train_blocks:
+        raise DatasetTooSmall(f"the dataset's {len(train_posts)} training posts make less than one block of {block_size} tokens: "
+                              "collect more posts or lower spec.training.blockSize")
+    log.info("%d train blocks, %d eval blocks of %d tokens", len(train_blocks), len(eval_blocks), block_size)
+
+    output_dir = workdir / "checkpoints"
+    resume_from = None
+    newest = newest_complete_checkpoint(storage, layout)
+    if newest is not None:
+        step, manifest = newest
+        resume_from = output_dir / f"checkpoint-{step}"
+        storage.download_files(layout.bucket, manifest["files"], f"{layout.checkpoints}checkpoint-{step}/", resume_from)
+        log.info("resuming from checkpoint %d", step)
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    tokens_per_step = args.batch_size * block_size * world_size
+    training_args = TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type=args.lr_scheduler,
+        warmup_steps=0,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        seed=args.seed,
+        eval_strategy="epoch" if eval_blocks else "no",
+        logging_steps=max(1, math.ceil(len(train_blocks) / args.batch_size / world_size / 10)),
+        save_strategy="no",  # saves come from TimedCheckpoints, and one at the end
+        report_to=[],
+        deepspeed=deepspeed_config(args),
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **precision_flags(args.precision),
+    )
+    callbacks = make_callbacks(args, storage, layout, tokens_per_step)
+    trainer = Trainer(model=model, args=training_args, train_dataset=BlockDataset(train_blocks),
+                      eval_dataset=BlockDataset(eval_blocks) if eval_blocks else None, callbacks=callbacks)
+    try:
+        train_result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except torch.cuda.OutOfMemoryError:
+        raise OutOfMemory(
+            f"the GPU ran out of memory with batch size {args.batch_size} and block size {block_size}: use ZeRO stage 3, "
+            "offload: cpu, or a smaller spec.training.batchSize / blockSize"
+        ) from None
+    callbacks[1].wait()
+    metrics = {"trainLoss": round(train_result.training_loss, 4), "steps": trainer.state.global_step}
+    if eval_blocks:
+        eval_loss = trainer.evaluate()["eval_loss"]
+        metrics.update(evalLoss=round(eval_loss, 4), perplexity=round(math.exp(min(eval_loss, 50)), 2))
+
+    final_dir = workdir / "final"
+    trainer.save_model(str(final_dir))
+    if trainer.is_world_process_zero():
+        if not (final_dir / "model.safetensors").is_file():
+            raise StageError("training finished but model.safetensors was not written")
+        tokenizer.save_pretrained(final_dir)
+        GenerationConfig(prefix=EOS, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.eos_token_id, **GENERATION_DEFAULTS).save_pretrained(final_dir)
+        (final_dir / "samples.json").write_text(json.dumps(sample_generations(final_dir, args.seed), ensure_ascii=False))
+        storage.upload_directory(final_dir, layout.bucket, layout.final_model, manifest_key=layout.final_model + "manifest.json")
+    duration = time.monotonic() - started
+    metrics.update(tokens=len(train_blocks) * block_size * args.epochs, durationSeconds=round(duration, 1),
+                   gpuSeconds=round(duration * args.gpus, 1))
+    shutil.rmtree(workdir, ignore_errors=True)
+    return StageResult(stage="train", run_id=request.run_id, metrics=metrics,
+                       artifacts={"modelUri": layout.uri("final") + "/"})
+
+
+def sample_generations(model_dir: Path, seed: int, count: int = 3) -> list[str]:
+    """A few texts from "My dream is" with the saved generation settings, for the model card."""
+    from transformers import pipeline, set_seed
+
+    set_seed(seed)
+    generator = pipeline("text-generation", model=str(model_dir), device="cpu")
+    outputs = generator(SAMPLE_PROMPT, num_return_sequences=count, max_new_tokens=40)
+    return [output["generated_text"] for output in outputs]

@@ -143,6 +143,22 @@ def test_only_the_train_job_asks_for_gpus_and_tolerates_gpu_nodes():
         assert manifest["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "team-a"
 
 
+def test_the_train_pod_runs_one_process_per_gpu_and_mounts_a_deepspeed_config():
+    bot = make_bot(resources={"gpus": 4, "cpu": "16", "memory": "64Gi"},
+                   training={"deepspeed": {"configMapRef": {"name": "ds", "key": "zero3.json"}}})
+    pod = desired_job(bot, run_id_for(bot), "train", SETTINGS)["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"][:3] == ["torchrun", "--standalone", "--nproc_per_node=4"]
+    assert {"name": "OMP_NUM_THREADS", "value": "4"} in container["env"]
+    assert {"name": "deepspeed-config", "mountPath": "/etc/tweetbot/deepspeed", "readOnly": True} in container["volumeMounts"]
+    assert {"name": "deepspeed-config", "configMap": {"name": "ds", "items": [{"key": "zero3.json", "path": "ds_config.json"}]}} in pod["volumes"]
+    cpu_bot = make_bot(resources={"gpus": 0, "cpu": "2500m"})
+    container = desired_job(cpu_bot, run_id_for(cpu_bot), "train", SETTINGS)["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["tweetbot-trainer", "train"]
+    assert {"name": "DS_ACCELERATOR", "value": "cpu"} in container["env"]
+    assert {"name": "OMP_NUM_THREADS", "value": "2"} in container["env"]
+
+
 def test_each_stage_gets_only_its_secrets_and_the_request_holds_none():
     bot = make_bot()
     run = run_id_for(bot)

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 
 from tweetbot_trainer.contract import (
     BOT_LABEL,
+    DEEPSPEED_CONFIG_PATH,
     HUB_TOKEN_ENV,
     MASTODON_TOKEN_ENV,
     MAX_HANDLES,
@@ -164,11 +165,25 @@ def desired_job(bot: dict, run_id: str, stage: str, settings: Settings) -> dict:
     mounts = [{"name": "tmp", "mountPath": "/tmp"}]
     pod_spec: dict = {"restartPolicy": "Never", "automountServiceAccountToken": False}
 
+    command = ["tweetbot-trainer", stage]
     if stage == "train":
         gpus = resources_spec.get("gpus", 1)
         memory = resources_spec.get("memory", "16Gi")
+        cpu = resources_spec.get("cpu", "4")
+        # One process per GPU; torch's default of one thread per core per process oversubscribes the CPUs.
+        threads = max(1, int(float(cpu.rstrip("m")) / (1000 if cpu.endswith("m") else 1)) // max(gpus, 1))
+        env.append({"name": "OMP_NUM_THREADS", "value": str(threads)})
+        if gpus > 1:
+            command = ["torchrun", "--standalone", f"--nproc_per_node={gpus}", "-m", "tweetbot_trainer.cli", "train"]
+        if gpus == 0:
+            env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
+        config_map = spec.get("training", {}).get("deepspeed", {}).get("configMapRef")
+        if config_map:
+            volumes.append({"name": "deepspeed-config", "configMap": {
+                "name": config_map["name"], "items": [{"key": config_map.get("key", "ds_config.json"), "path": "ds_config.json"}]}})
+            mounts.append({"name": "deepspeed-config", "mountPath": DEEPSPEED_CONFIG_PATH.rsplit("/", 1)[0], "readOnly": True})
         resources = {
-            "requests": {"cpu": resources_spec.get("cpu", "4"), "memory": memory},
+            "requests": {"cpu": cpu, "memory": memory},
             "limits": {"memory": memory},
         }
         tolerations = list(resources_spec.get("tolerations", []))
@@ -203,7 +218,7 @@ def desired_job(bot: dict, run_id: str, stage: str, settings: Settings) -> dict:
                 "name": stage,
                 "image": settings.trainer_image,
                 "imagePullPolicy": settings.image_pull_policy,
-                "command": ["tweetbot-trainer", stage],
+                "command": command,
                 "env": env,
                 "resources": resources,
                 "volumeMounts": mounts,

@@ -135,3 +135,33 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(world, tmp_path):
     # The optimizer and model came back: the first loss after the restart is far below the untrained ~5.9.
     assert float(log.split("{'loss': '")[1].split("'")[0]) < 4.0
     assert len(checkpoint_steps(s3, bucket, request.s3)) <= 2  # keep: 2
+
+
+def test_zero3_still_writes_a_loadable_safetensors_model(world, tmp_path):
+    dev_env, s3, bucket = world
+    request = request_for(bucket, dev_env.s3_endpoint, "run-c", epochs=1, deepspeed={"zeroStage": 3})
+    put_dataset(s3, bucket, request.s3, 120)
+    process = start_train(dev_env, request, tmp_path)
+    assert process.wait(timeout=600) == 0, (tmp_path / "train.log").read_text()[-5000:]
+    head = s3.head_object(Bucket=bucket, Key=request.s3.final_model + "model.safetensors")
+    assert head["ContentLength"] > 100_000  # the gathered 16-bit weights, not an empty ZeRO-3 shell
+
+
+def test_a_dataset_too_small_for_one_block_fails_clearly(world, tmp_path):
+    dev_env, s3, bucket = world
+    request = request_for(bucket, dev_env.s3_endpoint, "run-d", blockSize=128)
+    put_dataset(s3, bucket, request.s3, 3)
+    process = start_train(dev_env, request, tmp_path)
+    assert process.wait(timeout=300) == 19
+    result = StageResult.from_termination_message((tmp_path / "termination-log").read_text())
+    assert result.error.startswith("DatasetTooSmall: the dataset's 3 training posts make less than one block of 128 tokens")
+
+
+def test_packing_and_the_validation_split():
+    from tweetbot_trainer.train import pack, split_posts
+
+    assert pack(list(range(10)), 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert pack(list(range(3)), 4) == []
+    train, held_out = split_posts([str(i) for i in range(100)], 0.1, seed=3)
+    assert len(held_out) == 10 and not set(train) & set(held_out)
+    assert split_posts([str(i) for i in range(100)], 0.1, seed=3) == (train, held_out)

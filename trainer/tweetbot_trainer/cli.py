@@ -119,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         if in_job:
             write_termination_message(StageResult(stage=args.stage, run_id="", ok=False, error=f"{error.reason}: {error.message}"))
         return error.exit_code
+    except Exception as error:  # a bug or an S3 failure beyond its retries: still tell the operator why
+        log.exception("the %s stage failed", args.stage)
+        if in_job:
+            detail = f"{type(error).__name__}: {error}"
+            write_termination_message(StageResult(stage=args.stage, run_id="", ok=False, error=detail[:1000]))
+        return 1
     if in_job:
         write_termination_message(result)
     print(json.dumps({"stage": result.stage, "data": [vars(s) for s in result.data],

@@ -347,7 +347,9 @@ def run_train(request: StageRequest, storage: Storage, workdir: Path | None = No
 def sample_generations(model_dir: Path, seed: int, count: int = 3) -> list[str]:
     """A few texts from "My dream is" with the saved generation settings, for the model card."""
     from transformers import pipeline, set_seed
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+    unset_hf_deepspeed_config()  # else, after ZeRO-3, from_pretrained would load the weights partitioned
     set_seed(seed)
     generator = pipeline("text-generation", model=str(model_dir), device="cpu")
     outputs = generator(SAMPLE_PROMPT, num_return_sequences=count, max_new_tokens=40)

@@ -165,3 +165,14 @@ def test_packing_and_the_validation_split():
     train, held_out = split_posts([str(i) for i in range(100)], 0.1, seed=3)
     assert len(held_out) == 10 and not set(train) & set(held_out)
     assert split_posts([str(i) for i in range(100)], 0.1, seed=3) == (train, held_out)
+
+
+def test_a_base_model_that_cannot_be_loaded_fails_clearly(world, tmp_path):
+    dev_env, s3, bucket = world
+    request = request_for(bucket, dev_env.s3_endpoint, "run-e")
+    request = StageRequest(**{**request.__dict__, "model": {"name": str(tmp_path / "no-such-model"), "revision": "main"}})
+    put_dataset(s3, bucket, request.s3, 50)
+    process = start_train(dev_env, request, tmp_path)
+    assert process.wait(timeout=300) == 20
+    error = StageResult.from_termination_message((tmp_path / "termination-log").read_text()).error
+    assert error.startswith(f"BaseModelUnavailable: cannot load the base model '{tmp_path / 'no-such-model'}'")

@@ -1,0 +1,64 @@
+"""Model cards in the seeds' shape, parsed back and checked number by number."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tweetbot_trainer.card import CardFacts, parse_table, render_card
+from tweetbot_trainer.contract import ContractError, HandleStats
+
+
+def facts(handles, **changes) -> CardFacts:
+    values = dict(repo_id="org/" + "-".join(sorted(h.handle for h in handles)), handles=handles, network="X",
+                  collected_at="2026-11-22", hyperparameters={"epochs": 4, "learning rate": 1.372e-4},
+                  deepspeed="ZeRO-2", metrics={"evalLoss": 3.1, "perplexity": 22.2}, samples=["My dream is a | b"])
+    values.update(changes)
+    return CardFacts(**values)
+
+
+def front_matter(card: str) -> dict:
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_a_one_handle_card():
+    card = render_card(facts([HandleStats("lizasoberano", 3094, 1102, 308, 1684, "Liza Soberano")]))
+    meta = front_matter(card)
+    assert "huggingtweets" in meta["tags"] and meta["widget"] == [{"text": "My dream is"}]
+    assert meta["pipeline_tag"] == "text-generation" and meta["library_name"] == "transformers" and meta["base_model"] == "gpt2"
+    assert "AI BOT" in card and "AI CYBORG" not in card
+    assert parse_table(card) == {"Liza Soberano": {"Tweets downloaded": 3094, "Retweets": 1102, "Short tweets": 308, "Tweets kept": 1684}}
+    assert "model='org/lizasoberano'" in card and 'generator("My dream is", num_return_sequences=5)' in card
+
+
+def test_the_three_handle_cyborg_of_seed_001():
+    handles = [HandleStats("purefulsoul", 256, 4, 42, 210, "🍂"), HandleStats("turtlebreezee", 3229, 20, 304, 2905, "🐢"),
+               HandleStats("wnrstweets", 3229, 16, 756, 2457, "We’re Not Really Strangers")]
+    card = render_card(facts(handles))
+    assert "AI CYBORG" in card and "🍂 &amp; 🐢 &amp; We’re Not Really Strangers" in card
+    table = parse_table(card)
+    assert list(table) == ["🍂", "🐢", "We’re Not Really Strangers"]
+    for stats in handles:
+        column = table[stats.displayName]
+        assert (column["Tweets downloaded"], column["Retweets"], column["Short tweets"], column["Tweets kept"]) == (
+            stats.downloaded, stats.retweets, stats.short, stats.kept)
+        assert column["Tweets downloaded"] == column["Retweets"] + column["Short tweets"] + column["Tweets kept"]
+
+
+def test_hostile_display_names_do_not_break_the_table_or_the_html():
+    name = 'Pipe | <script>alert("x")</script> "quoted" 🤖'
+    card = render_card(facts([HandleStats("odd", 10, 1, 2, 7, name), HandleStats("plain", 20, 0, 5, 15)]))
+    assert "<script>" not in card
+    assert parse_table(card) == {name: {"Tweets downloaded": 10, "Retweets": 1, "Short tweets": 2, "Tweets kept": 7},
+                                 "plain": {"Tweets downloaded": 20, "Retweets": 0, "Short tweets": 5, "Tweets kept": 15}}
+    assert all(line.count(" | ") == 2 for line in card.splitlines() if line.startswith("| Tweets"))
+
+
+def test_a_base_model_from_s3_is_named_but_not_linked():
+    card = render_card(facts([HandleStats("a", 10, 1, 2, 7)], base_model="s3://models/tiny/"))
+    assert "base_model" not in front_matter(card) and "`s3://models/tiny/`" in card
+
+
+def test_counts_that_do_not_add_up_never_reach_a_card():
+    with pytest.raises(ContractError, match="do not add up"):
+        render_card(facts([HandleStats("a", 10, 1, 2, 3)]))

@@ -1,0 +1,145 @@
+"""The model card (README.md) in the shape of huggingtweets' cards, rendered with real escaping.
+
+Everything a person or network supplied (display names, handles, samples) is escaped for where it lands:
+YAML front matter through a YAML dumper, HTML through html.escape, Markdown table cells with `|` escaped.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+
+import yaml
+
+from .contract import HandleStats
+
+TABLE_ROWS = (("Tweets downloaded", "downloaded"), ("Retweets", "retweets"), ("Short tweets", "short"),
+              ("Tweets kept", "kept"))
+
+
+@dataclass
+class CardFacts:
+    repo_id: str
+    handles: list[HandleStats]
+    network: str
+    collected_at: str
+    base_model: str = "gpt2"
+    hyperparameters: dict = field(default_factory=dict)
+    deepspeed: str = ""
+    metrics: dict = field(default_factory=dict)
+    samples: list[str] = field(default_factory=list)
+    license: str = "mit"
+
+
+def cell(text: str) -> str:
+    """A Markdown table cell: HTML-escaped, pipes escaped, no line breaks."""
+    return html.escape(" ".join(str(text).split()), quote=False).replace("|", "\\|")
+
+
+def display(stats: HandleStats) -> str:
+    return stats.displayName or stats.handle
+
+
+def render_card(facts: CardFacts) -> str:
+    handles = facts.handles  # HandleStats cannot exist with counts that do not add up
+    cyborg = len(handles) > 1
+    names = " & ".join(display(s) for s in handles)
+    on_hub = not facts.base_model.startswith(("s3://", "/", "."))  # an S3 or local base has no Hub page
+    front_matter = {
+        "language": "en",
+        "thumbnail": "https://github.com/borisdayma/huggingtweets/blob/master/img/logo.png?raw=true",
+        "tags": ["huggingtweets", "text-generation", "gpt2"],
+        "widget": [{"text": "My dream is"}],
+        "pipeline_tag": "text-generation",
+        "library_name": "transformers",
+        **({"base_model": facts.base_model} if on_hub else {}),
+        "license": facts.license,
+    }
+    lines = [
+        "---",
+        yaml.safe_dump(front_matter, sort_keys=False, allow_unicode=True).rstrip(),
+        "---",
+        "",
+        '<div class="inline-flex flex-col" style="line-height: 1.5;">',
+        f'    <div style="text-align: center; margin-top: 3px; font-size: 16px; font-weight: 800">🤖 AI {"CYBORG" if cyborg else "BOT"} 🤖</div>',
+        f'    <div style="text-align: center; font-size: 16px; font-weight: 800">{html.escape(names)}</div>',
+        f'    <div style="text-align: center; font-size: 14px;">{html.escape(" ".join("@" + s.handle for s in handles))}</div>',
+        "</div>",
+        "",
+        "I was made with [huggingtweets](https://github.com/borisdayma/huggingtweets) as a platform service: "
+        "a TweetBot resource on Kubernetes.",
+        "",
+        "## How does it work?",
+        "",
+        "Posts are collected and cleaned, GPT-2 is fine-tuned on them, and the model is published here.",
+        "",
+        "## Training data",
+        "",
+        f"The model was trained on posts from {cell(names)} ({cell(facts.network)}, collected {cell(facts.collected_at)}).",
+        "",
+        "| Data | " + " | ".join(cell(display(s)) for s in handles) + " |",
+        "| --- |" + " --- |" * len(handles),
+    ]
+    for label, attribute in TABLE_ROWS:
+        lines.append(f"| {label} | " + " | ".join(str(getattr(s, attribute)) for s in handles) + " |")
+    lines += [
+        "",
+        "## Training procedure",
+        "",
+        "The model is based on a pre-trained "
+        + (f"[{cell(facts.base_model)}](https://huggingface.co/{facts.base_model})" if on_hub else f"`{cell(facts.base_model)}`")
+        + f" which is fine-tuned on {cell(names)}'s posts.",
+        "",
+    ]
+    for key, value in facts.hyperparameters.items():
+        lines.append(f"- {cell(key)}: {cell(value)}")
+    if facts.deepspeed:
+        lines.append(f"- DeepSpeed: {cell(facts.deepspeed)}")
+    for key in ("evalLoss", "perplexity", "trainLoss", "steps", "tokens"):
+        if key in facts.metrics:
+            lines.append(f"- {key}: {facts.metrics[key]}")
+    if facts.samples:
+        lines += ["", "## Samples", ""]
+        lines += [f"> {cell(sample)}" + "\n" for sample in facts.samples]
+    lines += [
+        "",
+        "## How to use",
+        "",
+        "You can use this model directly with a pipeline for text generation:",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        "generator = pipeline('text-generation',",
+        f"                     model='{facts.repo_id}')",
+        'generator("My dream is", num_return_sequences=5)',
+        "```",
+        "",
+        "## Limitations and bias",
+        "",
+        f"The model suffers from [the same limitations and bias as GPT-2](https://huggingface.co/gpt2#limitations-and-bias).",
+        "",
+        "In addition, the data present in the user's posts further affects the text generated by the model.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def parse_table(card: str) -> dict[str, dict[str, int]]:
+    """The Data table read back: {column name: {row label: number}} (names with `\\|` unescaped)."""
+    rows = [line for line in card.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
+    split = [[part.strip().replace("\\|", "|") for part in _split_row(row)] for row in rows]
+    header, body = split[0], split[1:]
+    return {html.unescape(name): {row[0]: int(row[index + 1]) for row in body} for index, name in enumerate(header[1:])}
+
+
+def _split_row(row: str) -> list[str]:
+    parts, current, escaped = [], "", False
+    for char in row.strip()[1:-1]:
+        if char == "|" and not escaped:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+        escaped = char == "\\"
+    parts.append(current)
+    return parts

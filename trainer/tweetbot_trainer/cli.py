@@ -60,7 +60,11 @@ def run_stage(request: StageRequest) -> StageResult:
 
         single_process_group()
         return run_train(request, storage)
-    raise ContractMismatch(f"this trainer cannot run the {request.stage} stage yet")
+    if request.stage == "publish":
+        from .publish import run_publish
+
+        return run_publish(request, storage)
+    raise ContractMismatch(f"unknown stage {request.stage}")
 
 
 def single_process_group() -> None:
@@ -87,7 +91,7 @@ def write_termination_message(result: StageResult) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tweetbot-trainer", description=__doc__)
-    parser.add_argument("stage", choices=("scrape", "train"))
+    parser.add_argument("stage", choices=("scrape", "train", "publish"))
     parser.add_argument("--source", choices=sorted(SOURCES), help="by hand: where the posts come from")
     parser.add_argument("--handles", default="", help="by hand: comma-separated handles")
     parser.add_argument("--archive", help="by hand: s3:// or https:// URI of tweets.js ({handle} is replaced) or of a posts file")

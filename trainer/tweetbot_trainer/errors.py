@@ -65,3 +65,7 @@ class BaseModelUnavailable(StageError):
 
 class OutOfMemory(StageError):
     exit_code, reason = 21, "OutOfMemory"
+
+
+class HubForbidden(StageError):
+    exit_code, reason = 22, "HubForbidden"

@@ -161,6 +161,12 @@ def deepspeed_config(args: TrainArguments) -> dict:
     }
 
 
+def describe_deepspeed(config: dict) -> str:
+    zero = config.get("zero_optimization", {})
+    offload = " with CPU offload" if zero.get("offload_optimizer") else ""
+    return f"ZeRO stage {zero.get('stage', 0)}{offload}"
+
+
 def precision_flags(precision: str) -> dict:
     import torch
 
@@ -335,6 +341,14 @@ def run_train(request: StageRequest, storage: Storage, workdir: Path | None = No
         GenerationConfig(prefix=EOS, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.eos_token_id, **GENERATION_DEFAULTS).save_pretrained(final_dir)
         (final_dir / "samples.json").write_text(json.dumps(sample_generations(final_dir, args.seed), ensure_ascii=False))
+        # What the publish stage's model card says about training.
+        (final_dir / "training.json").write_text(json.dumps({
+            "baseModel": args.model_name, "metrics": metrics,
+            "hyperparameters": {"epochs": args.epochs, "learning rate": args.learning_rate, "scheduler": args.lr_scheduler,
+                                "batch size per device": args.batch_size, "block size": block_size, "seed": args.seed,
+                                "devices": world_size},
+            "deepspeed": describe_deepspeed(training_args.deepspeed),
+        }, indent=1))
         storage.upload_directory(final_dir, layout.bucket, layout.final_model, manifest_key=layout.final_model + "manifest.json")
     duration = time.monotonic() - started
     metrics.update(tokens=len(train_blocks) * block_size * args.epochs, durationSeconds=round(duration, 1),

@@ -1,0 +1,80 @@
+"""`tweetbot-trainer publish`: the final model and its card, to S3 and (when asked) to a Hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import boto3
+import pytest
+
+from tweetbot_dev.tiny_model import build_tiny_gpt2
+from tweetbot_trainer.card import parse_table
+from tweetbot_trainer.contract import S3Layout, StageRequest, StageResult
+
+pytestmark = pytest.mark.s3
+
+STATS = {"network": "X", "collectedAt": "2026-11-22T10:00:00Z", "handles": [
+    {"handle": "purefulsoul", "displayName": "Pureful | Soul 🍂", "downloaded": 256, "retweets": 4, "short": 42, "kept": 210},
+    {"handle": "turtlebreezee", "displayName": "🐢", "downloaded": 3229, "retweets": 20, "short": 304, "kept": 2905}]}
+
+
+@pytest.fixture(scope="module")
+def trained(dev_env, tmp_path_factory):
+    """A run whose scrape and train stages are done: stats and a final model in the real S3."""
+    s3 = boto3.client("s3", endpoint_url=dev_env.s3_endpoint, aws_access_key_id=dev_env.s3_access_key,
+                      aws_secret_access_key=dev_env.s3_secret_key, region_name="us-east-1")
+    bucket = f"publish-{os.getpid()}"
+    s3.create_bucket(Bucket=bucket)
+    layout = S3Layout(bucket=bucket, prefix="tweetbot", namespace="bots", bot="cyborg", run_id="run1", endpoint=dev_env.s3_endpoint)
+    model = build_tiny_gpt2(tmp_path_factory.mktemp("model"), ["my dream is to fly over the sea"] * 20)
+    (model / "training.json").write_text(json.dumps({"baseModel": "gpt2", "metrics": {"evalLoss": 3.1, "perplexity": 22.2},
+                                                     "hyperparameters": {"epochs": 4}, "deepspeed": "ZeRO stage 2"}))
+    (model / "samples.json").write_text(json.dumps(["My dream is <b>bold</b> | free"]))
+    files = {}
+    for path in model.iterdir():
+        s3.upload_file(str(path), bucket, layout.final_model + path.name)
+        files[path.name] = {"bytes": path.stat().st_size}
+    s3.put_object(Bucket=bucket, Key=layout.final_model + "manifest.json", Body=json.dumps({"files": files}).encode())
+    s3.put_object(Bucket=bucket, Key=layout.stats, Body=json.dumps(STATS).encode())
+    return dev_env, s3, layout
+
+
+def publish(dev_env, layout: S3Layout, tmp_path, hub=None, extra_env=None):
+    request = StageRequest(stage="publish", run_id=layout.run_id, namespace="bots", bot="cyborg",
+                           handles=["purefulsoul", "turtlebreezee"], s3=layout, hub=hub, model={"name": "gpt2"})
+    env = {**os.environ, "TWEETBOT_REQUEST": request.to_json(), "AWS_ACCESS_KEY_ID": dev_env.s3_access_key,
+           "AWS_SECRET_ACCESS_KEY": dev_env.s3_secret_key, "TWEETBOT_TERMINATION_MESSAGE_PATH": str(tmp_path / "log"),
+           **(extra_env or {})}
+    finished = subprocess.run([sys.executable, "-m", "tweetbot_trainer.cli", "publish"], env=env,
+                              capture_output=True, text=True, timeout=300)
+    return finished, StageResult.from_termination_message((tmp_path / "log").read_text())
+
+
+def test_without_a_hub_the_card_is_written_beside_the_model(trained, tmp_path):
+    dev_env, s3, layout = trained
+    finished, result = publish(dev_env, layout, tmp_path)
+    assert finished.returncode == 0, finished.stderr
+    assert result.artifacts == {"modelUri": f"s3://{layout.bucket}/tweetbot/bots/cyborg/run1/final/"}
+    card = s3.get_object(Bucket=layout.bucket, Key=layout.final_model + "README.md")["Body"].read().decode()
+    table = parse_table(card)
+    assert table["Pureful | Soul 🍂"] == {"Tweets downloaded": 256, "Retweets": 4, "Short tweets": 42, "Tweets kept": 210}
+    assert table["🐢"]["Tweets kept"] == 2905
+    assert "- evalLoss: 3.1" in card and "ZeRO stage 2" in card and "&lt;b&gt;bold&lt;/b&gt; \\| free" in card
+
+
+def test_without_a_trained_model_it_says_so(trained, tmp_path):
+    dev_env, s3, layout = trained
+    missing = S3Layout(**{**layout.__dict__, "run_id": "never-trained"})
+    finished, result = publish(dev_env, missing, tmp_path)
+    assert finished.returncode == 18
+    assert result.error.startswith("MissingInput: no complete model at s3://")
+
+
+def test_a_hub_output_without_a_token_fails_before_any_upload(trained, tmp_path):
+    dev_env, s3, layout = trained
+    finished, result = publish(dev_env, layout, tmp_path, hub={"repoId": "org/bot", "private": False}, extra_env={"HF_TOKEN": ""})
+    assert finished.returncode == 12
+    assert "HF_TOKEN is empty" in result.error

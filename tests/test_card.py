@@ -26,6 +26,7 @@ def test_a_one_handle_card():
     meta = front_matter(card)
     assert "huggingtweets" in meta["tags"] and meta["widget"] == [{"text": "My dream is"}]
     assert meta["pipeline_tag"] == "text-generation" and meta["library_name"] == "transformers" and meta["base_model"] == "gpt2"
+    assert meta["license"] == "mit"  # GPT-2's
     assert "AI BOT" in card and "AI CYBORG" not in card
     assert parse_table(card) == {"Liza Soberano": {"Tweets downloaded": 3094, "Retweets": 1102, "Short tweets": 308, "Tweets kept": 1684}}
     assert "model='org/lizasoberano'" in card and 'generator("My dream is", num_return_sequences=5)' in card
@@ -56,7 +57,8 @@ def test_hostile_display_names_do_not_break_the_table_or_the_html():
 
 def test_a_base_model_from_s3_is_named_but_not_linked():
     card = render_card(facts([HandleStats("a", 10, 1, 2, 7)], base_model="s3://models/tiny/"))
-    assert "base_model" not in front_matter(card) and "`s3://models/tiny/`" in card
+    assert "base_model" not in front_matter(card) and "license" not in front_matter(card)
+    assert "`s3://models/tiny/`" in card
 
 
 def test_counts_that_do_not_add_up_never_reach_a_card():

@@ -13,6 +13,8 @@ import yaml
 
 from .contract import HandleStats
 
+KNOWN_LICENSES = {name: "mit" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2",
+                                            "openai-community/gpt2")}
 TABLE_ROWS = (("Tweets downloaded", "downloaded"), ("Retweets", "retweets"), ("Short tweets", "short"),
               ("Tweets kept", "kept"))
 
@@ -28,7 +30,7 @@ class CardFacts:
     deepspeed: str = ""
     metrics: dict = field(default_factory=dict)
     samples: list[str] = field(default_factory=list)
-    license: str = "mit"
+    license: str = ""  # the base model's, where known
 
 
 def cell(text: str) -> str:
@@ -53,7 +55,7 @@ def render_card(facts: CardFacts) -> str:
         "pipeline_tag": "text-generation",
         "library_name": "transformers",
         **({"base_model": facts.base_model} if on_hub else {}),
-        "license": facts.license,
+        **({"license": facts.license or KNOWN_LICENSES.get(facts.base_model)} if facts.license or facts.base_model in KNOWN_LICENSES else {}),
     }
     lines = [
         "---",

@@ -47,6 +47,7 @@ def render_card(facts: CardFacts) -> str:
     cyborg = len(handles) > 1
     names = " & ".join(display(s) for s in handles)
     on_hub = not facts.base_model.startswith(("s3://", "/", "."))  # an S3 or local base has no Hub page
+    license_ = facts.license or KNOWN_LICENSES.get(facts.base_model, "")
     front_matter = {
         "language": "en",
         "thumbnail": "https://github.com/borisdayma/huggingtweets/blob/master/img/logo.png?raw=true",
@@ -55,7 +56,7 @@ def render_card(facts: CardFacts) -> str:
         "pipeline_tag": "text-generation",
         "library_name": "transformers",
         **({"base_model": facts.base_model} if on_hub else {}),
-        **({"license": facts.license or KNOWN_LICENSES.get(facts.base_model)} if facts.license or facts.base_model in KNOWN_LICENSES else {}),
+        **({"license": license_} if license_ else {}),
     }
     lines = [
         "---",

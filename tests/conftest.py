@@ -9,6 +9,8 @@ import signal
 import tempfile
 from pathlib import Path
 
+import importlib
+
 import pytest
 
 from tweetbot_dev.binaries import cache_root
@@ -58,3 +60,27 @@ def namespace(api_client, request):
     yield name
     core.delete_namespace(name)
 
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A running FakeHub, with the environment pointing huggingface_hub and transformers at it."""
+    from huggingface_hub import constants
+    from transformers.utils import hub as transformers_hub
+
+    from tweetbot_dev.fake_hub import FakeHub
+
+    with FakeHub(tokens={"hf_good": "alice"}, orgs={"alice": ["tweetbots"]}) as server:
+        for name, value in {"HF_ENDPOINT": server.url, "HF_HOME": str(tmp_path / "hf-home"),
+                            "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        # huggingface_hub copies the environment into `constants` when first imported (maybe by another test):
+        # re-read it now, and again once the environment is restored.
+        importlib.reload(constants)
+        monkeypatch.setattr(transformers_hub, "_hf_api", None)  # transformers caches an HfApi and its endpoint
+        try:
+            yield server
+        finally:
+            monkeypatch.undo()
+            importlib.reload(constants)

@@ -78,3 +78,46 @@ def test_a_hub_output_without_a_token_fails_before_any_upload(trained, tmp_path)
     finished, result = publish(dev_env, layout, tmp_path, hub={"repoId": "org/bot", "private": False}, extra_env={"HF_TOKEN": ""})
     assert finished.returncode == 12
     assert "HF_TOKEN is empty" in result.error
+
+
+def test_publishing_to_the_hub_in_one_commit_that_anyone_can_load(trained, tmp_path, hub):
+    from huggingface_hub import hf_hub_download
+    from transformers import pipeline
+
+    dev_env, s3, layout = trained
+    finished, result = publish(dev_env, layout, tmp_path, hub={"private": False, "endpoint": hub.url},
+                               extra_env={"HF_TOKEN": "hf_good"})
+    assert finished.returncode == 0, finished.stderr
+    repo = hub.repos["alice/purefulsoul-turtlebreezee"]  # the token owner's, handles sorted and joined
+    assert result.artifacts["hubUrl"] == f"{hub.url}/alice/purefulsoul-turtlebreezee"
+    assert result.artifacts["hubCommit"] == repo.head.id
+    assert repo.head.message == "TweetBot bots/cyborg: run run1"
+    assert {"README.md", "model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= set(repo.head.files)
+    assert not {"samples.json", "training.json", "manifest.json"} & set(repo.head.files)
+    assert "hf_good" not in finished.stdout + finished.stderr
+
+    card = open(hf_hub_download("alice/purefulsoul-turtlebreezee", "README.md", endpoint=hub.url, token=False)).read()
+    assert parse_table(card)["Pureful | Soul 🍂"]["Tweets kept"] == 210
+    assert "model='alice/purefulsoul-turtlebreezee'" in card
+    generator = pipeline("text-generation", model="alice/purefulsoul-turtlebreezee")
+    assert generator("My dream is", max_new_tokens=5)[0]["generated_text"].startswith("My dream is")
+
+    # Retraining publishes to the same repository.
+    finished, again = publish(dev_env, layout, tmp_path, hub={"private": False, "endpoint": hub.url},
+                              extra_env={"HF_TOKEN": "hf_good"})
+    assert finished.returncode == 0 and again.artifacts["hubUrl"] == result.artifacts["hubUrl"]
+
+
+@pytest.mark.parametrize("hub_spec, token, exit_code, message", [
+    ({"repoId": "tweetbots/cyborg"}, "hf_wrong", 12, "AuthenticationFailed: the Hub refused the token (401)"),
+    ({"repoId": "someoneelse/cyborg"}, "hf_good", 22, "HubForbidden: the token may not create someoneelse/cyborg (403)"),
+    ({"repoId": "tweetbots/cyborg", "endpoint": "http://127.0.0.1:9"}, "hf_good", 14,
+     "NetworkFailure: the Hub cannot be reached to create tweetbots/cyborg"),
+])
+def test_hub_failures_say_what_to_fix_and_keep_the_model_in_s3(trained, tmp_path, hub, hub_spec, token, exit_code, message):
+    dev_env, s3, layout = trained
+    finished, result = publish(dev_env, layout, tmp_path, hub={"endpoint": hub.url, **hub_spec}, extra_env={"HF_TOKEN": token})
+    assert finished.returncode == exit_code, finished.stderr
+    assert result.error.startswith(message)
+    assert token not in result.error + finished.stderr
+    assert s3.head_object(Bucket=layout.bucket, Key=layout.final_model + "model.safetensors")

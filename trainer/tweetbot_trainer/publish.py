@@ -24,7 +24,7 @@ NOT_ON_THE_HUB = {"manifest.json", "samples.json", "training.json"}
 
 
 def run_publish(request: StageRequest, storage: Storage, environ: dict[str, str] | None = None,
-                attempts: int = 4, backoff: float = 2.0) -> StageResult:
+                attempts: int = 4, backoff: float = 1.0) -> StageResult:
     environ = os.environ if environ is None else environ
     layout = request.s3
     try:

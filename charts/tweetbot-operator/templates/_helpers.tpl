@@ -1,0 +1,41 @@
+{{- define "tweetbot.fullname" -}}
+{{- if contains .Chart.Name .Release.Name }}{{ .Release.Name | trunc 63 | trimSuffix "-" }}{{ else }}{{ printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" }}{{ end }}
+{{- end -}}
+
+{{- define "tweetbot.labels" -}}
+app.kubernetes.io/name: tweetbot-operator
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "tweetbot.selectorLabels" -}}
+app.kubernetes.io/name: tweetbot-operator
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* The operator's rights: exactly what operator/tweetbot_operator/handlers.py calls. */}}
+{{- define "tweetbot.rules" -}}
+- apiGroups: [huggingtweets.dev]
+  resources: [tweetbots]
+  verbs: [get, list, watch, patch]
+- apiGroups: [huggingtweets.dev]
+  resources: [tweetbots/status]
+  verbs: [get, patch]
+- apiGroups: [huggingtweets.dev]
+  resources: [tweetbots/finalizers]  # owner references with blockOwnerDeletion on the Jobs
+  verbs: [update]
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [get, list, watch, create, delete]
+- apiGroups: [""]
+  resources: [pods]  # termination messages of finished stage pods
+  verbs: [list]
+- apiGroups: [""]
+  resources: [secrets]  # a referenced Secret's keys; S3 credentials for progress and deletion
+  verbs: [get]
+- apiGroups: ["", events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+{{- end -}}

@@ -278,7 +278,11 @@ def _secret_keys(namespace: str, bot: dict) -> dict[str, frozenset[str] | None]:
 
 def _active_trainings(exclude_bot: tuple[str, str]) -> int:
     batch = client.BatchV1Api(_api)
-    jobs = batch.list_job_for_all_namespaces(label_selector=f"{STAGE_LABEL}=train").items
+    selector = f"{STAGE_LABEL}=train"
+    if SETTINGS.namespaces:  # namespaced RBAC: list where we may
+        jobs = [job for ns in SETTINGS.namespaces for job in batch.list_namespaced_job(ns, label_selector=selector).items]
+    else:
+        jobs = batch.list_job_for_all_namespaces(label_selector=selector).items
     return sum(
         1
         for job in jobs

@@ -7,73 +7,21 @@ the pod's final status with a termination message, exactly what a kubelet report
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 import urllib.request
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 from kubernetes import client
 
+from tweetbot_dev.operator_process import OperatorProcess, play_container
 from tweetbot_dev.polling import wait_for
-from tweetbot_dev.s3 import free_port
 from tweetbot_trainer.contract import BOT_LABEL, RUN_LABEL, STAGE_LABEL, HandleStats, Progress, StageResult
 
 pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[1]
 GROUP, VERSION, PLURAL = "huggingtweets.dev", "v1alpha1", "tweetbots"
-
-
-class OperatorProcess:
-    def __init__(self, dev_env, log_dir: Path):
-        self.dev_env, self.log_dir = dev_env, log_dir
-        self.process: subprocess.Popen | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        health = free_port()
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(self.dev_env.kubeconfig),
-            "TWEETBOT_TRAINER_IMAGE": "tweetbot-trainer:test",
-            "TWEETBOT_TIMER_SECONDS": "3",
-            "TWEETBOT_METRICS_PORT": str(free_port()),
-            "TWEETBOT_HEALTH_PORT": str(health),
-        }
-        self.log = self.log_dir / f"operator-{self.starts}.log"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tweetbot_operator.cli", "operator"],
-            env=env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
-        )
-        self.metrics_url = f"http://127.0.0.1:{env['TWEETBOT_METRICS_PORT']}/metrics"
-
-        def healthy():
-            assert self.process.poll() is None, self.log.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=1) as response:
-                    return response.status == 200
-            except OSError:
-                return False
-
-        wait_for(healthy, timeout=60, what="the operator's liveness endpoint")
-
-    def kill(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 @pytest.fixture(scope="module")
@@ -134,26 +82,6 @@ def stage_jobs(batch, namespace, bot="cyborg", stage=None):
 
 def wait_job(batch, namespace, stage, bot="cyborg"):
     return wait_for(lambda: (stage_jobs(batch, namespace, bot, stage) or [None])[0], what=f"the {stage} Job")
-
-
-def play_container(core, namespace, job_name, result: StageResult, exit_code=0):
-    """Finish the Job's running pod as a kubelet would, with `result` as the termination message."""
-
-    def running_pod():
-        pods = core.list_namespaced_pod(namespace, label_selector=f"job-name={job_name}").items
-        return next((pod for pod in pods if pod.status.phase == "Running"), None)
-
-    pod = wait_for(running_pod, what=f"a running pod of {job_name}")
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    container = pod.spec.containers[0]
-    core.patch_namespaced_pod_status(pod.metadata.name, namespace, {"status": {
-        "phase": "Succeeded" if exit_code == 0 else "Failed",
-        "containerStatuses": [{
-            "name": container.name, "image": container.image, "imageID": "", "ready": False, "restartCount": 0,
-            "state": {"terminated": {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
-                                     "message": result.to_termination_message(), "startedAt": now, "finishedAt": now}},
-        }],
-    }})
 
 
 def succeed(core, job, **fields):

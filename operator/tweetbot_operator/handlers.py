@@ -129,9 +129,9 @@ def artifacts_deleted(body: kopf.Body, namespace: str, **_) -> None:
     try:
         deleted = delete_artifacts(layout, _s3_credentials(namespace, bot))
     except Exception as error:  # the bot goes anyway; say what is left behind, never a credential
-        kopf.event(bot, type="Warning", reason="ArtifactsLeft", message=f"could not delete {where}: {type(error).__name__}: {_short(error)}")
+        post_event(bot, "Warning", "ArtifactsLeft", f"could not delete {where}: {type(error).__name__}: {_short(error)}")
         return
-    kopf.event(bot, type="Normal", reason="ArtifactsDeleted", message=f"deleted {deleted} objects under {where}")
+    post_event(bot, "Normal", "ArtifactsDeleted", f"deleted {deleted} objects under {where}")
 
 
 def _s3_credentials(namespace: str, bot: dict) -> dict[str, str] | None:
@@ -216,8 +216,26 @@ def _reconcile(namespace: str, name: str) -> None:
             {"metadata": {"resourceVersion": bot["metadata"]["resourceVersion"]}, "status": patch},
         )
     for event_type, reason, message in decided.events:
-        kopf.event(bot, type=event_type, reason=reason, message=message)
+        post_event(bot, event_type, reason, message)
     metrics.observe(namespace, name, old_status, decided.status)
+
+
+def post_event(bot: dict, event_type: str, reason: str, message: str) -> None:
+    """A core/v1 Event on the bot. Posted directly rather than with kopf.event, which works only inside
+    kopf's own handler context and not from the resync loop."""
+    metadata = bot["metadata"]
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        client.CoreV1Api(_api).create_namespaced_event(metadata["namespace"], {
+            "metadata": {"generateName": f"{metadata['name']}."},
+            "involvedObject": {"apiVersion": bot["apiVersion"], "kind": bot["kind"], "name": metadata["name"],
+                               "namespace": metadata["namespace"], "uid": metadata["uid"]},
+            "type": event_type, "reason": reason, "message": message[:1024],
+            "source": {"component": "tweetbot-operator"}, "reportingComponent": "tweetbot-operator",
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        })
+    except ApiException as error:  # an event is worth a log line, never a failed reconcile
+        log.warning("event %s on %s/%s not posted: %s", reason, metadata["namespace"], metadata["name"], error.status)
 
 
 def _stage_results(namespace: str, bot: dict, jobs: list[dict]) -> dict[str, StageResult]:

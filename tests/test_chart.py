@@ -1,0 +1,164 @@
+"""The Helm chart on a real control plane of its own: lint, render, install, least-privilege RBAC proven by
+running the operator with the chart's ServiceAccount token, upgrade, uninstall."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes import client, config
+
+from tweetbot_dev.binaries import cache_root
+from tweetbot_dev.devenv import DevEnvironment
+from tweetbot_dev.operator_process import OperatorProcess, play_container
+from tweetbot_dev.polling import wait_for
+from tweetbot_trainer.contract import RUN_LABEL, STAGE_LABEL, HandleStats, StageResult
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "charts" / "tweetbot-operator"
+RELEASE, RELEASE_NS, BOTS_NS = "tb", "tweetbot-system", "bots"
+CRD_NAME = "tweetbots.huggingtweets.dev"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A cluster of its own: the chart owns the CRD here, which other tests apply by hand."""
+    runs = cache_root() / "test-runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    env = DevEnvironment.up(Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-chart-", dir=runs)), log=print, owner_pid=os.getpid())
+    yield env
+    env.down()
+
+
+def run(env: DevEnvironment, tool: str, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(env.bin_dir / tool), "--kubeconfig", str(env.kubeconfig), *args],
+                            input=input, capture_output=True, text=True, timeout=300)
+    if check:
+        assert result.returncode == 0, f"{tool} {' '.join(args)}:\n{result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def api(cluster):
+    return config.new_client_from_config(config_file=str(cluster.kubeconfig))
+
+
+def test_lint_and_render_for_the_pinned_kubernetes(cluster):
+    run(cluster, "helm", "lint", "--strict", str(CHART))
+    for values in ([], ["--set", "watchNamespaces={bots,more}", "--set", "metrics.serviceMonitor.enabled=false"]):
+        rendered = run(cluster, "helm", "template", RELEASE, str(CHART), "--namespace", RELEASE_NS,
+                       "--kube-version", "v1.34.4", *values).stdout
+        kinds = sorted(doc["kind"] for doc in yaml.safe_load_all(rendered) if doc)
+        assert "CustomResourceDefinition" in kinds and "Deployment" in kinds
+        assert ("Role" in kinds) == bool(values) and kinds.count("ClusterRole") == (1 if values else 2)
+    refused = run(cluster, "helm", "template", RELEASE, str(CHART), "--set", "logFormat=xml", check=False)
+    assert refused.returncode != 0 and "value must be one of 'json', 'plain'" in refused.stderr
+
+
+def test_every_rendered_object_and_example_is_accepted_by_the_api_server(cluster):
+    rendered = run(cluster, "helm", "template", RELEASE, str(CHART), "--namespace", "default", "--kube-version", "v1.34.4").stdout
+    run(cluster, "kubectl", "apply", "--dry-run=server", "-f", "-", input=rendered)
+
+
+def test_install_creates_everything(cluster, api):
+    run(cluster, "helm", "install", RELEASE, str(CHART), "--namespace", RELEASE_NS, "--create-namespace",
+        "--set", "trainer.image=tweetbot-trainer:test")
+    crd = client.ApiextensionsV1Api(api).read_custom_resource_definition(CRD_NAME)
+    assert crd.metadata.annotations["helm.sh/resource-policy"] == "keep"
+    apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
+    deployment = apps.read_namespaced_deployment(f"{RELEASE}-tweetbot-operator", RELEASE_NS)
+    assert deployment.spec.strategy.type == "Recreate"
+    container = deployment.spec.template.spec.containers[0]
+    assert container.security_context.read_only_root_filesystem and container.security_context.capabilities.drop == ["ALL"]
+    assert core.read_namespaced_service_account("tweetbot-trainer", RELEASE_NS).automount_service_account_token is False
+    run(cluster, "kubectl", "wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+    run(cluster, "kubectl", "apply", "--dry-run=server", "-n", "default", "-f", str(REPO / "examples"))
+
+
+def operator_kubeconfig(cluster, api, directory: Path) -> Path:
+    """A kubeconfig that authenticates as the chart's ServiceAccount, as the operator's pod would."""
+    token = client.CoreV1Api(api).create_namespaced_service_account_token(
+        f"{RELEASE}-tweetbot-operator", RELEASE_NS, {"spec": {"expirationSeconds": 3600}}).status.token
+    admin = yaml.safe_load(cluster.kubeconfig.read_text())
+    cluster_entry = admin["clusters"][0]["cluster"]
+    ca = Path(cluster_entry["certificate-authority"]).read_bytes()
+    path = directory / "operator-kubeconfig"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "operator",
+        "clusters": [{"name": "local", "cluster": {"server": cluster_entry["server"],
+                                                    "certificate-authority-data": base64.b64encode(ca).decode()}}],
+        "users": [{"name": "operator", "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": "local", "user": "operator"}}],
+    }))
+    return path
+
+
+def test_the_operator_with_only_the_charts_rights_drives_a_bot_to_succeeded(cluster, api, tmp_path):
+    core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
+    custom = client.CustomObjectsApi(api)
+    core.create_namespace({"metadata": {"name": BOTS_NS}})
+    core.create_namespaced_secret(BOTS_NS, {"metadata": {"name": "x-api"}, "stringData": {"token": "t"}})
+    operator = OperatorProcess(cluster, tmp_path, kubeconfig=operator_kubeconfig(cluster, api, tmp_path))
+    operator.start()
+    try:
+        custom.create_namespaced_custom_object("huggingtweets.dev", "v1alpha1", BOTS_NS, "tweetbots", {
+            "apiVersion": "huggingtweets.dev/v1alpha1", "kind": "TweetBot", "metadata": {"name": "chartbot"},
+            "spec": {"handles": ["a"], "source": {"x": {"bearerTokenSecretRef": {"name": "x-api"}}},
+                     "output": {"s3": {"bucket": "bots"}}, "resources": {"gpus": 1}}})
+        stats = [HandleStats("a", 10, 1, 2, 7)]
+        for stage, fields in (("scrape", {"data": stats}), ("train", {"metrics": {"evalLoss": 3.0}}), ("publish", {})):
+            job = wait_for(lambda: (batch.list_namespaced_job(BOTS_NS, label_selector=f"{STAGE_LABEL}={stage}").items or [None])[0],
+                           what=f"the {stage} Job")
+            play_container(core, BOTS_NS, job.metadata.name,
+                           StageResult(stage=stage, run_id=job.metadata.labels[RUN_LABEL], **fields))
+
+        def succeeded():
+            bot = custom.get_namespaced_custom_object("huggingtweets.dev", "v1alpha1", BOTS_NS, "tweetbots", "chartbot")
+            return (bot.get("status") or {}).get("phase") == "Succeeded"
+
+        wait_for(succeeded, timeout=60, what="the bot to succeed")
+        log = operator.log.read_text()
+        assert "403" not in log and "Forbidden" not in log, log[-3000:]
+    finally:
+        operator.stop()
+
+    # What the chart does not grant is refused by the API server, for the same identity.
+    as_operator = config.new_client_from_config(config_file=str(tmp_path / "operator-kubeconfig"))
+    with pytest.raises(client.ApiException) as refused:
+        client.CoreV1Api(as_operator).list_namespaced_secret(BOTS_NS)
+    assert refused.value.status == 403
+    with pytest.raises(client.ApiException) as refused:
+        client.CustomObjectsApi(as_operator).delete_namespaced_custom_object(
+            "huggingtweets.dev", "v1alpha1", BOTS_NS, "tweetbots", "chartbot")
+    assert refused.value.status == 403
+    for verb, resource in (("get", "secrets"), ("create", "jobs"), ("patch", "tweetbots/status")):
+        assert run(cluster, "kubectl", "auth", "can-i", verb, resource, "-n", BOTS_NS,
+                   f"--as=system:serviceaccount:{RELEASE_NS}:{RELEASE}-tweetbot-operator").stdout.strip() == "yes"
+    for verb, resource in (("update", "tweetbots"), ("create", "deployments"), ("list", "secrets")):
+        answer = run(cluster, "kubectl", "auth", "can-i", verb, resource, "-n", BOTS_NS,
+                     f"--as=system:serviceaccount:{RELEASE_NS}:{RELEASE}-tweetbot-operator", check=False).stdout.strip()
+        assert answer == "no", f"{verb} {resource}"
+
+
+def test_upgrade_changes_the_crd_and_uninstall_keeps_the_tweetbots(cluster, api):
+    extensions = client.ApiextensionsV1Api(api)
+    run(cluster, "helm", "upgrade", RELEASE, str(CHART), "--namespace", RELEASE_NS, "--reuse-values", "--set", "crds.keep=false")
+    assert "helm.sh/resource-policy" not in (extensions.read_custom_resource_definition(CRD_NAME).metadata.annotations or {})
+    run(cluster, "helm", "upgrade", RELEASE, str(CHART), "--namespace", RELEASE_NS, "--reuse-values", "--set", "crds.keep=true")
+    assert extensions.read_custom_resource_definition(CRD_NAME).metadata.annotations["helm.sh/resource-policy"] == "keep"
+
+    run(cluster, "helm", "uninstall", RELEASE, "--namespace", RELEASE_NS)
+    apps = client.AppsV1Api(api)
+    wait_for(lambda: not apps.list_namespaced_deployment(RELEASE_NS).items, what="the Deployment to go")
+    assert extensions.read_custom_resource_definition(CRD_NAME)
+    bots = client.CustomObjectsApi(api).list_namespaced_custom_object("huggingtweets.dev", "v1alpha1", BOTS_NS, "tweetbots")
+    assert [bot["metadata"]["name"] for bot in bots["items"]] == ["chartbot"]
+    assert json.dumps(bots).count('"phase": "Succeeded"') == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,9 @@ pytestmark = pytest.mark.cluster
 def home():
     runs = cache_root() / "test-runs"
     runs.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-lifecycle-", dir=runs))
+    home = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-lifecycle-", dir=runs))
+    yield home
+    shutil.rmtree(home, ignore_errors=True)  # `dev down` removes it; a failed test may not get that far
 
 
 def tweetbot(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -210,7 +210,7 @@ def _reconcile(namespace: str, name: str) -> None:
                 raise
     patch = status_patch(old_status, decided.status)
     if patch:
-        # resourceVersion makes this a compare-and-swap: a concurrent writer gets 409 and kopf retries us.
+        # resourceVersion makes this a compare-and-swap: after a concurrent write, 409 and `reconcile` reads again.
         custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, PLURAL, name,
             {"metadata": {"resourceVersion": bot["metadata"]["resourceVersion"]}, "status": patch},

@@ -59,6 +59,10 @@ def test_lint_and_render_for_the_pinned_kubernetes(cluster):
         kinds = sorted(doc["kind"] for doc in yaml.safe_load_all(rendered) if doc)
         assert "CustomResourceDefinition" in kinds and "Deployment" in kinds
         assert ("Role" in kinds) == bool(values) and kinds.count("ClusterRole") == (1 if values else 2)
+        accounts = [doc for doc in yaml.safe_load_all(rendered) if doc and doc["kind"] == "ServiceAccount"]
+        trainer_accounts = [a for a in accounts if a["metadata"]["name"] == "tweetbot-trainer"]
+        assert sorted(a["metadata"]["namespace"] for a in trainer_accounts) == (["bots", "more"] if values else [])
+        assert all(a["automountServiceAccountToken"] is False for a in trainer_accounts)
     refused = run(cluster, "helm", "template", RELEASE, str(CHART), "--set", "logFormat=xml", check=False)
     assert refused.returncode != 0 and "value must be one of 'json', 'plain'" in refused.stderr
 
@@ -73,12 +77,13 @@ def test_install_creates_everything(cluster, api):
         "--set", "trainer.image=tweetbot-trainer:test")
     crd = client.ApiextensionsV1Api(api).read_custom_resource_definition(CRD_NAME)
     assert crd.metadata.annotations["helm.sh/resource-policy"] == "keep"
-    apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
+    apps = client.AppsV1Api(api)
     deployment = apps.read_namespaced_deployment(f"{RELEASE}-tweetbot-operator", RELEASE_NS)
     assert deployment.spec.strategy.type == "Recreate"
     container = deployment.spec.template.spec.containers[0]
     assert container.security_context.read_only_root_filesystem and container.security_context.capabilities.drop == ["ALL"]
-    assert core.read_namespaced_service_account("tweetbot-trainer", RELEASE_NS).automount_service_account_token is False
+    env = {item.name: item.value for item in container.env}
+    assert not env["TWEETBOT_TRAINER_SERVICE_ACCOUNT"]  # cluster-wide: each namespace's default account
     run(cluster, "kubectl", "wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
     run(cluster, "kubectl", "apply", "--dry-run=server", "-n", "default", "-f", str(REPO / "examples"))
 

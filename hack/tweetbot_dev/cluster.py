@@ -44,6 +44,11 @@ def kwokctl_config(bin_dir: Path) -> dict:
             "etcdBinary": str(bin_dir / "etcd"),
             "kwokControllerBinary": str(bin_dir / "kwok"),
         },
+        # kwok plays the kubelet only of nodes annotated as fake, so a local node agent can own another node.
+        "componentsPatches": [{"name": "kwok-controller", "extraArgs": [
+            {"key": "manage-all-nodes", "value": "false"},
+            {"key": "manage-nodes-with-annotation-selector", "value": "kwok.x-k8s.io/node=fake"},
+        ]}],
     }
 
 

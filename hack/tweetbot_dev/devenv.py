@@ -84,8 +84,9 @@ class DevEnvironment:
         path.write_text(json.dumps(state, indent=2))
 
     @classmethod
-    def up(cls, home: Path, log=print, owner_pid: int | None = None) -> DevEnvironment:
-        """Start cluster and S3 under `home`; with `owner_pid`, a reaper tears both down when it exits."""
+    def up(cls, home: Path, log=print, owner_pid: int | None = None, nodes: list[dict] | None = None) -> DevEnvironment:
+        """Start cluster and S3 under `home`; with `owner_pid`, a reaper tears both down when it exits.
+        `nodes` replaces the default kwok nodes (the demo wants only its local node agent's)."""
         existing = cls.load(home)
         if existing is not None and existing.is_running():
             return existing
@@ -106,7 +107,7 @@ class DevEnvironment:
             env.save()
             env.timings["s3_start_seconds"] = round(time.monotonic() - started, 2)
             started = time.monotonic()
-            env.cluster.create()
+            env.cluster.create(nodes)
             env.timings["cluster_start_seconds"] = round(time.monotonic() - started, 2)
             env.save()
         except BaseException:

@@ -49,6 +49,7 @@ class NodeAgent:
         self.capacity = {"cpu": cpu, "memory": memory, "pods": "20"}
         self.running: dict[str, Running] = {}
         self.finished: set[str] = set()
+        self.logs: dict[str, str] = {}  # finished pods' output (the tail), by pod name, for tests and debugging
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name=f"node-agent-{node}")
         self.bin_dir = Path(sys.executable).parent
@@ -114,6 +115,7 @@ class NodeAgent:
                 pod = next((p for p in pods if p.metadata.uid == uid), None)
                 if pod is not None:
                     self._report_exit(pod, running)
+                    self.logs[pod.metadata.name] = (running.workdir / "container.log").read_bytes()[-20000:].decode(errors="replace")
                 self.running.pop(uid)
                 self.finished.add(uid)
                 shutil.rmtree(running.workdir, ignore_errors=True)
@@ -124,7 +126,7 @@ class NodeAgent:
         env = {"PATH": f"{self.bin_dir}:/usr/bin:/bin", "HOME": str(workdir), "PYTHONUNBUFFERED": "1",
                "TWEETBOT_TERMINATION_MESSAGE_PATH": str(workdir / "termination-log")}
         for item in container.env or []:
-            env[item.name] = item.value if item.value_from is None else self._secret_value(pod, item.value_from)
+            env[item.name] = (item.value or "") if item.value_from is None else self._secret_value(pod, item.value_from)
         for mount in container.volume_mounts or []:
             if mount.mount_path == "/tmp":
                 (workdir / "tmp").mkdir(exist_ok=True)
@@ -188,6 +190,13 @@ class NodeAgent:
             "containerStatuses": [{"name": container.name, "image": container.image, "imageID": "", "ready": ready,
                                    "restartCount": 0, "started": ready, "state": state}],
         }})
+
+    def pid_of(self, pod_name: str) -> int | None:
+        """The process running a pod (tests kill it, as a node losing power would)."""
+        for uid, running in self.running.items():
+            if running.workdir.name.startswith(f"pod-{pod_name}-"):
+                return running.process.pid
+        return None
 
     def _kill(self, uid: str) -> None:
         running = self.running.pop(uid, None)

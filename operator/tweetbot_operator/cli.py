@@ -74,6 +74,12 @@ def run_operator(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_demo(args: argparse.Namespace) -> int:
+    from tweetbot_dev import demo
+
+    return demo.main(keep=args.keep)
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from tweetbot_dev import bench
 
@@ -94,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument("--log-format", choices=("json", "plain"), default="json",
                           help="json (one object a line, for log collectors) or plain")
     operator.set_defaults(handler=run_operator)
+
+    demo = commands.add_parser("demo", help="the whole product offline: cluster, S3, Hub, chart, operator, one bot to Succeeded")
+    demo.add_argument("--keep", action="store_true", help="leave the cluster and S3 up afterwards")
+    demo.set_defaults(handler=run_demo)
 
     bench = commands.add_parser("bench", help="benchmarks, each against a baseline measured in the same run")
     bench.add_argument("--json", help="also write the results to this file")

@@ -1,0 +1,209 @@
+"""`tweetbot demo`: the whole product on one machine, offline.
+
+Local control plane and S3, the chart installed with Helm as a user would, the operator and every stage Job
+run as real processes by the local node agent, a synthetic X archive as the source, a tiny GPT-2 built
+locally as the base model, and a local Hub-compatible server as the Hub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import boto3
+
+from .binaries import cache_root
+from .devenv import DevEnvironment
+from .fake_hub import FakeHub
+from .fakes import FakePost, tweets_js
+from .node_agent import NodeAgent
+from .s3 import free_port
+from .tiny_model import build_tiny_gpt2
+
+REPO = Path(__file__).resolve().parents[2]
+BUCKET = "tweetbot-demo"
+HUB_TOKEN, HUB_USER = "hf_demo_token", "demo"
+NAMESPACE = "default"
+
+# Synthetic posts of made-up people: nobody's real words.
+SUBJECTS = ["my dream is", "today I learned", "the best part of the morning is", "someday I will", "I still think",
+            "nobody tells you that", "the secret to good coffee is", "every cat knows"]
+ENDINGS = ["to sail a small boat across a quiet sea", "that the moon follows you home", "a walk before the rain",
+           "to plant a garden full of tomatoes", "that kindness is a habit", "to read every book in the library",
+           "to build a robot that waters the plants", "a warm cup and an open window", "that naps are underrated",
+           "to learn the names of all the birds"]
+
+
+def synthetic_posts(handle: str, count: int, seed: int) -> list[FakePost]:
+    rng = random.Random(seed)
+    posts = []
+    for i in range(count):
+        if rng.random() < 0.08:
+            text, repost = "what a great thread about gardening", True
+        elif rng.random() < 0.08:
+            text, repost = rng.choice(["lol", "yes!", "good morning"]), False
+        else:
+            text = f"{rng.choice(SUBJECTS)} {rng.choice(ENDINGS)}"
+            if rng.random() < 0.2:
+                text += f" https://example.com/{i}"
+            if rng.random() < 0.15:
+                text = f"@friend_{i % 7} {text} #{handle}"
+            repost = False
+        posts.append(FakePost(10**9 - i, text, repost))
+    return posts
+
+
+def demo_bot(name: str, handles: list[str], env: DevEnvironment, hub_url: str) -> dict:
+    return {
+        "apiVersion": "huggingtweets.dev/v1alpha1", "kind": "TweetBot", "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {
+            "handles": handles,
+            "source": {"xArchive": {"uri": f"s3://{BUCKET}/archives/{{handle}}/data/tweets.js"}},
+            "model": {"name": f"s3://{BUCKET}/base/tiny-gpt2/"},
+            "training": {"epochs": 6, "learningRate": 3e-3, "batchSize": 8, "blockSize": 64,
+                         "checkpoint": {"everySteps": 20, "keep": 2}},
+            "resources": {"gpus": 0, "cpu": "2", "memory": "4Gi"},
+            "output": {"s3": {"bucket": BUCKET, "endpoint": env.s3_endpoint, "credentialsSecretRef": {"name": "demo-s3"}},
+                       "hub": {"endpoint": hub_url, "tokenSecretRef": {"name": "demo-hub"}}},
+            "backoffLimit": 2,
+        },
+    }
+
+
+class Demo:
+    """Everything the demo runs, so tests can drive the same world step by step."""
+
+    def __init__(self, home: Path, log=print):
+        self.home, self.log = home, log
+        self.env: DevEnvironment | None = None
+        self.hub: FakeHub | None = None
+        self.agent: NodeAgent | None = None
+
+    def up(self, handles_posts: dict[str, int], owner_pid: int | None) -> None:
+        started = time.monotonic()
+        self.env = DevEnvironment.up(self.home, log=self.log, owner_pid=owner_pid, nodes=[])
+        from kubernetes import config
+
+        self.api = config.new_client_from_config(config_file=str(self.env.kubeconfig))
+        self.agent = NodeAgent(self.api, self.env.kubeconfig, cpu="8", memory="32Gi").start()
+        self.hub = FakeHub(tokens={HUB_TOKEN: HUB_USER}, orgs={}).__enter__()
+        self.s3 = boto3.client("s3", endpoint_url=self.env.s3_endpoint, aws_access_key_id=self.env.s3_access_key,
+                               aws_secret_access_key=self.env.s3_secret_key, region_name="us-east-1")
+        self.s3.create_bucket(Bucket=BUCKET)
+        corpus = []
+        for seed, (handle, count) in enumerate(sorted(handles_posts.items())):
+            posts = synthetic_posts(handle, count, seed)
+            corpus += [post.text for post in posts]
+            self.s3.put_object(Bucket=BUCKET, Key=f"archives/{handle}/data/tweets.js", Body=tweets_js(posts).encode())
+        model = build_tiny_gpt2(self.home / "tiny-gpt2", corpus)
+        for path in model.iterdir():
+            self.s3.upload_file(str(path), BUCKET, f"base/tiny-gpt2/{path.name}")
+        self.kubectl("create", "secret", "generic", "demo-hub", f"--from-literal=token={HUB_TOKEN}", "-n", NAMESPACE)
+        self.kubectl("create", "secret", "generic", "demo-s3", "-n", NAMESPACE,
+                     f"--from-literal=AWS_ACCESS_KEY_ID={self.env.s3_access_key}",
+                     f"--from-literal=AWS_SECRET_ACCESS_KEY={self.env.s3_secret_key}")
+        self.helm("install", "tweetbot", str(REPO / "charts" / "tweetbot-operator"), "--namespace", "tweetbot-system",
+                  "--create-namespace", "--set", "image.repository=tweetbot-operator", "--set", "trainer.image=tweetbot-trainer",
+                  "--set", "resyncSeconds=5", "--set", f"metrics.port={free_port()}", "--set", f"health.port={free_port()}",
+                  "--set", "logFormat=plain")
+        self.kubectl("wait", "--for=condition=Established", "crd/tweetbots.huggingtweets.dev", "--timeout=60s")
+        self.log(f"ready in {time.monotonic() - started:.0f}s: cluster, S3 at {self.env.s3_endpoint}, Hub at {self.hub.url}")
+
+    def kubectl(self, *args: str, input: str | None = None) -> str:
+        return self._run("kubectl", args, input)
+
+    def helm(self, *args: str) -> str:
+        return self._run("helm", args, None)
+
+    def _run(self, tool: str, args, input) -> str:
+        result = subprocess.run([str(self.env.bin_dir / tool), "--kubeconfig", str(self.env.kubeconfig), *args],
+                                input=input, capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            raise RuntimeError(f"{tool} {' '.join(args)} failed: {result.stderr.strip()}")
+        return result.stdout
+
+    def apply(self, bot: dict) -> None:
+        self.kubectl("apply", "-f", "-", input=json.dumps(bot))
+
+    def bot(self, name: str) -> dict:
+        return json.loads(self.kubectl("get", "tweetbot", name, "-n", NAMESPACE, "-o", "json"))
+
+    def wait(self, name: str, timeout: float = 1800) -> dict:
+        """Follow the bot, printing each phase and progress change, until it succeeds or fails."""
+        deadline, last = time.monotonic() + timeout, None
+        while time.monotonic() < deadline:
+            status = self.bot(name).get("status") or {}
+            shown = (status.get("phase"), (status.get("progress") or {}).get("summary"))
+            if shown != last and shown[0]:
+                eta = (status.get("progress") or {}).get("etaSeconds")
+                self.log(f"  {shown[0]:<11} {shown[1] or ''}" + (f"  ETA {eta}s" if eta is not None else ""))
+                last = shown
+            if status.get("phase") in ("Succeeded", "Failed"):
+                return status
+            time.sleep(1)
+        raise TimeoutError(f"{name} did not finish within {timeout:.0f}s")
+
+    def generate(self, repo_id: str, count: int = 3) -> list[str]:
+        """Load the published model from the local Hub, as anyone would, and write a few posts."""
+        from huggingface_hub import snapshot_download
+        from transformers import pipeline, set_seed
+
+        path = snapshot_download(repo_id, endpoint=self.hub.url, token=False, cache_dir=str(self.home / "hub-cache"))
+        set_seed(0)
+        generator = pipeline("text-generation", model=path, device="cpu")
+        return [out["generated_text"] for out in generator("My dream is", num_return_sequences=count, max_new_tokens=30)]
+
+    def down(self) -> None:
+        if self.agent is not None:
+            self.agent.stop()
+        if self.hub is not None:
+            self.hub.__exit__(None, None, None)
+        if self.env is not None:
+            self.env.down()
+
+
+def print_report(status: dict, samples: list[str], log=print) -> None:
+    artifacts = status.get("artifacts") or {}
+    log(f"\nHub: {artifacts.get('hubUrl')} (commit {artifacts.get('hubCommit', '')[:12]})")
+    log(f"S3:  {artifacts.get('modelUri')}")
+    data = status.get("data") or []
+    log("\n| Data | " + " | ".join(row["handle"] for row in data) + " |")
+    for label, key in (("Tweets downloaded", "downloaded"), ("Retweets", "retweets"), ("Short tweets", "short"),
+                       ("Tweets kept", "kept")):
+        log(f"| {label} | " + " | ".join(str(row[key]) for row in data) + " |")
+    metrics = status.get("metrics") or {}
+    log(f"\neval loss {metrics.get('evalLoss')}, perplexity {metrics.get('perplexity')}, {metrics.get('steps')} steps")
+    log("\nGenerated from \"My dream is\":")
+    for sample in samples:
+        log(f"  - {sample}")
+
+
+def main(keep: bool = False) -> int:
+    home = cache_root() / "demo"
+    demo = Demo(home)
+    started = time.monotonic()
+    try:
+        demo.up({"demo_dreamer": 400}, owner_pid=None if keep else os.getpid())
+        demo.apply(demo_bot("demo-dreamer", ["demo_dreamer"], demo.env, demo.hub.url))
+        print("applied TweetBot demo-dreamer; following it:")
+        status = demo.wait("demo-dreamer")
+        if status["phase"] != "Succeeded":
+            print(f"the bot failed: {status.get('lastError')}")
+            return 1
+        repo_id = status["artifacts"]["hubUrl"].removeprefix(demo.hub.url + "/")
+        print_report(status, demo.generate(repo_id))
+        print(f"\ndone in {time.monotonic() - started:.0f}s")
+        if keep:
+            print(f"\nthe cluster stays up: eval \"$(tweetbot dev env --home {home})\" then kubectl get tweetbots;"
+                  f" tweetbot dev down --home {home} when done")
+        return 0
+    finally:
+        if not keep:
+            demo.down()
+        else:  # the local Hub and node agent live in this process; only the cluster and S3 stay
+            demo.agent.stop()
+            demo.hub.__exit__(None, None, None)

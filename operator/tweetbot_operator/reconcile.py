@@ -330,6 +330,7 @@ def plan(bot: dict, observed: Observed, settings: Settings, now: datetime) -> Pl
         record = recorded.get(stage) or {}
         if record.get("jobName") == name and record.get("state") == "Succeeded":
             status["stages"][stage] = record  # kept even after the Job's TTL removed it
+            status["attempts"] += max(0, record.get("attempts", 1) - 1)  # its failed pods before it succeeded
             done += 1
             continue
         if job is None:

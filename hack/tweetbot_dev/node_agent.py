@@ -49,7 +49,7 @@ class NodeAgent:
         self.capacity = {"cpu": cpu, "memory": memory, "pods": "20"}
         self.running: dict[str, Running] = {}
         self.finished: set[str] = set()
-        self.logs: dict[str, str] = {}  # finished pods' output (the tail), by pod name, for tests and debugging
+        self.logs: dict[str, str] = {}  # finished pods' output (start and end), by pod name, for tests and debugging
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name=f"node-agent-{node}")
         self.bin_dir = Path(sys.executable).parent
@@ -115,7 +115,7 @@ class NodeAgent:
                 pod = next((p for p in pods if p.metadata.uid == uid), None)
                 if pod is not None:
                     self._report_exit(pod, running)
-                    self.logs[pod.metadata.name] = (running.workdir / "container.log").read_bytes()[-20000:].decode(errors="replace")
+                    self.logs[pod.metadata.name] = _head_and_tail((running.workdir / "container.log").read_bytes())
                 self.running.pop(uid)
                 self.finished.add(uid)
                 shutil.rmtree(running.workdir, ignore_errors=True)
@@ -212,3 +212,9 @@ class NodeAgent:
                 pass
         self.finished.add(uid)
         shutil.rmtree(running.workdir, ignore_errors=True)
+
+
+def _head_and_tail(output: bytes, keep: int = 20_000) -> str:
+    if len(output) > 2 * keep:
+        output = output[:keep] + b"\n[...]\n" + output[-keep:]
+    return output.decode(errors="replace")

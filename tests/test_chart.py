@@ -3,7 +3,6 @@ running the operator with the chart's ServiceAccount token, upgrade, uninstall."
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ import yaml
 from kubernetes import client, config
 
 from tweetbot_dev.binaries import cache_root
+from tweetbot_dev.cluster import service_account_kubeconfig
 from tweetbot_dev.devenv import DevEnvironment
 from tweetbot_dev.operator_process import OperatorProcess, play_container
 from tweetbot_dev.polling import wait_for
@@ -90,20 +90,8 @@ def test_install_creates_everything(cluster, api):
 
 def operator_kubeconfig(cluster, api, directory: Path) -> Path:
     """A kubeconfig that authenticates as the chart's ServiceAccount, as the operator's pod would."""
-    token = client.CoreV1Api(api).create_namespaced_service_account_token(
-        f"{RELEASE}-tweetbot-operator", RELEASE_NS, {"spec": {"expirationSeconds": 3600}}).status.token
-    admin = yaml.safe_load(cluster.kubeconfig.read_text())
-    cluster_entry = admin["clusters"][0]["cluster"]
-    ca = Path(cluster_entry["certificate-authority"]).read_bytes()
-    path = directory / "operator-kubeconfig"
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "operator",
-        "clusters": [{"name": "local", "cluster": {"server": cluster_entry["server"],
-                                                    "certificate-authority-data": base64.b64encode(ca).decode()}}],
-        "users": [{"name": "operator", "user": {"token": token}}],
-        "contexts": [{"name": "operator", "context": {"cluster": "local", "user": "operator"}}],
-    }))
-    return path
+    return service_account_kubeconfig(client.CoreV1Api(api), cluster.kubeconfig, RELEASE_NS,
+                                      f"{RELEASE}-tweetbot-operator", directory / "operator-kubeconfig", seconds=3600)
 
 
 def test_the_operator_with_only_the_charts_rights_drives_a_bot_to_succeeded(cluster, api, tmp_path):

@@ -7,6 +7,7 @@ and GPU nodes, so pods are scheduled and Jobs run to completion without containe
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -147,3 +148,20 @@ class Cluster:
             except ValueError:
                 continue
         return pids
+
+
+def service_account_kubeconfig(core, admin_kubeconfig: Path, namespace: str, account: str, path: Path,
+                               seconds: int = 86400) -> Path:
+    """A kubeconfig that authenticates as a ServiceAccount (a TokenRequest token), as a pod in the cluster
+    would: the account's RBAC, without in-cluster files."""
+    token = core.create_namespaced_service_account_token(account, namespace, {"spec": {"expirationSeconds": seconds}}).status.token
+    cluster = yaml.safe_load(admin_kubeconfig.read_text())["clusters"][0]["cluster"]
+    ca = Path(cluster["certificate-authority"]).read_bytes()
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": account,
+        "clusters": [{"name": "local", "cluster": {"server": cluster["server"],
+                                                    "certificate-authority-data": base64.b64encode(ca).decode()}}],
+        "users": [{"name": account, "user": {"token": token}}],
+        "contexts": [{"name": account, "context": {"cluster": "local", "user": account}}],
+    }))
+    return path

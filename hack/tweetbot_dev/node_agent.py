@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
+
+from .cluster import service_account_kubeconfig
 
 # What each image runs when its pod gives no command: the image's entrypoint, from this environment.
 ENTRYPOINTS = {"tweetbot-operator": ["tweetbot"], "tweetbot-trainer": []}
@@ -132,7 +133,8 @@ class NodeAgent:
                 (workdir / "tmp").mkdir(exist_ok=True)
                 env["TMPDIR"] = str(workdir / "tmp")
         if pod.spec.service_account_name and pod.spec.automount_service_account_token is not False:
-            env["KUBECONFIG"] = str(self._service_account_kubeconfig(pod, workdir))
+            env["KUBECONFIG"] = str(service_account_kubeconfig(
+                self.core, self.kubeconfig, pod.metadata.namespace, pod.spec.service_account_name, workdir / "kubeconfig"))
         image = container.image.rsplit("/", 1)[-1].split(":")[0]
         command = list(container.command or ENTRYPOINTS.get(image, [])) + list(container.args or [])
         if command and (self.bin_dir / command[0]).exists():
@@ -150,22 +152,6 @@ class NodeAgent:
             return ""
         secret = self.core.read_namespaced_secret(ref.name, pod.metadata.namespace)
         return base64.b64decode((secret.data or {})[ref.key]).decode()
-
-    def _service_account_kubeconfig(self, pod, workdir: Path) -> Path:
-        """The pod's ServiceAccount as a kubeconfig: in-cluster rights, with no in-cluster files."""
-        token = self.core.create_namespaced_service_account_token(
-            pod.spec.service_account_name, pod.metadata.namespace, {"spec": {"expirationSeconds": 86400}}).status.token
-        admin = yaml.safe_load(self.kubeconfig.read_text())
-        cluster = admin["clusters"][0]["cluster"]
-        ca = Path(cluster["certificate-authority"]).read_bytes()
-        path = workdir / "kubeconfig"
-        path.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "pod",
-            "clusters": [{"name": "local", "cluster": {"server": cluster["server"],
-                                                        "certificate-authority-data": base64.b64encode(ca).decode()}}],
-            "users": [{"name": "pod", "user": {"token": token}}],
-            "contexts": [{"name": "pod", "context": {"cluster": "local", "user": "pod"}}]}))
-        return path
 
     def _report_exit(self, pod, running: Running) -> None:
         code = running.process.returncode

@@ -52,6 +52,14 @@ def test_kwokctl_uses_local_binaries_on_loopback():
     assert binary_options and all(value.startswith("/opt/bin/") for value in binary_options.values())
 
 
+def test_extra_kwokctl_options_and_patches_keep_our_own():
+    extra_patch = {"name": "kube-controller-manager", "extraArgs": [{"key": "kube-api-qps", "value": "500"}]}
+    config = kwokctl_config(Path("/opt/bin"), {"kubeAuditPolicy": "/tmp/policy.yaml"}, [extra_patch])
+    assert config["options"]["kubeAuditPolicy"] == "/tmp/policy.yaml"
+    assert config["options"]["bindAddress"] == "127.0.0.1"
+    assert [patch["name"] for patch in config["componentsPatches"]] == ["kwok-controller", "kube-controller-manager"]
+
+
 def test_shell_exports_are_quoted(tmp_path):
     env = DevEnvironment(home=tmp_path / "with space", bin_dir=Path("/opt/bin"), s3_port=9000,
                          s3_access_key="key", s3_secret_key="it's")

@@ -15,7 +15,9 @@ from tweetbot_operator.reconcile import (
     InvalidSpec,
     Observed,
     desired_job,
+    job_fingerprint,
     job_name,
+    job_state,
     normalize_handles,
     plan,
     run_id_for,
@@ -347,3 +349,24 @@ def test_live_progress_shows_while_training_only():
     assert Progress.from_json(report.to_json()) == report
     decided, _ = step(bot, Observed(jobs=jobs, results=results, secrets=ALL_SECRETS))
     assert decided.status["progress"] == {"summary": "1/3"}
+
+
+def test_a_started_job_is_running_until_it_ends_even_between_pods():
+    bot = make_bot()
+    between_pods = job(bot, "scrape", "Running")
+    between_pods["status"]["active"] = 0  # a pod done, the Job's condition not yet set (or a retry's back-off)
+    assert job_state(between_pods) == "Running"
+    assert job_state({"metadata": {}, "spec": {}, "status": {}}) == "Pending"
+    assert job_state({"metadata": {}, "spec": {"suspend": True}, "status": {}}) == "Queued"
+
+
+def test_job_fingerprint_ignores_pod_bookkeeping_but_not_outcomes():
+    bot = make_bot()
+    running = job(bot, "scrape", "Running")
+    bookkeeping = copy.deepcopy(running)
+    bookkeeping["status"].update(ready=1, uncountedTerminatedPods={"succeeded": ["uid"]}, active=0)
+    assert job_fingerprint(bookkeeping) == job_fingerprint(running)
+    retried = copy.deepcopy(running)
+    retried["status"]["failed"] = 1
+    assert job_fingerprint(retried) != job_fingerprint(running)
+    assert job_fingerprint(job(bot, "scrape", "Succeeded")) != job_fingerprint(running)

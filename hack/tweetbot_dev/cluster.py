@@ -26,8 +26,9 @@ GPU_NODE_LABEL = "nvidia.com/gpu.present"
 POD_STAGES = Path(__file__).with_name("kwok-stages.yaml")
 
 
-def kwokctl_config(bin_dir: Path) -> dict:
-    """kwokctl settings: our pinned binaries, everything bound to loopback, nothing downloaded."""
+def kwokctl_config(bin_dir: Path, options: dict | None = None, patches: list[dict] | None = None) -> dict:
+    """kwokctl settings: our pinned binaries, everything bound to loopback, nothing downloaded.
+    `options` and component `patches` add to these (the benchmarks turn on audit logging)."""
     return {
         "kind": "KwokctlConfiguration",
         "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
@@ -44,18 +45,19 @@ def kwokctl_config(bin_dir: Path) -> dict:
             "kubectlBinary": str(bin_dir / "kubectl"),
             "etcdBinary": str(bin_dir / "etcd"),
             "kwokControllerBinary": str(bin_dir / "kwok"),
+            **(options or {}),
         },
         # kwok plays the kubelet only of nodes annotated as fake, so a local node agent can own another node.
         "componentsPatches": [{"name": "kwok-controller", "extraArgs": [
             {"key": "manage-all-nodes", "value": "false"},
             {"key": "manage-nodes-with-annotation-selector", "value": "kwok.x-k8s.io/node=fake"},
-        ]}],
+        ]}, *(patches or [])],
     }
 
 
-def fake_node(name: str, *, cpu: str = "32", memory: str = "128Gi", gpus: int = 0) -> dict:
+def fake_node(name: str, *, cpu: str = "32", memory: str = "128Gi", gpus: int = 0, pods: int = 110) -> dict:
     """A Node that kwok keeps Ready; GPU nodes advertise nvidia.com/gpu and carry the GPU taint."""
-    capacity = {"cpu": cpu, "memory": memory, "pods": "110"}
+    capacity = {"cpu": cpu, "memory": memory, "pods": str(pods)}
     labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64", "type": "kwok"}
     spec: dict = {}
     if gpus:
@@ -120,9 +122,14 @@ class Cluster:
             raise RuntimeError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
         return result.stdout
 
-    def create(self, nodes: list[dict] | None = None, wait: str = "2m") -> None:
+    def create(self, nodes: list[dict] | None = None, wait: str = "2m", *, options: dict | None = None,
+               patches: list[dict] | None = None, stages: str = "") -> None:
+        """`stages` (kwok Stage documents) come after ours, for pods that ours leave alone."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_file.write_text(yaml.safe_dump(kwokctl_config(self.bin_dir)) + "---\n" + POD_STAGES.read_text())
+        self.config_file.write_text(
+            yaml.safe_dump(kwokctl_config(self.bin_dir, options, patches)) + "---\n" + POD_STAGES.read_text()
+            + ("---\n" + stages if stages else "")
+        )
         try:
             self._kwokctl(
                 "create", "cluster", "--name", self.name, "--kubeconfig", str(self.kubeconfig), "--wait", wait

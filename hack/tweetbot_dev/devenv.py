@@ -84,9 +84,11 @@ class DevEnvironment:
         path.write_text(json.dumps(state, indent=2))
 
     @classmethod
-    def up(cls, home: Path, log=print, owner_pid: int | None = None, nodes: list[dict] | None = None) -> DevEnvironment:
+    def up(cls, home: Path, log=print, owner_pid: int | None = None, nodes: list[dict] | None = None,
+           **cluster_options) -> DevEnvironment:
         """Start cluster and S3 under `home`; with `owner_pid`, a reaper tears both down when it exits.
-        `nodes` replaces the default kwok nodes (the demo wants only its local node agent's)."""
+        `nodes` replaces the default kwok nodes (the demo wants only its local node agent's);
+        `cluster_options` go to `Cluster.create`."""
         existing = cls.load(home)
         if existing is not None and existing.is_running():
             return existing
@@ -107,7 +109,7 @@ class DevEnvironment:
             env.save()
             env.timings["s3_start_seconds"] = round(time.monotonic() - started, 2)
             started = time.monotonic()
-            env.cluster.create(nodes)
+            env.cluster.create(nodes, **cluster_options)
             env.timings["cluster_start_seconds"] = round(time.monotonic() - started, 2)
             env.save()
         except BaseException:

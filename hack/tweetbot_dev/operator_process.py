@@ -21,9 +21,10 @@ from .s3 import free_port
 
 
 class OperatorProcess:
-    def __init__(self, dev_env, log_dir: Path, kubeconfig: Path | None = None):
+    def __init__(self, dev_env, log_dir: Path, kubeconfig: Path | None = None, env: dict[str, str] | None = None):
         self.dev_env, self.log_dir = dev_env, log_dir
         self.kubeconfig = kubeconfig or dev_env.kubeconfig
+        self.extra_env = env or {}
         self.process: subprocess.Popen | None = None
         self.starts = 0
 
@@ -37,6 +38,7 @@ class OperatorProcess:
             "TWEETBOT_TIMER_SECONDS": "3",
             "TWEETBOT_METRICS_PORT": str(free_port()),
             "TWEETBOT_HEALTH_PORT": str(health),
+            **self.extra_env,
         }
         self.log = self.log_dir / f"operator-{self.starts}.log"
         self.process = subprocess.Popen(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import boto3
 from botocore.config import Config
 
@@ -11,12 +13,19 @@ from tweetbot_trainer.contract import S3_ACCESS_KEY_ENV, S3_SECRET_KEY_ENV, Cont
 
 
 def s3_client(layout: S3Layout, credentials: dict[str, str] | None):
-    keys = {}
+    keys = ()
     if credentials:
-        keys = {"aws_access_key_id": credentials[S3_ACCESS_KEY_ENV], "aws_secret_access_key": credentials[S3_SECRET_KEY_ENV]}
+        keys = (credentials[S3_ACCESS_KEY_ENV], credentials[S3_SECRET_KEY_ENV])
+    return _client(layout.endpoint, layout.region, keys)
+
+
+@functools.lru_cache(maxsize=64)
+def _client(endpoint: str, region: str, keys: tuple[str, ...]):
+    """One client per endpoint and identity: building a boto3 client costs tens of milliseconds of CPU."""
+    access_keys = {"aws_access_key_id": keys[0], "aws_secret_access_key": keys[1]} if keys else {}
     return boto3.client(
-        "s3", endpoint_url=layout.endpoint or None, region_name=layout.region,
-        config=Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 2}), **keys,
+        "s3", endpoint_url=endpoint or None, region_name=region,
+        config=Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 2}), **access_keys,
     )
 
 

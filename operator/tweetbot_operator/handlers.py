@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import json
 import threading
-from collections import defaultdict
+import time
+from collections import defaultdict, deque
+from collections.abc import Mapping
 from datetime import datetime, timezone
 
 import kopf
@@ -21,7 +24,8 @@ from tweetbot_trainer.contract import BOT_LABEL, GROUP, RUN_LABEL, STAGE_LABEL, 
 
 from . import metrics
 from .artifacts import delete_artifacts, read_progress
-from .reconcile import Observed, job_state, plan, run_id_for, s3_layout, secret_needs, status_patch
+from .cache import WatchCache
+from .reconcile import Observed, job_fingerprint, job_state, plan, run_id_for, s3_layout, status_patch
 from .settings import Settings
 
 VERSION = "v1alpha1"
@@ -33,25 +37,40 @@ log = logging.getLogger("tweetbot.operator")
 SETTINGS = Settings.from_env()
 _api: client.ApiClient | None = None
 _locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+_pending: dict[tuple[str, str], str | None] = {}  # bots with a reconcile waiting for their lock
+_pending_lock = threading.Lock()
+# The resourceVersions our latest status writes gave each bot: events carrying them bring nothing new.
+_own_versions: defaultdict[tuple[str, str], deque[str]] = defaultdict(lambda: deque(maxlen=4))
+_last_reconciled: dict[tuple[str, str], float] = {}  # monotonic time of each bot's last full pass
+_failures: dict[tuple[str, str], int] = {}  # consecutive failed passes of each bot
+_job_fingerprints: dict[tuple[str, str], tuple] = {}  # what the last reconcile knew of each Job
+_cache = WatchCache()
 
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_) -> None:
     global _api
-    # kopf's own bookkeeping in annotations under our group; status holds only declared fields.
+    # Bots are reconciled from raw watch events (below), so kopf keeps no per-bot bookkeeping; only the
+    # artifact deletion of bots whose deletionPolicy is Delete uses it (annotations under our group).
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
     )
-    # Only our own events (phase changes, warnings) reach `kubectl describe`, not kopf's per-handler chatter.
     settings.persistence.finalizer = FINALIZER
+    # Only our own events (phase changes, warnings) reach `kubectl describe`, not kopf's per-handler chatter.
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = 16
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    _api = client.ApiClient()
+    configuration = client.Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = settings.execution.max_workers + 4  # one per worker thread, and the resync
+    _api = client.ApiClient(configuration)
+    _api.user_agent = "tweetbot-operator"
+    # The Jobs that exist before the first bot is looked at, so no pass starts from an empty picture.
+    for job in _bot_jobs():
+        _cache.put_job(job)
     metrics.serve(SETTINGS.metrics_port)
     log.info("operator started: namespaces=%s trainer image=%s", SETTINGS.namespaces or "all", SETTINGS.trainer_image)
 
@@ -62,11 +81,21 @@ def close(**_) -> None:
         _api.close()
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-def bot_changed(namespace: str, name: str, **_) -> None:
-    reconcile(namespace, name)
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def bot_event(event: dict, namespace: str, name: str, **_) -> None:
+    """Every change of a bot, and every bot once at start-up, is a reason to reconcile it: level-based, so a
+    missed or repeated event does no harm."""
+    key = (namespace, name)
+    if event["type"] == "DELETED":
+        # Its Jobs and pods go with it through owner references; no finalizer, so deletion never waits on us.
+        metrics.forget(namespace, name)
+        _own_versions.pop(key, None)
+        _last_reconciled.pop(key, None)
+        _failures.pop(key, None)
+        _cache.forget_bot(key)
+        return
+    _cache.put_bot(event["object"])
+    reconcile(namespace, name, echo_of=event["object"]["metadata"].get("resourceVersion"))
 
 
 @kopf.on.startup()
@@ -80,7 +109,8 @@ async def stop_resync(memo: kopf.Memo, **_) -> None:
 
 
 async def _resync_forever() -> None:
-    """One slow loop over unfinished bots, for what sends no event (a Secret created later, a lost watch).
+    """One slow loop over unfinished bots, for what sends no event (a Secret created later, a lost watch,
+    training progress in S3). Bots reconciled by an event within the interval are skipped.
 
     Not a kopf timer: those put a finalizer on every bot, and then no bot could be deleted while the
     operator is down or uninstalled.
@@ -88,10 +118,13 @@ async def _resync_forever() -> None:
     while True:
         await asyncio.sleep(SETTINGS.timer_seconds)
         try:
-            for namespace, name in await asyncio.to_thread(_unfinished_bots):
-                await asyncio.to_thread(reconcile, namespace, name)
-        except Exception:
-            log.exception("resync failed; trying again in %.0fs", SETTINGS.timer_seconds)
+            bots = await asyncio.to_thread(_unfinished_bots)
+        except Exception as error:
+            log.warning("resync could not list bots (%s); trying again in %.0fs", type(error).__name__, SETTINGS.timer_seconds)
+            continue
+        for namespace, name in bots:
+            if time.monotonic() - _last_reconciled.get((namespace, name), 0.0) >= SETTINGS.timer_seconds * 0.9:
+                await asyncio.to_thread(reconcile, namespace, name, fresh=True)
 
 
 def _unfinished_bots() -> list[tuple[str, str]]:
@@ -110,14 +143,19 @@ def _unfinished_bots() -> list[tuple[str, str]]:
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={BOT_LABEL: kopf.PRESENT})
-def job_changed(namespace: str, labels: dict, **_) -> None:
+def job_changed(event: dict, namespace: str, name: str, labels: dict, **_) -> None:
+    # Most Job updates (ready counts, pod bookkeeping) change nothing the bot's status is made of.
+    key = (namespace, name)
+    if event["type"] == "DELETED":
+        _job_fingerprints.pop(key, None)
+        _cache.forget_job(event["object"])
+    else:
+        _cache.put_job(event["object"])
+        fingerprint = job_fingerprint(event["object"])
+        if _job_fingerprints.get(key) == fingerprint:
+            return
+        _job_fingerprints[key] = fingerprint
     reconcile(namespace, labels[BOT_LABEL])
-
-
-@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
-def bot_deleted(namespace: str, name: str, **_) -> None:
-    # Its Jobs and pods go with it through owner references; no finalizer, so deletion never waits on us.
-    metrics.forget(namespace, name)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, when=lambda spec, **_: spec.get("deletionPolicy") == "Delete")
@@ -148,43 +186,74 @@ def _short(error: Exception) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def reconcile(namespace: str, name: str) -> None:
-    with _locks[(namespace, name)]:  # a bot's handlers and its Jobs' events would otherwise race
-        for attempt in range(3):
-            try:
-                return _reconcile(namespace, name)
-            except ApiException as error:
-                if error.status == 409 and attempt < 2:
-                    continue  # someone wrote the bot between our read and our status write: read again
-                metrics.RECONCILE_ERRORS.inc()
-                raise
-            except Exception:
-                metrics.RECONCILE_ERRORS.inc()
-                raise
+def reconcile(namespace: str, name: str, echo_of: str | None = None, fresh: bool = False) -> None:
+    """Reconcile one bot, at most one pass at a time per bot.
 
-
-def _reconcile(namespace: str, name: str) -> None:
-    custom, batch = client.CustomObjectsApi(_api), client.BatchV1Api(_api)
-    try:
-        bot = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-    except ApiException as error:
-        if error.status == 404:
+    A request made while another one for the same bot waits to start is merged into it: that pass reads
+    the cluster after both were made (a burst of events costs one pass, not one each). `echo_of` is the
+    resourceVersion of the bot in the triggering event: when our own status write made it, there is nothing
+    new to act on. Checked under the lock, since the watch may deliver the echo before the write returns.
+    """
+    key = (namespace, name)
+    with _pending_lock:
+        if key in _pending:
+            _pending[key] = None  # two reasons to look: the waiting pass must run
             return
-        raise
+        _pending[key] = echo_of
+    with _locks[key]:  # a bot's own events and its Jobs' events would otherwise race
+        with _pending_lock:
+            echo_of = _pending.pop(key)
+        if echo_of is not None and echo_of in _own_versions[key]:
+            return
+        try:
+            for attempt in range(3):
+                try:
+                    _reconcile(namespace, name, fresh=fresh or attempt > 0)
+                    break
+                except ApiException as error:
+                    if error.status != 409 or attempt == 2:
+                        raise  # 409: someone wrote the bot between our read and our status write: read again
+            _failures.pop(key, None)
+        except Exception as error:
+            # Event handlers are not retried by kopf: retry with a growing delay, capped at the resync interval.
+            metrics.RECONCILE_ERRORS.inc()
+            _failures[key] = _failures.get(key, 0) + 1
+            delay = min(SETTINGS.timer_seconds, 2.0 ** _failures[key])
+            reason = f"API answered {error.status} {error.reason}" if isinstance(error, ApiException) else _short(error)
+            log.warning("reconcile of %s/%s failed (%s: %s); retrying in %.0fs",
+                        namespace, name, type(error).__name__, reason, delay)
+            retry = threading.Timer(delay, reconcile, (namespace, name), {"fresh": True})
+            retry.daemon = True
+            retry.start()
+
+
+def _reconcile(namespace: str, name: str, fresh: bool) -> None:
+    custom, batch = client.CustomObjectsApi(_api), client.BatchV1Api(_api)
+    key = (namespace, name)
+    bot = None if fresh else _cache.bot(key)
+    if bot is None:
+        try:
+            bot = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as error:
+            if error.status == 404:
+                return
+            raise
+        _cache.put_bot(bot)
     if bot["metadata"].get("deletionTimestamp"):
         return
     metrics.RECONCILES.inc()
-    jobs = [
-        _api.sanitize_for_serialization(job)
-        for job in batch.list_namespaced_job(namespace, label_selector=f"{BOT_LABEL}={name}").items
-    ]
-    observed = Observed(jobs=jobs)
+    if fresh:
+        jobs = _list(batch.list_namespaced_job, namespace, label_selector=f"{BOT_LABEL}={name}")
+        _cache.replace_jobs(key, jobs)
+    else:
+        jobs = _cache.jobs(key)
+    observed = Observed(jobs=jobs, secrets=SecretKeys(namespace))
     observed.results = _stage_results(namespace, bot, jobs)
     old_status = bot.get("status") or {}
-    if old_status.get("phase") not in FINISHED or old_status.get("observedGeneration") != bot["metadata"]["generation"]:
-        observed.secrets = _secret_keys(namespace, bot)
-        if SETTINGS.max_concurrent_trainings:
-            observed.other_active_trainings = _active_trainings(exclude_bot=(namespace, name))
+    if SETTINGS.max_concurrent_trainings and (
+        old_status.get("phase") not in FINISHED or old_status.get("observedGeneration") != bot["metadata"]["generation"]
+    ):
+        observed.other_active_trainings = _active_trainings(exclude_bot=(namespace, name))
 
     run_id = run_id_for(bot)
     if any(job["metadata"]["labels"].get(STAGE_LABEL) == "train" and job["metadata"]["labels"].get(RUN_LABEL) == run_id
@@ -201,23 +270,37 @@ def _reconcile(namespace: str, name: str) -> None:
         except ApiException as error:
             if error.status != 404:
                 raise
+        _cache.forget_job(next(job for job in jobs if job["metadata"]["name"] == job_name))
     for manifest in decided.create:
         kopf.adopt(manifest, owner=bot)
+        # This pass writes the new Job's state into the status: its ADDED event (which may arrive before the
+        # create call returns) brings nothing new.
+        job_key = (namespace, manifest["metadata"]["name"])
+        _job_fingerprints[job_key] = job_fingerprint(manifest)
         try:
-            batch.create_namespaced_job(namespace, manifest)
+            _cache.put_job(json.loads(batch.create_namespaced_job(namespace, manifest, _preload_content=False).data))
         except ApiException as error:
+            _job_fingerprints.pop(job_key, None)
             if error.status != 409:  # already there: an earlier reconcile created it
                 raise
     patch = status_patch(old_status, decided.status)
     if patch:
         # resourceVersion makes this a compare-and-swap: after a concurrent write, 409 and `reconcile` reads again.
-        custom.patch_namespaced_custom_object_status(
+        written = custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, PLURAL, name,
             {"metadata": {"resourceVersion": bot["metadata"]["resourceVersion"]}, "status": patch},
         )
+        _own_versions[key].append(written["metadata"]["resourceVersion"])
+        _cache.put_bot(written)
     for event_type, reason, message in decided.events:
         post_event(bot, event_type, reason, message)
     metrics.observe(namespace, name, old_status, decided.status)
+    _last_reconciled[(namespace, name)] = time.monotonic()
+
+
+def _list(list_function, *args, **kwargs) -> list[dict]:
+    """A list call's items as plain dicts: the JSON as sent, without building the client's model objects."""
+    return json.loads(list_function(*args, _preload_content=False, **kwargs).data)["items"]
 
 
 def post_event(bot: dict, event_type: str, reason: str, message: str) -> None:
@@ -251,10 +334,10 @@ def _stage_results(namespace: str, bot: dict, jobs: list[dict]) -> dict[str, Sta
         job_name, state = job["metadata"]["name"], job_state(job)
         if state not in FINISHED or job_name in recorded:
             continue
-        pods = core.list_namespaced_pod(namespace, label_selector=f"job-name={job_name}").items
+        pods = _list(core.list_namespaced_pod, namespace, label_selector=f"job-name={job_name}")
         wanted_phase = "Succeeded" if state == "Succeeded" else "Failed"
-        for pod in sorted(pods, key=lambda p: p.metadata.creation_timestamp, reverse=True):
-            if pod.status.phase != wanted_phase:
+        for pod in sorted(pods, key=lambda p: p["metadata"]["creationTimestamp"], reverse=True):
+            if (pod.get("status") or {}).get("phase") != wanted_phase:
                 continue
             message = _termination_message(pod)
             if not message:
@@ -268,43 +351,52 @@ def _stage_results(namespace: str, bot: dict, jobs: list[dict]) -> dict[str, Sta
     return results
 
 
-def _termination_message(pod) -> str:
-    for container in pod.status.container_statuses or []:
-        terminated = container.state.terminated if container.state else None
-        if terminated is not None and terminated.message:
-            return terminated.message
+def _termination_message(pod: dict) -> str:
+    for container in pod["status"].get("containerStatuses") or []:
+        message = ((container.get("state") or {}).get("terminated") or {}).get("message")
+        if message:
+            return message
     return ""
 
 
-def _secret_keys(namespace: str, bot: dict) -> dict[str, frozenset[str] | None]:
-    """Which keys each referenced Secret has; the values are never kept or logged."""
-    core = client.CoreV1Api(_api)
-    keys: dict[str, frozenset[str] | None] = {}
-    for stage in STAGES:
-        for need in secret_needs(bot, stage):
-            if need.name in keys:
-                continue
+class SecretKeys(Mapping):
+    """Which keys each Secret of a namespace has (None: no such Secret), read on first use: most passes
+    create no Job and so read no Secret. The values are never kept or logged."""
+
+    def __init__(self, namespace: str):
+        self.namespace = namespace
+        self._keys: dict[str, frozenset[str] | None] = {}
+
+    def __getitem__(self, name: str) -> frozenset[str] | None:
+        if name not in self._keys:
             try:
-                secret = core.read_namespaced_secret(need.name, namespace)
-                keys[need.name] = frozenset((secret.data or {}).keys()) | frozenset((secret.string_data or {}).keys())
+                secret = client.CoreV1Api(_api).read_namespaced_secret(name, self.namespace, _preload_content=False)
+                self._keys[name] = frozenset(json.loads(secret.data).get("data") or {})
             except ApiException as error:
                 if error.status != 404:
                     raise
-                keys[need.name] = None
-    return keys
+                self._keys[name] = None
+        return self._keys[name]
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+
+def _bot_jobs(selector: str = BOT_LABEL) -> list[dict]:
+    """The Jobs matching `selector` wherever the operator may list them."""
+    batch = client.BatchV1Api(_api)
+    if SETTINGS.namespaces:  # namespaced RBAC: list where we may
+        return [job for ns in SETTINGS.namespaces for job in _list(batch.list_namespaced_job, ns, label_selector=selector)]
+    return _list(batch.list_job_for_all_namespaces, label_selector=selector)
 
 
 def _active_trainings(exclude_bot: tuple[str, str]) -> int:
-    batch = client.BatchV1Api(_api)
-    selector = f"{STAGE_LABEL}=train"
-    if SETTINGS.namespaces:  # namespaced RBAC: list where we may
-        jobs = [job for ns in SETTINGS.namespaces for job in batch.list_namespaced_job(ns, label_selector=selector).items]
-    else:
-        jobs = batch.list_job_for_all_namespaces(label_selector=selector).items
     return sum(
         1
-        for job in jobs
-        if (job.metadata.namespace, job.metadata.labels.get(BOT_LABEL)) != exclude_bot
-        and job_state(_api.sanitize_for_serialization(job)) not in FINISHED
+        for job in _bot_jobs(f"{STAGE_LABEL}=train")
+        if (job["metadata"]["namespace"], job["metadata"]["labels"].get(BOT_LABEL)) != exclude_bot
+        and job_state(job) not in FINISHED
     )
-

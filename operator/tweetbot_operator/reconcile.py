@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -261,9 +262,19 @@ def job_state(job: dict) -> str:
         return "Failed"
     if job.get("spec", {}).get("suspend"):
         return "Queued"
-    if status.get("active") or status.get("ready"):
+    # Started and not finished is running, also between pods (a retry's back-off, a pod counted as done
+    # before the Job's condition is set).
+    if status.get("active") or status.get("ready") or status.get("startTime"):
         return "Running"
     return "Pending"
+
+
+def job_fingerprint(job: dict) -> tuple:
+    """What of a Job is worth a reconcile: its state, its pods' outcomes and times. Other changes (ready and
+    active counts, the Job controller's pod bookkeeping) are left for the next pass to pick up."""
+    status = job.get("status") or {}
+    return (job_state(job), status.get("succeeded", 0), status.get("failed", 0),
+            status.get("startTime"), status.get("completionTime"))
 
 
 @dataclass
@@ -273,8 +284,9 @@ class Observed:
     jobs: list[dict] = field(default_factory=list)
     # Stage results read from terminated pods' termination messages, by Job name (only for Jobs that ended).
     results: dict[str, StageResult] = field(default_factory=dict)
-    # Keys of each Secret the bot references; None for a Secret that does not exist.
-    secrets: dict[str, frozenset[str] | None] = field(default_factory=dict)
+    # Keys of each Secret the bot references; None for a Secret that does not exist. Looked up only when
+    # a stage's Job is about to be created, so the shell may read Secrets lazily.
+    secrets: Mapping[str, frozenset[str] | None] = field(default_factory=dict)
     # Train Jobs running for other bots (for the operator's own concurrency limit).
     other_active_trainings: int = 0
     # The running train stage's latest report, if it has written one.

@@ -1,0 +1,67 @@
+"""What the operator's watches have delivered: each bot's latest body and each bot's Jobs, so a reconcile reads
+memory instead of asking the API server again (the informer pattern). Objects the operator writes go in as
+soon as the API server returns them, so its next pass does not act on an older copy.
+
+A stale copy is harmless: a status write carries the bot's resourceVersion and is refused (409) if the bot
+moved on, and then the bot is read from the API server; a Job created twice is refused with 409 too.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+from tweetbot_trainer.contract import BOT_LABEL
+
+Key = tuple[str, str]  # (namespace, name)
+
+
+class WatchCache:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._bots: dict[Key, dict] = {}
+        self._jobs: defaultdict[Key, dict[str, dict]] = defaultdict(dict)  # by (namespace, bot), then Job name
+
+    def bot(self, key: Key) -> dict | None:
+        with self._lock:
+            return self._bots.get(key)
+
+    def put_bot(self, bot: dict) -> None:
+        with self._lock:
+            self._bots[_key(bot)] = bot
+
+    def forget_bot(self, key: Key) -> None:
+        with self._lock:
+            self._bots.pop(key, None)
+            self._jobs.pop(key, None)
+
+    def jobs(self, key: Key) -> list[dict]:
+        with self._lock:
+            return list(self._jobs.get(key, {}).values())
+
+    def replace_jobs(self, key: Key, jobs: list[dict]) -> None:
+        """What a fresh list said the bot's Jobs are."""
+        with self._lock:
+            self._jobs[key] = {job["metadata"]["name"]: job for job in jobs}
+
+    def put_job(self, job: dict) -> None:
+        with self._lock:
+            self._jobs[_owner(job)][job["metadata"]["name"]] = job
+
+    def forget_job(self, job: dict) -> None:
+        with self._lock:
+            jobs = self._jobs.get(_owner(job))
+            if jobs is not None:
+                jobs.pop(job["metadata"]["name"], None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._bots) + sum(len(jobs) for jobs in self._jobs.values())
+
+
+def _key(obj: dict) -> Key:
+    return obj["metadata"]["namespace"], obj["metadata"]["name"]
+
+
+def _owner(job: dict) -> Key:
+    return job["metadata"]["namespace"], job["metadata"]["labels"][BOT_LABEL]

@@ -1,0 +1,32 @@
+"""The operator's watch cache: what a reconcile reads instead of the API server."""
+
+from tweetbot_operator.cache import WatchCache
+from tweetbot_trainer.contract import BOT_LABEL
+
+
+def job(name, bot, namespace="ns"):
+    return {"metadata": {"name": name, "namespace": namespace, "labels": {BOT_LABEL: bot}}}
+
+
+def test_jobs_are_kept_by_their_bot_and_namespace():
+    cache = WatchCache()
+    cache.put_job(job("a-scrape", "a"))
+    cache.put_job(job("a-train", "a"))
+    cache.put_job(job("a-scrape", "a", namespace="other"))
+    cache.put_job(job("ab-scrape", "ab"))
+    assert sorted(j["metadata"]["name"] for j in cache.jobs(("ns", "a"))) == ["a-scrape", "a-train"]
+    assert [j["metadata"]["namespace"] for j in cache.jobs(("other", "a"))] == ["other"]
+    cache.forget_job(job("a-train", "a"))
+    assert [j["metadata"]["name"] for j in cache.jobs(("ns", "a"))] == ["a-scrape"]
+    cache.replace_jobs(("ns", "a"), [])
+    assert cache.jobs(("ns", "a")) == [] and len(cache.jobs(("ns", "ab"))) == 1
+
+
+def test_a_newer_copy_of_a_bot_replaces_the_older_and_forgetting_drops_its_jobs():
+    cache = WatchCache()
+    cache.put_bot({"metadata": {"namespace": "ns", "name": "a", "resourceVersion": "1"}})
+    cache.put_bot({"metadata": {"namespace": "ns", "name": "a", "resourceVersion": "2"}})
+    cache.put_job(job("a-scrape", "a"))
+    assert cache.bot(("ns", "a"))["metadata"]["resourceVersion"] == "2"
+    cache.forget_bot(("ns", "a"))
+    assert cache.bot(("ns", "a")) is None and cache.jobs(("ns", "a")) == [] and len(cache) == 0

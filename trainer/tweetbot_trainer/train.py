@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,6 +168,31 @@ def describe_deepspeed(config: dict) -> str:
     return f"ZeRO stage {zero.get('stage', 0)}{offload}"
 
 
+def training_arguments(args: TrainArguments, output_dir: str, train_blocks: int, has_eval: bool, world_size: int,
+                       cuda: bool) -> dict:
+    """The keyword arguments of transformers' TrainingArguments for the stage."""
+    return dict(
+        output_dir=output_dir,
+        num_train_epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type=args.lr_scheduler,
+        warmup_steps=0,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        seed=args.seed,
+        eval_strategy="epoch" if has_eval else "no",
+        logging_steps=max(1, math.ceil(train_blocks / args.batch_size / world_size / 10)),
+        logging_nan_inf_filter=False,  # its isnan() check on every step's loss is a device sync per step on a GPU
+        save_strategy="no",  # saves come from TimedCheckpoints, and one at the end
+        report_to=[],
+        deepspeed=deepspeed_config(args),
+        use_cpu=not cuda,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **precision_flags(args.precision),
+    )
+
+
 def precision_flags(precision: str) -> dict:
     import torch
 
@@ -176,6 +202,63 @@ def precision_flags(precision: str) -> dict:
         else:
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+# --- where the stage's wall time goes -------------------------------------------------------------------
+
+
+def seconds_since_process_start() -> float | None:
+    """Wall seconds since this process started (interpreter start-up and imports before the stage ran), from /proc."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class PhaseTimes:
+    """Wall seconds per phase of the stage. Phases do not overlap, so they add up to the stage's wall time;
+    everything but `trainingSteps` (forward, backward, optimizer) is what a GPU pod pays for without training."""
+
+    LOOP = "trainingSteps"
+
+    def __init__(self, clock=time.monotonic, before_start: float | None = None):
+        self.clock = clock
+        self.started = clock()
+        self.seconds: dict[str, float] = {}
+        if before_start is not None:
+            self.seconds["processStart"] = before_start
+        self.background: list[dict] = []  # checkpoint uploads, overlapping the loop
+
+    @contextmanager
+    def phase(self, name: str):
+        start = self.clock()
+        try:
+            yield
+        finally:
+            self.add(name, self.clock() - start)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def record(self) -> dict:
+        """The phases in seconds, the total and each phase's share of it, and the share outside the loop."""
+        total = self.seconds.get("processStart", 0.0) + (self.clock() - self.started)
+        phases = dict(self.seconds)
+        phases["other"] = max(0.0, total - sum(phases.values()))
+        return {
+            "totalSeconds": round(total, 3),
+            "seconds": {name: round(value, 3) for name, value in phases.items()},
+            "share": {name: round(value / total, 4) if total > 0 else 0.0 for name, value in phases.items()},
+            "outsideLoopShare": round(1 - phases.get(self.LOOP, 0.0) / total, 4) if total > 0 else 0.0,
+            "checkpointUploads": self.background,
+        }
+
+    def summary(self) -> str:
+        record = self.record()
+        parts = ", ".join(f"{name} {value:.1f}s" for name, value in record["seconds"].items() if value >= 0.05)
+        return f"{record['totalSeconds']:.1f}s, {100 * record['outsideLoopShare']:.0f}% outside the training steps: {parts}"
 
 
 # --- checkpoints and progress in S3 ---------------------------------------------------------------------
@@ -190,7 +273,7 @@ def newest_complete_checkpoint(storage: Storage, layout: S3Layout) -> tuple[int,
     return step, json.loads(storage.read(f"s3://{layout.bucket}/{key}"))
 
 
-def make_callbacks(args: TrainArguments, storage: Storage, layout: S3Layout, tokens_per_step: int):
+def make_callbacks(args: TrainArguments, storage: Storage, layout: S3Layout, tokens_per_step: int, times: PhaseTimes):
     from transformers import TrainerCallback
 
     class TimedCheckpoints(TrainerCallback):
@@ -221,24 +304,32 @@ def make_callbacks(args: TrainArguments, storage: Storage, layout: S3Layout, tok
                 self.pending.append(self.pool.submit(self._upload, local, state.global_step))
 
         def _upload(self, local: Path, step: int):
+            started = time.monotonic()
             prefix = f"{layout.checkpoints}checkpoint-{step}/"
-            storage.upload_directory(local, layout.bucket, prefix, manifest_key=prefix + "manifest.json")
+            manifest = storage.upload_directory(local, layout.bucket, prefix, manifest_key=prefix + "manifest.json")
+            uploaded = time.monotonic() - started
             complete = storage.list_keys(layout.bucket, layout.checkpoints, suffix="/manifest.json")
             for old in sorted(complete, key=lambda k: int(k.rstrip("/").split("/")[-2].split("-")[-1]))[:-args.keep_checkpoints]:
                 storage.delete_prefix(layout.bucket, old.rsplit("/", 1)[0] + "/")
-            log.info("checkpoint %d uploaded to s3://%s/%s", step, layout.bucket, prefix)
+            size = sum(file["bytes"] for file in manifest["files"].values())
+            times.background.append({"step": step, "bytes": size, "seconds": round(uploaded, 3)})
+            log.info("checkpoint %d uploaded to s3://%s/%s (%.0f MB in %.1fs)", step, layout.bucket, prefix, size / 1e6, uploaded)
 
         def wait(self):
-            for future in self.pending:
-                future.result()  # an upload that failed after its retries fails the stage here
+            with times.phase("checkpointUploadWait"):
+                for future in self.pending:
+                    future.result()  # an upload that failed after its retries fails the stage here
 
         def on_train_end(self, training_args, state, control, **kwargs):
             self.wait()
 
     class ProgressReports(TrainerCallback):
+        """Steps, loss, tokens/s and ETA to S3 for the operator, written off the training thread."""
+
         def __init__(self):
             self.started = time.monotonic()
             self.first_step = None
+            self.writer = ThreadPoolExecutor(max_workers=1)
 
         def on_log(self, training_args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not state.max_steps:
@@ -254,20 +345,50 @@ def make_callbacks(args: TrainArguments, storage: Storage, layout: S3Layout, tok
                 tokens_per_second=round(rate * tokens_per_step, 1),
                 eta_seconds=int((state.max_steps - state.global_step) / rate) if rate > 0 else None,
             )
+            self.writer.submit(self._write, progress.to_json().encode())
+
+        def _write(self, body: bytes):
             try:
-                storage.put(layout.bucket, layout.progress, progress.to_json().encode())
+                storage.put(layout.bucket, layout.progress, body)
             except Exception as error:  # progress is best effort: never stop training for it
                 log.warning("progress report not written: %s", type(error).__name__)
 
-    return [TimedCheckpoints(), S3Checkpoints(), ProgressReports()]
+    class EngineReady(TrainerCallback):
+        """Marks the end of trainer.train()'s set-up (DeepSpeed engine, optimizer, resumed state)."""
+
+        def __init__(self):
+            self.at = None
+
+        def on_train_begin(self, training_args, state, control, **kwargs):
+            self.at = time.monotonic()
+
+    return [TimedCheckpoints(), S3Checkpoints(), ProgressReports(), EngineReady()]
+
+
+def timed_trainer(times: PhaseTimes):
+    """transformers' Trainer, with its evaluations and checkpoint saves timed as phases of their own."""
+    from transformers import Trainer
+
+    class TimedTrainer(Trainer):
+        def evaluate(self, *args, **kwargs):
+            with times.phase("eval"):
+                return super().evaluate(*args, **kwargs)
+
+        def _save_checkpoint(self, *args, **kwargs):
+            with times.phase("checkpointSave"):
+                return super()._save_checkpoint(*args, **kwargs)
+
+    return TimedTrainer
 
 
 # --- the stage ----------------------------------------------------------------------------------------
 
 
 def run_train(request: StageRequest, storage: Storage, workdir: Path | None = None) -> StageResult:
-    import torch
-    from transformers import GenerationConfig, Trainer, TrainingArguments, set_seed
+    times = PhaseTimes(before_start=seconds_since_process_start())
+    with times.phase("imports"):
+        import torch
+        from transformers import GenerationConfig, TrainingArguments, set_seed
 
     args = TrainArguments.from_request(request)
     layout = request.s3
@@ -275,12 +396,15 @@ def run_train(request: StageRequest, storage: Storage, workdir: Path | None = No
     started = time.monotonic()
     set_seed(args.seed)
 
-    posts = load_posts(storage, layout)
-    model, tokenizer = load_model_and_tokenizer(resolve_model(storage, args.model_name, workdir), args.revision)
-    block_size = min(args.block_size, getattr(model.config, "n_positions", None) or args.block_size)
-    train_posts, eval_posts = split_posts(posts, args.validation_fraction, args.seed)
-    train_blocks = pack(tokenize_posts(tokenizer, train_posts), block_size)
-    eval_blocks = pack(tokenize_posts(tokenizer, eval_posts), block_size)
+    with times.phase("dataLoad"):
+        posts = load_posts(storage, layout)
+    with times.phase("modelLoad"):
+        model, tokenizer = load_model_and_tokenizer(resolve_model(storage, args.model_name, workdir), args.revision)
+    with times.phase("dataLoad"):
+        block_size = min(args.block_size, getattr(model.config, "n_positions", None) or args.block_size)
+        train_posts, eval_posts = split_posts(posts, args.validation_fraction, args.seed)
+        train_blocks = pack(tokenize_posts(tokenizer, train_posts), block_size)
+        eval_blocks = pack(tokenize_posts(tokenizer, eval_posts), block_size)
     if not train_blocks:
         raise DatasetTooSmall(f"the dataset's {len(train_posts)} training posts make less than one block of {block_size} tokens: "
                               "collect more posts or lower spec.training.blockSize")
@@ -288,37 +412,24 @@ def run_train(request: StageRequest, storage: Storage, workdir: Path | None = No
 
     output_dir = workdir / "checkpoints"
     resume_from = None
-    newest = newest_complete_checkpoint(storage, layout)
-    if newest is not None:
-        step, manifest = newest
-        resume_from = output_dir / f"checkpoint-{step}"
-        storage.download_files(layout.bucket, manifest["files"], f"{layout.checkpoints}checkpoint-{step}/", resume_from)
-        log.info("resuming from checkpoint %d", step)
+    with times.phase("resumeDownload"):
+        newest = newest_complete_checkpoint(storage, layout)
+        if newest is not None:
+            step, manifest = newest
+            resume_from = output_dir / f"checkpoint-{step}"
+            storage.download_files(layout.bucket, manifest["files"], f"{layout.checkpoints}checkpoint-{step}/", resume_from)
+            log.info("resuming from checkpoint %d", step)
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     tokens_per_step = args.batch_size * block_size * world_size
-    training_args = TrainingArguments(
-        output_dir=str(output_dir),
-        num_train_epochs=args.epochs,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type=args.lr_scheduler,
-        warmup_steps=0,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        seed=args.seed,
-        eval_strategy="epoch" if eval_blocks else "no",
-        logging_steps=max(1, math.ceil(len(train_blocks) / args.batch_size / world_size / 10)),
-        save_strategy="no",  # saves come from TimedCheckpoints, and one at the end
-        report_to=[],
-        deepspeed=deepspeed_config(args),
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        **precision_flags(args.precision),
-    )
-    callbacks = make_callbacks(args, storage, layout, tokens_per_step)
-    trainer = Trainer(model=model, args=training_args, train_dataset=BlockDataset(train_blocks),
-                      eval_dataset=BlockDataset(eval_blocks) if eval_blocks else None, callbacks=callbacks)
+    with times.phase("trainerInit"):
+        training_args = TrainingArguments(**training_arguments(args, str(output_dir), len(train_blocks), bool(eval_blocks),
+                                                               world_size, cuda=torch.cuda.is_available()))
+        callbacks = make_callbacks(args, storage, layout, tokens_per_step, times)
+        trainer = timed_trainer(times)(model=model, args=training_args, train_dataset=BlockDataset(train_blocks),
+                                       eval_dataset=BlockDataset(eval_blocks) if eval_blocks else None, callbacks=callbacks)
+    inside = dict(times.seconds)
+    train_started = time.monotonic()
     try:
         train_result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except torch.cuda.OutOfMemoryError:
@@ -326,36 +437,58 @@ def run_train(request: StageRequest, storage: Storage, workdir: Path | None = No
             f"the GPU ran out of memory with batch size {args.batch_size} and block size {block_size}: use ZeRO stage 3, "
             "offload: cpu, or a smaller spec.training.batchSize / blockSize"
         ) from None
+    # trainer.train() = engine set-up, then the loop: its steps, and the evaluations, saves and upload waits timed inside.
+    in_train = sum(times.seconds.get(name, 0.0) - inside.get(name, 0.0) for name in times.seconds)
+    engine_init = (callbacks[3].at or train_started) - train_started
+    times.add("engineInit", engine_init)
+    times.add(PhaseTimes.LOOP, time.monotonic() - train_started - engine_init - in_train)
     callbacks[1].wait()
     metrics = {"trainLoss": round(train_result.training_loss, 4), "steps": trainer.state.global_step}
     if eval_blocks:
-        eval_loss = trainer.evaluate()["eval_loss"]
+        eval_loss = last_eval_loss(trainer.state.log_history, trainer.state.global_step)
+        if eval_loss is None:  # a run resumed after its last epoch's evaluation
+            eval_loss = trainer.evaluate()["eval_loss"]
         metrics.update(evalLoss=round(eval_loss, 4), perplexity=round(math.exp(min(eval_loss, 50)), 2))
 
     final_dir = workdir / "final"
-    trainer.save_model(str(final_dir))
+    with times.phase("finalSave"):
+        trainer.save_model(str(final_dir))
     if trainer.is_world_process_zero():
         if not (final_dir / "model.safetensors").is_file():
             raise StageError("training finished but model.safetensors was not written")
-        tokenizer.save_pretrained(final_dir)
-        GenerationConfig(prefix=EOS, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.eos_token_id, **GENERATION_DEFAULTS).save_pretrained(final_dir)
-        (final_dir / "samples.json").write_text(json.dumps(sample_generations(final_dir, args.seed), ensure_ascii=False))
-        # What the publish stage's model card says about training.
+        with times.phase("finalSave"):
+            tokenizer.save_pretrained(final_dir)
+            GenerationConfig(prefix=EOS, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.eos_token_id, **GENERATION_DEFAULTS).save_pretrained(final_dir)
+        with times.phase("samples"):
+            (final_dir / "samples.json").write_text(json.dumps(sample_generations(final_dir, args.seed), ensure_ascii=False))
+        # What the publish stage's model card says about training; the timings stop before the final upload.
         (final_dir / "training.json").write_text(json.dumps({
             "baseModel": args.model_name, "metrics": metrics,
             "hyperparameters": {"epochs": args.epochs, "learning rate": args.learning_rate, "scheduler": args.lr_scheduler,
                                 "batch size per device": args.batch_size, "block size": block_size, "seed": args.seed,
                                 "devices": world_size},
             "deepspeed": describe_deepspeed(training_args.deepspeed),
+            "timings": times.record(),
         }, indent=1))
-        storage.upload_directory(final_dir, layout.bucket, layout.final_model, manifest_key=layout.final_model + "manifest.json")
+        with times.phase("finalUpload"):
+            storage.upload_directory(final_dir, layout.bucket, layout.final_model, manifest_key=layout.final_model + "manifest.json")
     duration = time.monotonic() - started
     metrics.update(tokens=len(train_blocks) * block_size * args.epochs, durationSeconds=round(duration, 1),
                    gpuSeconds=round(duration * args.gpus, 1))
+    log.info("stage timings: %s", times.summary())
+    log.info("stage timings json: %s", json.dumps(times.record()))
     shutil.rmtree(workdir, ignore_errors=True)
     return StageResult(stage="train", run_id=request.run_id, metrics=metrics,
                        artifacts={"modelUri": layout.uri("final") + "/"})
+
+
+def last_eval_loss(log_history: list[dict], step: int) -> float | None:
+    """The evaluation loss logged at `step` (the end-of-epoch evaluation of the final model), if there is one."""
+    for entry in reversed(log_history):
+        if "eval_loss" in entry and entry.get("step") == step:
+            return entry["eval_loss"]
+    return None
 
 
 def sample_generations(model_dir: Path, seed: int, count: int = 3) -> list[str]:

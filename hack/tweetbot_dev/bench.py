@@ -13,6 +13,7 @@ from tweetbot_trainer.cleaning import curate
 from tweetbot_trainer.sources import Post
 from tweetbot_trainer.sources.x_api import XApiSource
 
+from .bench_trainer import bench_train  # moved there; main() still calls it
 from .fakes import FakeAccount, FakePost, FakeSocialServer
 
 
@@ -120,62 +121,3 @@ def main(argv_json: str | None = None) -> dict:
         with open(argv_json, "w") as file:
             json.dump(results, file, indent=1)
     return results
-
-
-# --- the train stage against huggingtweets' way of training -----------------------------------------------
-
-def _train_once(kind: str, model_dir: str, posts_file: str, epochs: int) -> dict:
-    """One training run in this process; `kind` is "ours" (the stage's packing, batch 8, ZeRO-2 through
-    DeepSpeed) or "huggingtweets" (batch 1, blocks of the model's maximum length, plain Trainer, fp32)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
-
-    from tweetbot_trainer.train import BlockDataset, TrainArguments, deepspeed_config, pack, tokenize_posts
-
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    posts = json.loads(open(posts_file).read())
-    block = model.config.n_positions
-    blocks = pack(tokenize_posts(tokenizer, posts), block)
-    ours = kind == "ours"
-    args = TrainingArguments(
-        output_dir=f"/tmp/tweetbot-bench-{kind}", num_train_epochs=epochs, per_device_train_batch_size=8 if ours else 1,
-        learning_rate=1.372e-4, lr_scheduler_type="cosine" if ours else "linear", save_strategy="no", report_to=[],
-        logging_strategy="no", disable_tqdm=True, use_cpu=True, dataloader_num_workers=0,
-        deepspeed=deepspeed_config(TrainArguments(zero_stage=2)) if ours else None,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=BlockDataset(blocks))
-    started = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - started
-    return {"tokens": len(blocks) * block * epochs, "seconds": seconds, "tokens_per_second": len(blocks) * block * epochs / seconds}
-
-
-def bench_train(posts: int = 3000, epochs: int = 2) -> dict:
-    import os
-    import subprocess
-    import sys
-    import tempfile
-    from pathlib import Path
-
-    from .tiny_model import build_tiny_gpt2
-
-    words = "my dream is to build a small robot that writes posts about cats and coffee every morning".split()
-    texts = [" ".join(words[(i * 7 + k) % len(words)] for k in range(6 + i % 20)) for i in range(posts)]
-    work = Path(tempfile.mkdtemp(prefix="tweetbot-bench-"))
-    model_dir = build_tiny_gpt2(work / "model", texts, vocab_size=2000, n_positions=256, n_embd=128, n_layer=4, n_head=4)
-    (work / "posts.json").write_text(json.dumps(texts))
-    results = {}
-    for kind in ("huggingtweets", "ours"):
-        env = {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517"}
-        code = (f"import json; from tweetbot_dev.bench import _train_once; "
-                f"print('RESULT' + json.dumps(_train_once({kind!r}, {str(model_dir)!r}, {str(work / 'posts.json')!r}, {epochs})))")
-        output = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-        results[kind] = json.loads(output.split("RESULT", 1)[1].splitlines()[0])
-    ours, baseline = results["ours"], results["huggingtweets"]
-    return {"tokens": ours["tokens"], "tokens_per_second": round(ours["tokens_per_second"]),
-            "baseline_tokens_per_second": round(baseline["tokens_per_second"]),
-            "seconds": round(ours["seconds"], 1), "baseline_seconds": round(baseline["seconds"], 1),
-            "speedup": round(ours["tokens_per_second"] / baseline["tokens_per_second"], 2)}

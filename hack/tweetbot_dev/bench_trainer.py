@@ -312,6 +312,10 @@ def bench_s3_upload(scale: float = 0.4, runs: int = 2) -> dict:
     }
 
 
+def _ratio(speedup: float) -> str:
+    return f"{speedup}x faster" if speedup >= 1 else f"{speedup}x (slower)"
+
+
 def rows(results: dict) -> list[tuple[str, str, str, str, str]]:
     """Table rows (benchmark, ours, baseline, ratio, what the baseline is) for bench.print_table."""
     out = []
@@ -319,9 +323,9 @@ def rows(results: dict) -> list[tuple[str, str, str, str, str]]:
     if train:
         out += [
             ("train (tokens/s)", f"{train['tokens_per_second']:,}", f"{train['baseline_tokens_per_second']:,}",
-             f"{train['speedup']}x faster", "huggingtweets: batch 1, max-length blocks, plain Trainer, fp32"),
+             _ratio(train['speedup']), "huggingtweets: batch 1, max-length blocks, plain Trainer, fp32"),
             ("train steps only (tok/s)", f"{train['steps_tokens_per_second']:,}", f"{train['baseline_tokens_per_second']:,}",
-             f"{train['steps_speedup']}x faster", "the same, against the stage's steps without init or eval"),
+             _ratio(train['steps_speedup']), "the same, against the stage's steps without init or eval"),
             ("train stage wall (s)", f"{train['stage_wall_seconds']}", f"{train['baseline_wall_seconds']}",
              f"{train['wall_ratio']}x the time", f"whole processes; same {train['tokens']:,} tokens, tiny GPT-2, CPU"),
             ("outside the loop (%)", f"{100 * train['phases']['outside_loop_share']:.0f}", "", "",
@@ -330,5 +334,5 @@ def rows(results: dict) -> list[tuple[str, str, str, str, str]]:
     s3 = results.get("s3_upload")
     if s3:
         out.append(("checkpoint upload (MB/s)", f"{s3['mb_per_second']:,}", f"{s3['baseline_mb_per_second']:,}",
-                    f"{s3['speedup']}x faster", f"one put_object per file; {s3['bytes'] / 1e6:,.0f} MB in {s3['files']} files"))
+                    _ratio(s3['speedup']), f"one put_object per file; {s3['bytes'] / 1e6:,.0f} MB in {s3['files']} files"))
     return out

@@ -30,3 +30,27 @@ def test_a_newer_copy_of_a_bot_replaces_the_older_and_forgetting_drops_its_jobs(
     assert cache.bot(("ns", "a"))["metadata"]["resourceVersion"] == "2"
     cache.forget_bot(("ns", "a"))
     assert cache.bot(("ns", "a")) is None and cache.jobs(("ns", "a")) == [] and len(cache) == 0
+
+
+def test_an_older_copy_never_replaces_a_newer_one():
+    cache = WatchCache()
+    cache.put_bot({"metadata": {"namespace": "ns", "name": "a", "resourceVersion": "12"}})
+    cache.put_bot({"metadata": {"namespace": "ns", "name": "a", "resourceVersion": "9"}})  # a late watch event
+    assert cache.bot(("ns", "a"))["metadata"]["resourceVersion"] == "12"
+    newer = job("a-scrape", "a")
+    newer["metadata"]["resourceVersion"] = "30"
+    older = job("a-scrape", "a")
+    older["metadata"]["resourceVersion"] = "29"
+    cache.put_job(newer)
+    cache.put_job(older)
+    assert cache.jobs(("ns", "a"))[0]["metadata"]["resourceVersion"] == "30"
+
+
+def test_only_what_reconciling_reads_is_kept():
+    cache = WatchCache()
+    cache.put_job({"metadata": {"name": "a-scrape", "namespace": "ns", "labels": {BOT_LABEL: "a"},
+                                "managedFields": [{"manager": "x"}]},
+                   "spec": {"suspend": True, "template": {"spec": {"containers": [{"name": "stage"}]}}},
+                   "status": {"active": 1}})
+    assert cache.jobs(("ns", "a")) == [{"metadata": {"name": "a-scrape", "namespace": "ns", "labels": {BOT_LABEL: "a"}},
+                                        "spec": {"suspend": True}, "status": {"active": 1}}]

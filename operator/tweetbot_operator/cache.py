@@ -27,8 +27,10 @@ class WatchCache:
             return self._bots.get(key)
 
     def put_bot(self, bot: dict) -> None:
+        bot = {**bot, "metadata": _slim_metadata(bot["metadata"])}
         with self._lock:
-            self._bots[_key(bot)] = bot
+            if not _older(bot, self._bots.get(_key(bot))):
+                self._bots[_key(bot)] = bot
 
     def forget_bot(self, key: Key) -> None:
         with self._lock:
@@ -41,12 +43,16 @@ class WatchCache:
 
     def replace_jobs(self, key: Key, jobs: list[dict]) -> None:
         """What a fresh list said the bot's Jobs are."""
+        jobs = [_slim_job(job) for job in jobs]
         with self._lock:
             self._jobs[key] = {job["metadata"]["name"]: job for job in jobs}
 
     def put_job(self, job: dict) -> None:
+        job = _slim_job(job)
         with self._lock:
-            self._jobs[_owner(job)][job["metadata"]["name"]] = job
+            jobs = self._jobs[_owner(job)]
+            if not _older(job, jobs.get(job["metadata"]["name"])):
+                jobs[job["metadata"]["name"]] = job
 
     def forget_job(self, job: dict) -> None:
         with self._lock:
@@ -57,6 +63,26 @@ class WatchCache:
     def __len__(self) -> int:
         with self._lock:
             return len(self._bots) + sum(len(jobs) for jobs in self._jobs.values())
+
+
+def _older(new: dict, cached: dict | None) -> bool:
+    """Whether `new` is an older copy than the cached one: a watch event can arrive after the response to our
+    own later write. resourceVersions are etcd revisions; anything else is taken as newer."""
+    if cached is None:
+        return False
+    new_version, cached_version = new["metadata"].get("resourceVersion", ""), cached["metadata"].get("resourceVersion", "")
+    return new_version.isdigit() and cached_version.isdigit() and int(new_version) < int(cached_version)
+
+
+def _slim_metadata(metadata: dict) -> dict:
+    # managedFields and kubectl's last-applied annotation are most of an object's size and nothing we read.
+    return {key: value for key, value in metadata.items() if key not in ("managedFields", "annotations")}
+
+
+def _slim_job(job: dict) -> dict:
+    """What reconciling reads of a Job (name, labels, suspend, status): a tenth of its size, 3,000 Jobs at 1,000 bots."""
+    return {"metadata": _slim_metadata(job["metadata"]), "spec": {"suspend": job.get("spec", {}).get("suspend")},
+            "status": job.get("status") or {}}
 
 
 def _key(obj: dict) -> Key:

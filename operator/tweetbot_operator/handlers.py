@@ -25,6 +25,7 @@ from tweetbot_trainer.contract import BOT_LABEL, GROUP, RUN_LABEL, STAGE_LABEL, 
 from . import metrics
 from .artifacts import delete_artifacts, read_progress
 from .cache import WatchCache
+from .workqueue import NEW, UPDATE, Request, WorkQueue
 from .reconcile import Observed, job_fingerprint, job_state, plan, run_id_for, s3_layout, status_patch
 from .settings import Settings
 
@@ -36,14 +37,12 @@ FINALIZER = f"{GROUP}/artifacts"  # only on bots whose deletionPolicy is Delete
 log = logging.getLogger("tweetbot.operator")
 SETTINGS = Settings.from_env()
 _api: client.ApiClient | None = None
-_locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
-_pending: dict[tuple[str, str], str | None] = {}  # bots with a reconcile waiting for their lock
-_pending_lock = threading.Lock()
 # The resourceVersions our latest status writes gave each bot: events carrying them bring nothing new.
 _own_versions: defaultdict[tuple[str, str], deque[str]] = defaultdict(lambda: deque(maxlen=4))
 _last_reconciled: dict[tuple[str, str], float] = {}  # monotonic time of each bot's last full pass
 _failures: dict[tuple[str, str], int] = {}  # consecutive failed passes of each bot
 _job_fingerprints: dict[tuple[str, str], tuple] = {}  # what the last reconcile knew of each Job
+_queue = WorkQueue()
 _cache = WatchCache()
 
 
@@ -59,30 +58,33 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
     settings.persistence.finalizer = FINALIZER
     # Only our own events (phase changes, warnings) reach `kubectl describe`, not kopf's per-handler chatter.
     settings.posting.level = logging.WARNING
-    settings.execution.max_workers = 16
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
     configuration = client.Configuration.get_default_copy()
-    configuration.connection_pool_maxsize = settings.execution.max_workers + 4  # one per worker thread, and the resync
+    configuration.connection_pool_maxsize = SETTINGS.workers + 2  # one per worker, the resync loop, the deletions
     _api = client.ApiClient(configuration)
     _api.user_agent = "tweetbot-operator"
     # The Jobs that exist before the first bot is looked at, so no pass starts from an empty picture.
     for job in _bot_jobs():
         _cache.put_job(job)
+    for number in range(SETTINGS.workers):
+        threading.Thread(target=_work, name=f"reconcile-{number}", daemon=True).start()
     metrics.serve(SETTINGS.metrics_port)
     log.info("operator started: namespaces=%s trainer image=%s", SETTINGS.namespaces or "all", SETTINGS.trainer_image)
 
 
 @kopf.on.cleanup()
 def close(**_) -> None:
+    _queue.close()
     if _api is not None:
         _api.close()
 
 
+# The watch handlers only note what they saw and queue the bot; worker threads reconcile from the queue.
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def bot_event(event: dict, namespace: str, name: str, **_) -> None:
+async def bot_event(event: dict, namespace: str, name: str, **_) -> None:
     """Every change of a bot, and every bot once at start-up, is a reason to reconcile it: level-based, so a
     missed or repeated event does no harm."""
     key = (namespace, name)
@@ -94,8 +96,10 @@ def bot_event(event: dict, namespace: str, name: str, **_) -> None:
         _failures.pop(key, None)
         _cache.forget_bot(key)
         return
-    _cache.put_bot(event["object"])
-    reconcile(namespace, name, echo_of=event["object"]["metadata"].get("resourceVersion"))
+    bot = event["object"]
+    _cache.put_bot(bot)
+    _queue.add(key, Request(priority=UPDATE if bot.get("status") else NEW,
+                            echo_of=bot["metadata"].get("resourceVersion")))
 
 
 @kopf.on.startup()
@@ -122,9 +126,9 @@ async def _resync_forever() -> None:
         except Exception as error:
             log.warning("resync could not list bots (%s); trying again in %.0fs", type(error).__name__, SETTINGS.timer_seconds)
             continue
-        for namespace, name in bots:
-            if time.monotonic() - _last_reconciled.get((namespace, name), 0.0) >= SETTINGS.timer_seconds * 0.9:
-                await asyncio.to_thread(reconcile, namespace, name, fresh=True)
+        for key in bots:
+            if time.monotonic() - _last_reconciled.get(key, 0.0) >= SETTINGS.timer_seconds * 0.9:
+                _queue.add(key, Request(fresh=True))
 
 
 def _unfinished_bots() -> list[tuple[str, str]]:
@@ -143,7 +147,7 @@ def _unfinished_bots() -> list[tuple[str, str]]:
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={BOT_LABEL: kopf.PRESENT})
-def job_changed(event: dict, namespace: str, name: str, labels: dict, **_) -> None:
+async def job_changed(event: dict, namespace: str, name: str, labels: dict, **_) -> None:
     # Most Job updates (ready counts, pod bookkeeping) change nothing the bot's status is made of.
     key = (namespace, name)
     if event["type"] == "DELETED":
@@ -155,7 +159,7 @@ def job_changed(event: dict, namespace: str, name: str, labels: dict, **_) -> No
         if _job_fingerprints.get(key) == fingerprint:
             return
         _job_fingerprints[key] = fingerprint
-    reconcile(namespace, labels[BOT_LABEL])
+    _queue.add((namespace, labels[BOT_LABEL]))
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, when=lambda spec, **_: spec.get("deletionPolicy") == "Delete")
@@ -186,45 +190,46 @@ def _short(error: Exception) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def reconcile(namespace: str, name: str, echo_of: str | None = None, fresh: bool = False) -> None:
-    """Reconcile one bot, at most one pass at a time per bot.
+def _work() -> None:
+    while (item := _queue.get()) is not None:
+        key, request = item
+        try:
+            reconcile(*key, request)
+        finally:
+            _queue.done(key)
 
-    A request made while another one for the same bot waits to start is merged into it: that pass reads
-    the cluster after both were made (a burst of events costs one pass, not one each). `echo_of` is the
-    resourceVersion of the bot in the triggering event: when our own status write made it, there is nothing
-    new to act on. Checked under the lock, since the watch may deliver the echo before the write returns.
+
+def reconcile(namespace: str, name: str, request: Request = Request()) -> None:
+    """One pass over one bot (the queue hands a bot to one worker at a time).
+
+    An event that carries the resourceVersion our own status write gave the bot is its echo: nothing new
+    (checked here, not in the handler, since the watch may deliver the echo before the write returns). A
+    pass reads the bot and its Jobs from the watch cache; a `fresh` one (the resync loop's, a retry after a
+    conflict or an error) reads them from the API server.
     """
     key = (namespace, name)
-    with _pending_lock:
-        if key in _pending:
-            _pending[key] = None  # two reasons to look: the waiting pass must run
-            return
-        _pending[key] = echo_of
-    with _locks[key]:  # a bot's own events and its Jobs' events would otherwise race
-        with _pending_lock:
-            echo_of = _pending.pop(key)
-        if echo_of is not None and echo_of in _own_versions[key]:
-            return
-        try:
-            for attempt in range(3):
-                try:
-                    _reconcile(namespace, name, fresh=fresh or attempt > 0)
-                    break
-                except ApiException as error:
-                    if error.status != 409 or attempt == 2:
-                        raise  # 409: someone wrote the bot between our read and our status write: read again
-            _failures.pop(key, None)
-        except Exception as error:
-            # Event handlers are not retried by kopf: retry with a growing delay, capped at the resync interval.
-            metrics.RECONCILE_ERRORS.inc()
-            _failures[key] = _failures.get(key, 0) + 1
-            delay = min(SETTINGS.timer_seconds, 2.0 ** _failures[key])
-            reason = f"API answered {error.status} {error.reason}" if isinstance(error, ApiException) else _short(error)
-            log.warning("reconcile of %s/%s failed (%s: %s); retrying in %.0fs",
-                        namespace, name, type(error).__name__, reason, delay)
-            retry = threading.Timer(delay, reconcile, (namespace, name), {"fresh": True})
-            retry.daemon = True
-            retry.start()
+    if request.echo_of is not None and request.echo_of in _own_versions[key]:
+        return
+    try:
+        for attempt in range(3):
+            try:
+                _reconcile(namespace, name, fresh=request.fresh or attempt > 0)
+                break
+            except ApiException as error:
+                if error.status != 409 or attempt == 2:
+                    raise  # 409: someone wrote the bot between our read and our status write: read again
+        _failures.pop(key, None)
+    except Exception as error:
+        # Watch events are not redelivered: retry with a growing delay, capped at the resync interval.
+        metrics.RECONCILE_ERRORS.inc()
+        _failures[key] = _failures.get(key, 0) + 1
+        delay = min(SETTINGS.timer_seconds, 2.0 ** _failures[key])
+        reason = f"API answered {error.status} {error.reason}" if isinstance(error, ApiException) else _short(error)
+        log.warning("reconcile of %s/%s failed (%s: %s); retrying in %.0fs",
+                    namespace, name, type(error).__name__, reason, delay)
+        retry = threading.Timer(delay, _queue.add, (key, Request(fresh=True)))
+        retry.daemon = True
+        retry.start()
 
 
 def _reconcile(namespace: str, name: str, fresh: bool) -> None:
@@ -361,7 +366,11 @@ def _termination_message(pod: dict) -> str:
 
 class SecretKeys(Mapping):
     """Which keys each Secret of a namespace has (None: no such Secret), read on first use: most passes
-    create no Job and so read no Secret. The values are never kept or logged."""
+    create no Job and so read no Secret. Answers are shared for a few seconds, so a thousand bots naming
+    one Secret read it once, not a thousand times. The values are never kept or logged."""
+
+    TTL_SECONDS = 10.0
+    _shared: dict[tuple[str, str], tuple[float, frozenset[str] | None]] = {}
 
     def __init__(self, namespace: str):
         self.namespace = namespace
@@ -369,14 +378,21 @@ class SecretKeys(Mapping):
 
     def __getitem__(self, name: str) -> frozenset[str] | None:
         if name not in self._keys:
-            try:
-                secret = client.CoreV1Api(_api).read_namespaced_secret(name, self.namespace, _preload_content=False)
-                self._keys[name] = frozenset(json.loads(secret.data).get("data") or {})
-            except ApiException as error:
-                if error.status != 404:
-                    raise
-                self._keys[name] = None
+            read_at, keys = self._shared.get((self.namespace, name), (0.0, None))
+            if time.monotonic() - read_at > self.TTL_SECONDS:
+                keys = self._read(name)
+                self._shared[(self.namespace, name)] = (time.monotonic(), keys)
+            self._keys[name] = keys
         return self._keys[name]
+
+    def _read(self, name: str) -> frozenset[str] | None:
+        try:
+            secret = client.CoreV1Api(_api).read_namespaced_secret(name, self.namespace, _preload_content=False)
+            return frozenset(json.loads(secret.data).get("data") or {})
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            return None
 
     def __iter__(self):
         return iter(self._keys)

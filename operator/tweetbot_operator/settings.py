@@ -23,6 +23,7 @@ class Settings:
     scrape_resources: StageResources = field(default_factory=lambda: StageResources("500m", "1Gi"))
     publish_resources: StageResources = field(default_factory=lambda: StageResources("1", "4Gi"))
     timer_seconds: float = 60.0
+    workers: int = 8  # reconciles at a time (each waits on the API server most of its time)
     metrics_port: int = 8080
     health_port: int = 8081
 
@@ -48,6 +49,7 @@ class Settings:
                 get("PUBLISH_CPU", defaults.publish_resources.cpu), get("PUBLISH_MEMORY", defaults.publish_resources.memory)
             ),
             timer_seconds=get("TIMER_SECONDS", defaults.timer_seconds),
+            workers=get("WORKERS", defaults.workers),
             metrics_port=get("METRICS_PORT", defaults.metrics_port),
             health_port=get("HEALTH_PORT", defaults.health_port),
         )

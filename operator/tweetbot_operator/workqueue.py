@@ -1,0 +1,80 @@
+"""The queue between watch events and reconciles, with client-go's workqueue rules: a bot is queued at most
+once, is handled by one worker at a time, and a bot queued again while being handled is handled again after.
+On top: a bot seen for the first time goes before the ones already running (their Jobs' progress can wait a
+moment, a new bot's first Job should not), and a request that only echoes our own write can be dropped.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+from dataclasses import dataclass
+
+Key = tuple[str, str]  # (namespace, name)
+
+NEW, UPDATE = 0, 1  # priorities: lower first
+
+
+@dataclass(frozen=True)
+class Request:
+    priority: int = UPDATE
+    echo_of: str | None = None  # the bot's resourceVersion in the event, when the event may be our own write's echo
+    fresh: bool = False  # read the bot and its Jobs from the API server, not from the watch cache
+
+    def merge(self, other: Request) -> Request:
+        # Two reasons to look are a real one, unless both are the same echo.
+        return Request(min(self.priority, other.priority), self.echo_of if self.echo_of == other.echo_of else None,
+                       self.fresh or other.fresh)
+
+
+class WorkQueue:
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._heap: list[tuple[int, int, Key]] = []
+        self._order = itertools.count()
+        self._queued: dict[Key, Request] = {}
+        self._processing: set[Key] = set()
+        self._again: dict[Key, Request] = {}  # re-queued while being handled
+        self._closed = False
+
+    def add(self, key: Key, request: Request = Request()) -> None:
+        with self._cond:
+            waiting = self._again if key in self._processing else self._queued
+            old = waiting.get(key)
+            waiting[key] = request if old is None else old.merge(request)
+            if waiting is self._queued and (old is None or request.priority < old.priority):
+                heapq.heappush(self._heap, (waiting[key].priority, next(self._order), key))
+                self._cond.notify()
+
+    def get(self) -> tuple[Key, Request] | None:
+        """The next key and why, once one is queued; None once the queue is closed."""
+        with self._cond:
+            while True:
+                while self._heap:
+                    priority, _, key = heapq.heappop(self._heap)
+                    request = self._queued.get(key)
+                    if request is None or request.priority != priority:
+                        continue  # a stale heap entry: the key went out, or was pushed again with a better priority
+                    del self._queued[key]
+                    self._processing.add(key)
+                    return key, request
+                if self._closed:
+                    return None
+                self._cond.wait()
+
+    def done(self, key: Key) -> None:
+        with self._cond:
+            self._processing.discard(key)
+            again = self._again.pop(key, None)
+        if again is not None:
+            self.add(key, again)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._queued)

@@ -1,0 +1,52 @@
+"""The operator's work queue: each bot once, one worker per bot, new bots first, echoes merged away."""
+
+import threading
+
+from tweetbot_operator.workqueue import NEW, UPDATE, Request, WorkQueue
+
+
+def test_a_bot_is_queued_once_and_new_bots_go_first():
+    queue = WorkQueue()
+    queue.add(("ns", "old"), Request(UPDATE))
+    queue.add(("ns", "old"), Request(UPDATE))
+    queue.add(("ns", "new"), Request(NEW))
+    assert len(queue) == 2
+    assert queue.get()[0] == ("ns", "new")
+    assert queue.get()[0] == ("ns", "old")
+    assert len(queue) == 0
+
+
+def test_a_queued_bot_raised_to_new_moves_ahead():
+    queue = WorkQueue()
+    queue.add(("ns", "a"), Request(UPDATE))
+    queue.add(("ns", "b"), Request(UPDATE))
+    queue.add(("ns", "b"), Request(NEW))
+    assert [queue.get()[0] for _ in range(2)] == [("ns", "b"), ("ns", "a")]
+    queue.close()
+    assert queue.get() is None  # the stale heap entry of b is skipped, not handed out twice
+
+
+def test_echoes_merge_into_a_real_reason_and_fresh_sticks():
+    queue = WorkQueue()
+    queue.add(("ns", "a"), Request(echo_of="7"))
+    queue.add(("ns", "a"), Request(echo_of="7"))
+    assert queue.get()[1].echo_of == "7"
+    queue.done(("ns", "a"))
+    queue.add(("ns", "a"), Request(echo_of="7"))
+    queue.add(("ns", "a"), Request(fresh=True))
+    request = queue.get()[1]
+    assert request.echo_of is None and request.fresh
+
+
+def test_a_bot_added_while_handled_comes_back_after_done_and_never_to_two_workers():
+    queue = WorkQueue()
+    queue.add(("ns", "a"))
+    key, _ = queue.get()
+    queue.add(("ns", "a"), Request(fresh=True))
+    assert len(queue) == 0  # not handed to a second worker meanwhile
+    got = []
+    worker = threading.Thread(target=lambda: got.append(queue.get()))
+    worker.start()
+    queue.done(key)
+    worker.join(timeout=5)
+    assert got and got[0][0] == ("ns", "a") and got[0][1].fresh

@@ -4,6 +4,7 @@ the same run on the same machine, as a ratio."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 
@@ -13,7 +14,6 @@ from tweetbot_trainer.cleaning import curate
 from tweetbot_trainer.sources import Post
 from tweetbot_trainer.sources.x_api import XApiSource
 
-from .bench_trainer import bench_train  # moved there; main() still calls it
 from .fakes import FakeAccount, FakePost, FakeSocialServer
 
 
@@ -96,28 +96,54 @@ def bench_scrape(posts: int = 100_000, fetch_posts: int = 3200, runs: int = 3) -
     }
 
 
-def print_table(results: dict) -> None:
+def scrape_rows(results: dict) -> list[tuple[str, str, str, str, str]]:
     cleaning, fetch = results["cleaning"], results["fetch_3200"]
-    rows = [
+    return [
         ("cleaning (posts/s)", f"{cleaning['posts_per_second']:,}", f"{cleaning['baseline_posts_per_second']:,}",
          f"{cleaning['speedup']}x faster", "huggingtweets' clean_tweet + boring_tweet"),
         ("fetch 3,200 posts (s)", f"{fetch['seconds']}", f"{fetch['baseline_seconds']}",
          f"{fetch['overhead_ratio']}x the floor", "bare requests.Session over the same pages"),
     ]
-    print(f"{'benchmark':24} {'ours':>12} {'baseline':>12}  {'ratio':18} baseline is")
+
+
+def print_table(rows: list[tuple[str, str, str, str, str]]) -> None:
+    print(f"{'benchmark':30} {'ours':>12} {'baseline':>12}  {'ratio':20} baseline is")
     for row in rows:
-        print(f"{row[0]:24} {row[1]:>12} {row[2]:>12}  {row[3]:18} {row[4]}")
+        print(f"{row[0]:30} {row[1]:>12} {row[2]:>12}  {row[3]:20} {row[4]}")
 
 
-def main(argv_json: str | None = None) -> dict:
-    results = {"scrape": bench_scrape(), "train": bench_train()}
-    print_table(results["scrape"])
-    train = results["train"]
-    print(f"{'train (tokens/s)':24} {train['tokens_per_second']:>12,} {train['baseline_tokens_per_second']:>12,}  "
-          f"{str(train['speedup']) + 'x faster':18} huggingtweets: batch 1, max-length blocks, plain Trainer, fp32")
-    print(f"{'train wall time (s)':24} {train['seconds']:>12} {train['baseline_seconds']:>12}  "
-          f"{'':18} same {train['tokens']:,} tokens, tiny GPT-2 on CPU")
+def main(argv_json: str | None = None, only: tuple[str, ...] = ()) -> dict:
+    """Every benchmark (or those named in `only`: scrape, train, s3, operator); prints the table and writes
+    the results as JSON."""
+    import platform
+    from datetime import datetime, timezone
+
+    from .bench_operator import bench_operator, operator_rows
+    from .bench_trainer import bench_s3_upload, bench_train, rows as trainer_rows
+
+    started = time.monotonic()
+    results: dict = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+                     "machine": f"{os.cpu_count()} cores, {_memory_gb()} GB, {platform.machine()}, Python {platform.python_version()}"}
+    wanted = set(only or ("scrape", "train", "s3", "operator"))
+    if "scrape" in wanted:
+        results["scrape"] = bench_scrape()
+    if "train" in wanted:
+        results["train"] = bench_train()
+    if "s3" in wanted:
+        results["s3_upload"] = bench_s3_upload()
+    if "operator" in wanted:
+        results["operator"] = bench_operator()
+    results["seconds"] = round(time.monotonic() - started)
+    rows = scrape_rows(results["scrape"]) if "scrape" in results else []
+    rows += trainer_rows(results) + (operator_rows(results["operator"]) if "operator" in results else [])
+    print(f"tweetbot bench, {results['date']}, {results['machine']}, {results['seconds']} s")
+    print_table(rows)
     if argv_json:
         with open(argv_json, "w") as file:
             json.dump(results, file, indent=1)
     return results
+
+
+def _memory_gb() -> int:
+    with open("/proc/meminfo") as meminfo:
+        return round(int(meminfo.readline().split()[1]) / 1024 / 1024)

@@ -336,6 +336,28 @@ def bench_operator(sizes: tuple[int, ...] = (1, 100, 1000), log=print, operator_
         env.down()
 
 
+def operator_rows(results: dict) -> list[tuple[str, str, str, str, str]]:
+    """Table rows (benchmark, ours, baseline, ratio, what the baseline is) for bench.print_table."""
+    rows = []
+    for count, run in results.items():
+        ours, baseline = run["operator"], run["baseline"]
+        rows += [
+            (f"N={count}: all first Jobs (s)", f"{ours['all_jobs_seconds']}", f"{baseline['all_jobs_seconds']}",
+             f"{run['time_ratio']}x the time", f"a script creating the {count} Jobs, {CLIENT_THREADS} threads"),
+            (f"N={count}: create->Job p50 (ms)", f"{ours['p50_ms']:,}", f"{baseline['p50_ms']:,}",
+             f"{round(ours['p50_ms'] / baseline['p50_ms'], 2)}x", "the script's create call to its Job seen"),
+            (f"N={count}: create->Job p99 (ms)", f"{ours['p99_ms']:,}", f"{baseline['p99_ms']:,}",
+             f"{run['p99_ratio']}x", ""),
+            (f"N={count}: all Succeeded (s)", f"{ours['all_succeeded_seconds']}", "", "",
+             "3 stages, pods finished at once by kwok"),
+            (f"N={count}: API requests/bot", f"{ours['requests_per_bot']}", f"{baseline['requests_per_bot']}", "",
+             f"reconciles/bot {ours['reconciles_per_bot']} (audit log)"),
+            (f"N={count}: operator RSS (MB)", f"{ours['peak_rss_mb']}", "", "",
+             f"peak; {ours['idle_rss_mb']} MB idle; {ours['cpu_seconds']} CPU s"),
+        ]
+    return rows
+
+
 if __name__ == "__main__":
     import argparse
 

@@ -14,6 +14,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import kopf
@@ -43,21 +44,21 @@ _last_reconciled: dict[tuple[str, str], float] = {}  # monotonic time of each bo
 _failures: dict[tuple[str, str], int] = {}  # consecutive failed passes of each bot
 _job_fingerprints: dict[tuple[str, str], tuple] = {}  # what the last reconcile knew of each Job
 _queue = WorkQueue()
+_events = ThreadPoolExecutor(max_workers=1, thread_name_prefix="events")
 _cache = WatchCache()
 
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_) -> None:
     global _api
-    # Bots are reconciled from raw watch events (below), so kopf keeps no per-bot bookkeeping; only the
-    # artifact deletion of bots whose deletionPolicy is Delete uses it (annotations under our group).
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration"
-    )
-    settings.persistence.finalizer = FINALIZER
-    # Only our own events (phase changes, warnings) reach `kubectl describe`, not kopf's per-handler chatter.
+    # Bots and Jobs are handled from raw watch events only, so kopf keeps no bookkeeping on them (no
+    # annotations, no finalizer of its own, no diff of every change). Our finalizer is managed in `_reconcile`.
+    # Only our own events (phase changes, warnings) reach `kubectl describe`, not kopf's per-handler chatter,
+    # and its "handler succeeded" line per watch event stays out of the log.
     settings.posting.level = logging.WARNING
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    # kopf waits this long after an object's event for more before handling it; our queue merges bursts.
+    settings.batching.batch_window = 0.01
     try:
         config.load_incluster_config()
     except config.ConfigException:
@@ -89,7 +90,7 @@ async def bot_event(event: dict, namespace: str, name: str, **_) -> None:
     missed or repeated event does no harm."""
     key = (namespace, name)
     if event["type"] == "DELETED":
-        # Its Jobs and pods go with it through owner references; no finalizer, so deletion never waits on us.
+        # Its Jobs and pods go with it through owner references.
         metrics.forget(namespace, name)
         _own_versions.pop(key, None)
         _last_reconciled.pop(key, None)
@@ -162,10 +163,8 @@ async def job_changed(event: dict, namespace: str, name: str, labels: dict, **_)
     _queue.add((namespace, labels[BOT_LABEL]))
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL, when=lambda spec, **_: spec.get("deletionPolicy") == "Delete")
-def artifacts_deleted(body: kopf.Body, namespace: str, **_) -> None:
-    """Only bots with deletionPolicy Delete carry a finalizer, and it is released whatever happens here."""
-    bot = dict(body)
+def _delete_artifacts(namespace: str, bot: dict) -> None:
+    """Delete every run's artifacts of a bot whose deletionPolicy is Delete; what fails is left and said."""
     layout = s3_layout(bot, run_id="")  # every run of the bot
     where = f"s3://{layout.bucket}/{layout.run_prefix}/"
     try:
@@ -174,6 +173,17 @@ def artifacts_deleted(body: kopf.Body, namespace: str, **_) -> None:
         post_event(bot, "Warning", "ArtifactsLeft", f"could not delete {where}: {type(error).__name__}: {_short(error)}")
         return
     post_event(bot, "Normal", "ArtifactsDeleted", f"deleted {deleted} objects under {where}")
+
+
+def _set_finalizers(namespace: str, bot: dict, finalizers: list[str]) -> dict:
+    """Write the bot's finalizers (compare-and-swap on its resourceVersion); returns the bot as written."""
+    written = client.CustomObjectsApi(_api).patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, bot["metadata"]["name"],
+        {"metadata": {"finalizers": finalizers, "resourceVersion": bot["metadata"]["resourceVersion"]}},
+    )
+    _own_versions[(namespace, bot["metadata"]["name"])].append(written["metadata"]["resourceVersion"])
+    _cache.put_bot(written)
+    return written
 
 
 def _s3_credentials(namespace: str, bot: dict) -> dict[str, str] | None:
@@ -244,8 +254,18 @@ def _reconcile(namespace: str, name: str, fresh: bool) -> None:
                 return
             raise
         _cache.put_bot(bot)
+    # Only bots whose deletionPolicy is Delete carry our finalizer, released whatever the S3 deletion does:
+    # deleting a bot never waits on more than one attempt.
+    finalizers = bot["metadata"].get("finalizers") or []
+    others = [finalizer for finalizer in finalizers if finalizer != FINALIZER]
     if bot["metadata"].get("deletionTimestamp"):
+        if FINALIZER in finalizers:
+            _delete_artifacts(namespace, bot)
+            _set_finalizers(namespace, bot, others)
         return
+    wanted = others + [FINALIZER] if bot["spec"].get("deletionPolicy") == "Delete" else others
+    if wanted != finalizers:
+        bot = _set_finalizers(namespace, bot, wanted)
     metrics.RECONCILES.inc()
     if fresh:
         jobs = _list(batch.list_namespaced_job, namespace, label_selector=f"{BOT_LABEL}={name}")
@@ -276,18 +296,25 @@ def _reconcile(namespace: str, name: str, fresh: bool) -> None:
             if error.status != 404:
                 raise
         _cache.forget_job(next(job for job in jobs if job["metadata"]["name"] == job_name))
+    # A new bot's first Job goes out before anything else is written: its status (and event) follow in the
+    # pass its ADDED event brings, queued behind other new bots. Later passes record what they created at once.
+    first_job_only = bool(decided.create) and not old_status
     for manifest in decided.create:
         kopf.adopt(manifest, owner=bot)
-        # This pass writes the new Job's state into the status: its ADDED event (which may arrive before the
-        # create call returns) brings nothing new.
         job_key = (namespace, manifest["metadata"]["name"])
-        _job_fingerprints[job_key] = job_fingerprint(manifest)
+        if not first_job_only:
+            # This pass writes the new Job's state into the status: its ADDED event (which may arrive before
+            # the create call returns) brings nothing new.
+            _job_fingerprints[job_key] = job_fingerprint(manifest)
         try:
             _cache.put_job(json.loads(batch.create_namespaced_job(namespace, manifest, _preload_content=False).data))
         except ApiException as error:
             _job_fingerprints.pop(job_key, None)
             if error.status != 409:  # already there: an earlier reconcile created it
                 raise
+    if first_job_only:
+        _last_reconciled[key] = time.monotonic()
+        return
     patch = status_patch(old_status, decided.status)
     if patch:
         # resourceVersion makes this a compare-and-swap: after a concurrent write, 409 and `reconcile` reads again.
@@ -309,21 +336,25 @@ def _list(list_function, *args, **kwargs) -> list[dict]:
 
 
 def post_event(bot: dict, event_type: str, reason: str, message: str) -> None:
-    """A core/v1 Event on the bot. Posted directly rather than with kopf.event, which works only inside
-    kopf's own handler context and not from the resync loop."""
-    metadata = bot["metadata"]
+    """A core/v1 Event on the bot, posted by a thread of its own: a reconcile does not wait for it. Posted
+    directly rather than with kopf.event, which works only inside kopf's own handler context."""
+    _events.submit(_post_event, bot["apiVersion"], bot["kind"], dict(bot["metadata"]), event_type, reason, message)
+
+
+def _post_event(api_version: str, kind: str, metadata: dict, event_type: str, reason: str, message: str) -> None:
     now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     try:
         client.CoreV1Api(_api).create_namespaced_event(metadata["namespace"], {
             "metadata": {"generateName": f"{metadata['name']}."},
-            "involvedObject": {"apiVersion": bot["apiVersion"], "kind": bot["kind"], "name": metadata["name"],
+            "involvedObject": {"apiVersion": api_version, "kind": kind, "name": metadata["name"],
                                "namespace": metadata["namespace"], "uid": metadata["uid"]},
             "type": event_type, "reason": reason, "message": message[:1024],
             "source": {"component": "tweetbot-operator"}, "reportingComponent": "tweetbot-operator",
             "firstTimestamp": now, "lastTimestamp": now, "count": 1,
-        })
-    except ApiException as error:  # an event is worth a log line, never a failed reconcile
-        log.warning("event %s on %s/%s not posted: %s", reason, metadata["namespace"], metadata["name"], error.status)
+        }, _preload_content=False)
+    except Exception as error:  # an event is worth a log line, never a failed reconcile
+        log.warning("event %s on %s/%s not posted: %s", reason, metadata["namespace"], metadata["name"],
+                    getattr(error, "status", None) or type(error).__name__)
 
 
 def _stage_results(namespace: str, bot: dict, jobs: list[dict]) -> dict[str, StageResult]:

@@ -23,7 +23,7 @@ class Settings:
     scrape_resources: StageResources = field(default_factory=lambda: StageResources("500m", "1Gi"))
     publish_resources: StageResources = field(default_factory=lambda: StageResources("1", "4Gi"))
     timer_seconds: float = 60.0
-    workers: int = 8  # reconciles at a time (each waits on the API server most of its time)
+    workers: int = 16  # reconciles at a time (each waits on the API server most of its time)
     metrics_port: int = 8080
     health_port: int = 8081
 

@@ -1,4 +1,4 @@
-"""The operator's watch cache: what a reconcile reads instead of the API server."""
+"""The operator's watch cache (what a reconcile reads instead of the API server) and its API paths."""
 
 from tweetbot_operator.cache import WatchCache
 from tweetbot_trainer.contract import BOT_LABEL
@@ -54,3 +54,12 @@ def test_only_what_reconciling_reads_is_kept():
                    "status": {"active": 1}})
     assert cache.jobs(("ns", "a")) == [{"metadata": {"name": "a-scrape", "namespace": "ns", "labels": {BOT_LABEL: "a"}},
                                         "spec": {"suspend": True}, "status": {"active": 1}}]
+
+
+def test_api_paths_for_core_and_group_resources():
+    from tweetbot_operator.kube import path
+
+    assert path("v1", "pods", "ns") == "/api/v1/namespaces/ns/pods"
+    assert path("batch/v1", "jobs") == "/apis/batch/v1/jobs"
+    assert path("huggingtweets.dev/v1alpha1", "tweetbots", "ns", "a", "status") == \
+        "/apis/huggingtweets.dev/v1alpha1/namespaces/ns/tweetbots/a/status"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import json
 import threading
 import time
 from collections import defaultdict, deque
@@ -21,11 +20,12 @@ import kopf
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from tweetbot_trainer.contract import BOT_LABEL, GROUP, RUN_LABEL, STAGE_LABEL, STAGES, ContractError, StageResult
+from tweetbot_trainer.contract import BOT_LABEL, GROUP, RUN_LABEL, STAGE_LABEL, ContractError, StageResult
 
 from . import metrics
 from .artifacts import delete_artifacts, read_progress
 from .cache import WatchCache
+from .kube import Kube, path
 from .workqueue import NEW, UPDATE, Request, WorkQueue
 from .reconcile import Observed, job_fingerprint, job_state, plan, run_id_for, s3_layout, status_patch
 from .settings import Settings
@@ -38,6 +38,8 @@ FINALIZER = f"{GROUP}/artifacts"  # only on bots whose deletionPolicy is Delete
 log = logging.getLogger("tweetbot.operator")
 SETTINGS = Settings.from_env()
 _api: client.ApiClient | None = None
+_kube: Kube | None = None
+BOTS = f"{GROUP}/{VERSION}"
 # The resourceVersions our latest status writes gave each bot: events carrying them bring nothing new.
 _own_versions: defaultdict[tuple[str, str], deque[str]] = defaultdict(lambda: deque(maxlen=4))
 _last_reconciled: dict[tuple[str, str], float] = {}  # monotonic time of each bot's last full pass
@@ -50,7 +52,7 @@ _cache = WatchCache()
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_) -> None:
-    global _api
+    global _api, _kube
     # Bots and Jobs are handled from raw watch events only, so kopf keeps no bookkeeping on them (no
     # annotations, no finalizer of its own, no diff of every change). Our finalizer is managed in `_reconcile`.
     # Only our own events (phase changes, warnings) reach `kubectl describe`, not kopf's per-handler chatter,
@@ -67,6 +69,7 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
     configuration.connection_pool_maxsize = SETTINGS.workers + 2  # one per worker, the resync loop, the deletions
     _api = client.ApiClient(configuration)
     _api.user_agent = "tweetbot-operator"
+    _kube = Kube(_api)
     # The Jobs that exist before the first bot is looked at, so no pass starts from an empty picture.
     for job in _bot_jobs():
         _cache.put_job(job)
@@ -133,12 +136,10 @@ async def _resync_forever() -> None:
 
 
 def _unfinished_bots() -> list[tuple[str, str]]:
-    custom = client.CustomObjectsApi(_api)
     if SETTINGS.namespaces:
-        bots = [bot for ns in SETTINGS.namespaces
-                for bot in custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]]
+        bots = [bot for ns in SETTINGS.namespaces for bot in _kube.items(path(BOTS, PLURAL, ns))]
     else:
-        bots = custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
+        bots = _kube.items(path(BOTS, PLURAL))
     return [
         (bot["metadata"]["namespace"], bot["metadata"]["name"])
         for bot in bots
@@ -177,8 +178,8 @@ def _delete_artifacts(namespace: str, bot: dict) -> None:
 
 def _set_finalizers(namespace: str, bot: dict, finalizers: list[str]) -> dict:
     """Write the bot's finalizers (compare-and-swap on its resourceVersion); returns the bot as written."""
-    written = client.CustomObjectsApi(_api).patch_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, bot["metadata"]["name"],
+    written = _kube.merge_patch(
+        path(BOTS, PLURAL, namespace, bot["metadata"]["name"]),
         {"metadata": {"finalizers": finalizers, "resourceVersion": bot["metadata"]["resourceVersion"]}},
     )
     _own_versions[(namespace, bot["metadata"]["name"])].append(written["metadata"]["resourceVersion"])
@@ -191,8 +192,8 @@ def _s3_credentials(namespace: str, bot: dict) -> dict[str, str] | None:
     ref = bot["spec"]["output"]["s3"].get("credentialsSecretRef")
     if not ref:
         return None
-    secret = client.CoreV1Api(_api).read_namespaced_secret(ref["name"], namespace)
-    return {key: base64.b64decode(value).decode() for key, value in (secret.data or {}).items()}
+    secret = _kube.get(path("v1", "secrets", namespace, ref["name"]))
+    return {key: base64.b64decode(value).decode() for key, value in (secret.get("data") or {}).items()}
 
 
 def _short(error: Exception) -> str:
@@ -243,12 +244,11 @@ def reconcile(namespace: str, name: str, request: Request = Request()) -> None:
 
 
 def _reconcile(namespace: str, name: str, fresh: bool) -> None:
-    custom, batch = client.CustomObjectsApi(_api), client.BatchV1Api(_api)
     key = (namespace, name)
     bot = None if fresh else _cache.bot(key)
     if bot is None:
         try:
-            bot = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            bot = _kube.get(path(BOTS, PLURAL, namespace, name))
         except ApiException as error:
             if error.status == 404:
                 return
@@ -268,7 +268,7 @@ def _reconcile(namespace: str, name: str, fresh: bool) -> None:
         bot = _set_finalizers(namespace, bot, wanted)
     metrics.RECONCILES.inc()
     if fresh:
-        jobs = _list(batch.list_namespaced_job, namespace, label_selector=f"{BOT_LABEL}={name}")
+        jobs = _kube.items(path("batch/v1", "jobs", namespace), labelSelector=f"{BOT_LABEL}={name}")
         _cache.replace_jobs(key, jobs)
     else:
         jobs = _cache.jobs(key)
@@ -291,7 +291,7 @@ def _reconcile(namespace: str, name: str, fresh: bool) -> None:
 
     for job_name in decided.delete:
         try:
-            batch.delete_namespaced_job(job_name, namespace, propagation_policy="Background")
+            _kube.delete(path("batch/v1", "jobs", namespace, job_name), {"propagationPolicy": "Background"})
         except ApiException as error:
             if error.status != 404:
                 raise
@@ -307,7 +307,7 @@ def _reconcile(namespace: str, name: str, fresh: bool) -> None:
             # the create call returns) brings nothing new.
             _job_fingerprints[job_key] = job_fingerprint(manifest)
         try:
-            _cache.put_job(json.loads(batch.create_namespaced_job(namespace, manifest, _preload_content=False).data))
+            _cache.put_job(_kube.create(path("batch/v1", "jobs", namespace), manifest))
         except ApiException as error:
             _job_fingerprints.pop(job_key, None)
             if error.status != 409:  # already there: an earlier reconcile created it
@@ -318,8 +318,8 @@ def _reconcile(namespace: str, name: str, fresh: bool) -> None:
     patch = status_patch(old_status, decided.status)
     if patch:
         # resourceVersion makes this a compare-and-swap: after a concurrent write, 409 and `reconcile` reads again.
-        written = custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, name,
+        written = _kube.merge_patch(
+            path(BOTS, PLURAL, namespace, name, "status"),
             {"metadata": {"resourceVersion": bot["metadata"]["resourceVersion"]}, "status": patch},
         )
         _own_versions[key].append(written["metadata"]["resourceVersion"])
@@ -328,11 +328,6 @@ def _reconcile(namespace: str, name: str, fresh: bool) -> None:
         post_event(bot, event_type, reason, message)
     metrics.observe(namespace, name, old_status, decided.status)
     _last_reconciled[(namespace, name)] = time.monotonic()
-
-
-def _list(list_function, *args, **kwargs) -> list[dict]:
-    """A list call's items as plain dicts: the JSON as sent, without building the client's model objects."""
-    return json.loads(list_function(*args, _preload_content=False, **kwargs).data)["items"]
 
 
 def post_event(bot: dict, event_type: str, reason: str, message: str) -> None:
@@ -344,14 +339,14 @@ def post_event(bot: dict, event_type: str, reason: str, message: str) -> None:
 def _post_event(api_version: str, kind: str, metadata: dict, event_type: str, reason: str, message: str) -> None:
     now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     try:
-        client.CoreV1Api(_api).create_namespaced_event(metadata["namespace"], {
+        _kube.create(path("v1", "events", metadata["namespace"]), {
             "metadata": {"generateName": f"{metadata['name']}."},
             "involvedObject": {"apiVersion": api_version, "kind": kind, "name": metadata["name"],
                                "namespace": metadata["namespace"], "uid": metadata["uid"]},
             "type": event_type, "reason": reason, "message": message[:1024],
             "source": {"component": "tweetbot-operator"}, "reportingComponent": "tweetbot-operator",
             "firstTimestamp": now, "lastTimestamp": now, "count": 1,
-        }, _preload_content=False)
+        })
     except Exception as error:  # an event is worth a log line, never a failed reconcile
         log.warning("event %s on %s/%s not posted: %s", reason, metadata["namespace"], metadata["name"],
                     getattr(error, "status", None) or type(error).__name__)
@@ -359,7 +354,6 @@ def _post_event(api_version: str, kind: str, metadata: dict, event_type: str, re
 
 def _stage_results(namespace: str, bot: dict, jobs: list[dict]) -> dict[str, StageResult]:
     """Results of ended Jobs not yet recorded in status, from their pods' termination messages."""
-    core = client.CoreV1Api(_api)
     recorded = {
         stage.get("jobName")
         for stage in ((bot.get("status") or {}).get("stages") or {}).values()
@@ -370,7 +364,7 @@ def _stage_results(namespace: str, bot: dict, jobs: list[dict]) -> dict[str, Sta
         job_name, state = job["metadata"]["name"], job_state(job)
         if state not in FINISHED or job_name in recorded:
             continue
-        pods = _list(core.list_namespaced_pod, namespace, label_selector=f"job-name={job_name}")
+        pods = _kube.items(path("v1", "pods", namespace), labelSelector=f"job-name={job_name}")
         wanted_phase = "Succeeded" if state == "Succeeded" else "Failed"
         for pod in sorted(pods, key=lambda p: p["metadata"]["creationTimestamp"], reverse=True):
             if (pod.get("status") or {}).get("phase") != wanted_phase:
@@ -418,8 +412,7 @@ class SecretKeys(Mapping):
 
     def _read(self, name: str) -> frozenset[str] | None:
         try:
-            secret = client.CoreV1Api(_api).read_namespaced_secret(name, self.namespace, _preload_content=False)
-            return frozenset(json.loads(secret.data).get("data") or {})
+            return frozenset(_kube.get(path("v1", "secrets", self.namespace, name)).get("data") or {})
         except ApiException as error:
             if error.status != 404:
                 raise
@@ -434,10 +427,9 @@ class SecretKeys(Mapping):
 
 def _bot_jobs(selector: str = BOT_LABEL) -> list[dict]:
     """The Jobs matching `selector` wherever the operator may list them."""
-    batch = client.BatchV1Api(_api)
     if SETTINGS.namespaces:  # namespaced RBAC: list where we may
-        return [job for ns in SETTINGS.namespaces for job in _list(batch.list_namespaced_job, ns, label_selector=selector)]
-    return _list(batch.list_job_for_all_namespaces, label_selector=selector)
+        return [job for ns in SETTINGS.namespaces for job in _kube.items(path("batch/v1", "jobs", ns), labelSelector=selector)]
+    return _kube.items(path("batch/v1", "jobs"), labelSelector=selector)
 
 
 def _active_trainings(exclude_bot: tuple[str, str]) -> int:

@@ -1,0 +1,66 @@
+"""JSON requests to the API server over the kubernetes client's own connection pool, TLS and credentials, without
+its generated API classes: those validate every argument with pydantic and build model objects, which was
+a third of the operator's CPU with a thousand bots (measured with `tweetbot bench`)."""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import quote, urlencode
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+MERGE_PATCH = "application/merge-patch+json"
+TIMEOUT_SECONDS = 30
+
+
+class Kube:
+    def __init__(self, api: client.ApiClient):
+        self.api = api
+
+    def request(self, method: str, path: str, body: dict | None = None, *, query: dict | None = None,
+                content_type: str = "application/json") -> dict:
+        """The response object; ApiException (with status and reason, as the generated client raises) if
+        the API server refuses."""
+        headers = {"Accept": "application/json", "User-Agent": self.api.user_agent}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        queries = [(key, value) for key, value in (query or {}).items() if value is not None]
+        # The configured credentials, refreshed the client's way (a ServiceAccount token is re-read when due).
+        self.api.update_params_for_auth(headers, queries, ["BearerToken"], path, method, body)
+        url = self.api.configuration.host + path + (f"?{urlencode(queries)}" if queries else "")
+        response = self.api.rest_client.pool_manager.request(
+            method, url, headers=headers, body=None if body is None else json.dumps(body), timeout=TIMEOUT_SECONDS,
+        )
+        if not 200 <= response.status < 300:
+            raise ApiException(status=response.status, reason=response.reason, body=response.data.decode(errors="replace"))
+        return json.loads(response.data) if response.data else {}
+
+    def get(self, path: str, **query) -> dict:
+        return self.request("GET", path, query=query)
+
+    def items(self, path: str, **query) -> list[dict]:
+        return self.get(path, **query)["items"]
+
+    def create(self, path: str, body: dict) -> dict:
+        return self.request("POST", path, body)
+
+    def merge_patch(self, path: str, body: dict) -> dict:
+        return self.request("PATCH", path, body, content_type=MERGE_PATCH)
+
+    def delete(self, path: str, body: dict | None = None) -> dict:
+        return self.request("DELETE", path, body)
+
+
+def path(group_version: str, plural: str, namespace: str | None = None, name: str | None = None,
+         subresource: str | None = None) -> str:
+    """/api/v1/... for the core group ("v1"), /apis/<group>/<version>/... for the others."""
+    parts = ["/api" if "/" not in group_version else "/apis", group_version]
+    if namespace is not None:
+        parts += ["namespaces", quote(namespace)]
+    parts.append(plural)
+    if name is not None:
+        parts.append(quote(name))
+    if subresource is not None:
+        parts.append(subresource)
+    return "/".join(parts)

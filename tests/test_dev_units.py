@@ -77,3 +77,19 @@ def test_state_round_trips_and_is_private(tmp_path):
     assert (tmp_path / "state.json").stat().st_mode & 0o077 == 0
     assert DevEnvironment.load(tmp_path) == env
     assert DevEnvironment.load(tmp_path / "missing") is None
+
+
+def test_benchmark_results_become_the_readme_table():
+    from tweetbot_dev.bench import markdown_table
+    from tweetbot_dev.bench_operator import operator_rows
+
+    run = {"baseline": {"all_jobs_seconds": 10.0, "p50_ms": 100.0, "p99_ms": 200.0, "requests_per_bot": 1.0},
+           "operator": {"all_jobs_seconds": 12.0, "p50_ms": 150.0, "p99_ms": 300.0, "all_succeeded_seconds": 90.0,
+                        "requests_per_bot": 9.0, "reconciles_per_bot": 4.0, "peak_rss_mb": 120, "idle_rss_mb": 70,
+                        "cpu_seconds": 30.0},
+           "time_ratio": 1.2, "p99_ratio": 1.5}
+    rows = operator_rows({"1000": run})
+    table = markdown_table({"date": "2026-11-23", "machine": "2 cores", "seconds": 600}, rows)
+    assert "| N=1000: all first Jobs (s) | 12.0 | 10.0 | 1.2x the time |" in table
+    assert "| N=1000: create->Job p99 (ms) | 300.0 | 200.0 | 1.5x |" in table
+    assert table.count("\n| N=1000") == len(rows) == 6

@@ -112,9 +112,17 @@ def print_table(rows: list[tuple[str, str, str, str, str]]) -> None:
         print(f"{row[0]:30} {row[1]:>12} {row[2]:>12}  {row[3]:20} {row[4]}")
 
 
-def main(argv_json: str | None = None, only: tuple[str, ...] = ()) -> dict:
+def markdown_table(results: dict, rows: list[tuple[str, str, str, str, str]]) -> str:
+    """The table as the README carries it."""
+    lines = [f"`tweetbot bench`, {results['date']}, {results['machine']}, {results['seconds']} s in all.", "",
+             "| benchmark | ours | baseline | ratio | baseline is |", "| --- | ---: | ---: | --- | --- |"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv_json: str | None = None, only: tuple[str, ...] = (), markdown: str | None = None) -> dict:
     """Every benchmark (or those named in `only`: scrape, train, s3, operator); prints the table and writes
-    the results as JSON."""
+    the results as JSON and the table as Markdown."""
     import platform
     from datetime import datetime, timezone
 
@@ -141,6 +149,9 @@ def main(argv_json: str | None = None, only: tuple[str, ...] = ()) -> dict:
     if argv_json:
         with open(argv_json, "w") as file:
             json.dump(results, file, indent=1)
+    if markdown:
+        with open(markdown, "w") as file:
+            file.write(markdown_table(results, rows))
     return results
 
 

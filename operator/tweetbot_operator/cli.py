@@ -95,7 +95,7 @@ def run_demo(args: argparse.Namespace) -> int:
 def run_bench(args: argparse.Namespace) -> int:
     from tweetbot_dev import bench
 
-    bench.main(args.json, tuple(args.only))
+    bench.main(args.json, tuple(args.only), args.markdown)
     return 0
 
 
@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmarks, each against a baseline measured in the same run")
     bench.add_argument("--json", help="also write the results to this file")
+    bench.add_argument("--markdown", help="also write the table to this file, as the README carries it")
     bench.add_argument("--only", action="append", default=[], choices=["scrape", "train", "s3", "operator"],
                        help="run only this benchmark (repeatable)")
     bench.set_defaults(handler=run_bench)

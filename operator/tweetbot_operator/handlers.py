@@ -61,6 +61,9 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     # kopf waits this long after an object's event for more before handling it; our queue merges bursts.
     settings.batching.batch_window = 0.01
+    # An object's kopf worker (holding the object's last body) lives this long after its last event: with
+    # thousands of Jobs changing within a minute, kopf's 5 s default keeps most of them in memory at once.
+    settings.batching.idle_timeout = 0.5
     try:
         config.load_incluster_config()
     except config.ConfigException:

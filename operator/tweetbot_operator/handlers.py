@@ -315,6 +315,7 @@ def _reconcile(namespace: str, name: str, fresh: bool) -> None:
             _job_fingerprints.pop(job_key, None)
             if error.status != 409:  # already there: an earlier reconcile created it
                 raise
+            first_job_only = False  # its ADDED event may be long gone: record it now
     if first_job_only:
         _last_reconciled[key] = time.monotonic()
         return

@@ -24,7 +24,7 @@ from tweetbot_trainer.contract import BOT_LABEL, GROUP, RUN_LABEL, STAGE_LABEL, 
 
 from . import metrics
 from .artifacts import delete_artifacts, read_progress
-from .cache import WatchCache
+from .cache import Key, WatchCache
 from .kube import Kube, path
 from .workqueue import NEW, UPDATE, Request, WorkQueue
 from .reconcile import Observed, job_fingerprint, job_state, plan, run_id_for, s3_layout, status_patch
@@ -41,10 +41,10 @@ _api: client.ApiClient | None = None
 _kube: Kube | None = None
 BOTS = f"{GROUP}/{VERSION}"
 # The resourceVersions our latest status writes gave each bot: events carrying them bring nothing new.
-_own_versions: defaultdict[tuple[str, str], deque[str]] = defaultdict(lambda: deque(maxlen=4))
-_last_reconciled: dict[tuple[str, str], float] = {}  # monotonic time of each bot's last full pass
-_failures: dict[tuple[str, str], int] = {}  # consecutive failed passes of each bot
-_job_fingerprints: dict[tuple[str, str], tuple] = {}  # what the last reconcile knew of each Job
+_own_versions: defaultdict[Key, deque[str]] = defaultdict(lambda: deque(maxlen=4))
+_last_reconciled: dict[Key, float] = {}  # monotonic time of each bot's last full pass
+_failures: dict[Key, int] = {}  # consecutive failed passes of each bot
+_job_fingerprints: dict[Key, tuple] = {}  # what the last reconcile knew of each Job
 _queue = WorkQueue()
 _events = ThreadPoolExecutor(max_workers=1, thread_name_prefix="events")
 _cache = WatchCache()
@@ -138,7 +138,7 @@ async def _resync_forever() -> None:
                 _queue.add(key, Request(fresh=True))
 
 
-def _unfinished_bots() -> list[tuple[str, str]]:
+def _unfinished_bots() -> list[Key]:
     if SETTINGS.namespaces:
         bots = [bot for ns in SETTINGS.namespaces for bot in _kube.items(path(BOTS, PLURAL, ns))]
     else:
@@ -181,10 +181,16 @@ def _delete_artifacts(namespace: str, bot: dict) -> None:
 
 def _set_finalizers(namespace: str, bot: dict, finalizers: list[str]) -> dict:
     """Write the bot's finalizers (compare-and-swap on its resourceVersion); returns the bot as written."""
-    written = _kube.merge_patch(
-        path(BOTS, PLURAL, namespace, bot["metadata"]["name"]),
-        {"metadata": {"finalizers": finalizers, "resourceVersion": bot["metadata"]["resourceVersion"]}},
-    )
+    return _write_bot(namespace, bot, path(BOTS, PLURAL, namespace, bot["metadata"]["name"]), {"finalizers": finalizers})
+
+
+def _write_bot(namespace: str, bot: dict, url: str, metadata: dict | None = None, status: dict | None = None) -> dict:
+    """A merge patch of the bot that is refused (409) if the bot changed since `bot` was read. Its result goes
+    into the cache, and its resourceVersion is remembered so that the watch's echo of it starts no pass."""
+    body = {"metadata": {**(metadata or {}), "resourceVersion": bot["metadata"]["resourceVersion"]}}
+    if status is not None:
+        body["status"] = status
+    written = _kube.merge_patch(url, body)
     _own_versions[(namespace, bot["metadata"]["name"])].append(written["metadata"]["resourceVersion"])
     _cache.put_bot(written)
     return written
@@ -320,18 +326,12 @@ def _reconcile(namespace: str, name: str, fresh: bool) -> None:
         _last_reconciled[key] = time.monotonic()
         return
     patch = status_patch(old_status, decided.status)
-    if patch:
-        # resourceVersion makes this a compare-and-swap: after a concurrent write, 409 and `reconcile` reads again.
-        written = _kube.merge_patch(
-            path(BOTS, PLURAL, namespace, name, "status"),
-            {"metadata": {"resourceVersion": bot["metadata"]["resourceVersion"]}, "status": patch},
-        )
-        _own_versions[key].append(written["metadata"]["resourceVersion"])
-        _cache.put_bot(written)
+    if patch:  # after a concurrent write: 409, and `reconcile` reads the bot again
+        _write_bot(namespace, bot, path(BOTS, PLURAL, namespace, name, "status"), status=patch)
     for event_type, reason, message in decided.events:
         post_event(bot, event_type, reason, message)
     metrics.observe(namespace, name, old_status, decided.status)
-    _last_reconciled[(namespace, name)] = time.monotonic()
+    _last_reconciled[key] = time.monotonic()
 
 
 def post_event(bot: dict, event_type: str, reason: str, message: str) -> None:
@@ -436,7 +436,7 @@ def _bot_jobs(selector: str = BOT_LABEL) -> list[dict]:
     return _kube.items(path("batch/v1", "jobs"), labelSelector=selector)
 
 
-def _active_trainings(exclude_bot: tuple[str, str]) -> int:
+def _active_trainings(exclude_bot: Key) -> int:
     return sum(
         1
         for job in _bot_jobs(f"{STAGE_LABEL}=train")

@@ -11,7 +11,7 @@ import itertools
 import threading
 from dataclasses import dataclass
 
-Key = tuple[str, str]  # (namespace, name)
+from .cache import Key
 
 NEW, UPDATE = 0, 1  # priorities: lower first
 

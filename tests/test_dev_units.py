@@ -83,13 +83,18 @@ def test_benchmark_results_become_the_readme_table():
     from tweetbot_dev.bench import markdown_table
     from tweetbot_dev.bench_operator import operator_rows
 
-    run = {"baseline": {"all_jobs_seconds": 10.0, "p50_ms": 100.0, "p99_ms": 200.0, "requests_per_bot": 1.0},
+    cores = {"kube-apiserver": 0.9, "etcd": 0.2, "bench": 0.3}
+    run = {"baseline": {"all_jobs_seconds": 10.0, "p50_ms": 100.0, "p99_ms": 200.0, "requests_per_bot": 1.0,
+                        "first_jobs_cores": cores},
+           "bots_alone": {"all_created_seconds": 3.0, "first_jobs_cores": cores},
            "operator": {"all_jobs_seconds": 12.0, "p50_ms": 150.0, "p99_ms": 300.0, "all_succeeded_seconds": 90.0,
                         "requests_per_bot": 9.0, "reconciles_per_bot": 4.0, "peak_rss_mb": 120, "idle_rss_mb": 70,
-                        "cpu_seconds": 30.0},
+                        "cpu_seconds": 30.0, "first_jobs_cores": {**cores, "kube-apiserver": 1.1, "operator": 0.4}},
            "time_ratio": 1.2, "p99_ratio": 1.5}
     rows = operator_rows({"1000": run})
     table = markdown_table({"date": "2026-11-23", "machine": "2 cores", "seconds": 600}, rows)
     assert "| N=1000: all first Jobs (s) | 12.0 | 10.0 | 1.2x the time |" in table
     assert "| N=1000: create->Job p99 (ms) | 300.0 | 200.0 | 1.5x |" in table
-    assert table.count("\n| N=1000") == len(rows) == 6
+    assert "| N=1000: the bots alone (s) | 3.0 | 10.0 | 0.3x the time |" in table
+    assert "| N=1000: API server cores | 1.1 | 0.9 |  | until all first Jobs; every process: 2.00 vs 1.40 of 2 |" in table
+    assert table.count("\n| N=1000") == len(rows) == 8

@@ -50,6 +50,21 @@ _events = ThreadPoolExecutor(max_workers=1, thread_name_prefix="events")
 _cache = WatchCache()
 
 
+class _NoDiffBase(kopf.DiffBaseStorage):
+    """kopf deep-copies every event's whole body to diff it against the last handled one, which only
+    create/update handlers use; with raw event handlers alone the copy is waste (a tenth of the operator's
+    CPU at 1,000 bots)."""
+
+    def build(self, *, body, extra_fields=None):
+        return {}
+
+    def fetch(self, *, body):
+        return {}
+
+    def store(self, *, body, patch, essence) -> None:
+        pass
+
+
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_) -> None:
     global _api, _kube
@@ -58,6 +73,7 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
     # Only our own events (phase changes, warnings) reach `kubectl describe`, not kopf's per-handler chatter,
     # and its "handler succeeded" line per watch event stays out of the log.
     settings.posting.level = logging.WARNING
+    settings.persistence.diffbase_storage = _NoDiffBase()
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     # kopf waits this long after an object's event for more before handling it; our queue merges bursts.
     settings.batching.batch_window = 0.01

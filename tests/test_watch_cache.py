@@ -63,3 +63,24 @@ def test_api_paths_for_core_and_group_resources():
     assert path("batch/v1", "jobs") == "/apis/batch/v1/jobs"
     assert path("huggingtweets.dev/v1alpha1", "tweetbots", "ns", "a", "status") == \
         "/apis/huggingtweets.dev/v1alpha1/namespaces/ns/tweetbots/a/status"
+
+
+def test_a_list_is_read_a_page_at_a_time_until_no_continue_token():
+    from tweetbot_operator.kube import PAGE_SIZE, Kube
+
+    class PagedKube(Kube):
+        def __init__(self):
+            self.queries = []
+
+        def get(self, path, **query):
+            self.queries.append(dict(query))
+            page = int(query.get("continue") or 0)
+            last = page == 2
+            return {"items": [{"n": page * 10 + i} for i in range(3)], "metadata": {"continue": "" if last else str(page + 1)}}
+
+    kube = PagedKube()
+    items = kube.items("/apis/x/v1/things", labelSelector="a=b")
+    assert kube.queries == []  # nothing read before the first item is wanted
+    assert [item["n"] for item in items] == [0, 1, 2, 10, 11, 12, 20, 21, 22]
+    assert [query.get("continue") for query in kube.queries] == [None, "1", "2"]
+    assert all(query["limit"] == PAGE_SIZE and query["labelSelector"] == "a=b" for query in kube.queries)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import logging
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
@@ -155,10 +156,8 @@ async def _resync_forever() -> None:
 
 
 def _unfinished_bots() -> list[Key]:
-    if SETTINGS.namespaces:
-        bots = [bot for ns in SETTINGS.namespaces for bot in _kube.items(path(BOTS, PLURAL, ns))]
-    else:
-        bots = _kube.items(path(BOTS, PLURAL))
+    namespaces = SETTINGS.namespaces or (None,)
+    bots = itertools.chain.from_iterable(_kube.items(path(BOTS, PLURAL, namespace)) for namespace in namespaces)
     return [
         (bot["metadata"]["namespace"], bot["metadata"]["name"])
         for bot in bots
@@ -293,7 +292,7 @@ def _reconcile(namespace: str, name: str, fresh: bool) -> None:
         bot = _set_finalizers(namespace, bot, wanted)
     metrics.RECONCILES.inc()
     if fresh:
-        jobs = _kube.items(path("batch/v1", "jobs", namespace), labelSelector=f"{BOT_LABEL}={name}")
+        jobs = list(_kube.items(path("batch/v1", "jobs", namespace), labelSelector=f"{BOT_LABEL}={name}"))
         _cache.replace_jobs(key, jobs)
     else:
         jobs = _cache.jobs(key)
@@ -445,11 +444,10 @@ class SecretKeys(Mapping):
         return len(self._keys)
 
 
-def _bot_jobs(selector: str = BOT_LABEL) -> list[dict]:
-    """The Jobs matching `selector` wherever the operator may list them."""
-    if SETTINGS.namespaces:  # namespaced RBAC: list where we may
-        return [job for ns in SETTINGS.namespaces for job in _kube.items(path("batch/v1", "jobs", ns), labelSelector=selector)]
-    return _kube.items(path("batch/v1", "jobs"), labelSelector=selector)
+def _bot_jobs(selector: str = BOT_LABEL) -> Iterator[dict]:
+    """The Jobs matching `selector` wherever the operator may list them (namespaced RBAC: only there)."""
+    for namespace in SETTINGS.namespaces or (None,):
+        yield from _kube.items(path("batch/v1", "jobs", namespace), labelSelector=selector)
 
 
 def _active_trainings(exclude_bot: Key) -> int:

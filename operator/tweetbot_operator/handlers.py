@@ -53,8 +53,8 @@ _cache = WatchCache()
 
 class _NoDiffBase(kopf.DiffBaseStorage):
     """kopf deep-copies every event's whole body to diff it against the last handled one, which only
-    create/update handlers use; with raw event handlers alone the copy is waste (a tenth of the operator's
-    CPU at 1,000 bots)."""
+    create/update handlers use; with raw event handlers alone the copy is waste (9% of the operator's py-spy
+    samples at 1,000 bots)."""
 
     def build(self, *, body, extra_fields=None):
         return {}

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -306,11 +308,37 @@ class Bench:
         self._clear()
         custom = client.CustomObjectsApi(self._client(BASELINE_ACCOUNT))
         cores = _cores_used({**self.env.cluster.component_pids(), "bench": os.getpid()})
-        started, sent = _send_all([
-            (bot["metadata"]["name"],
-             lambda bot=bot: custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, bot))
-            for bot in (_bot(i) for i in range(count))])
+        started, sent = _send_all(self._bot_creates(custom, count))
         return {"all_created_seconds": round(time.monotonic() - started, 2), "first_jobs_cores": cores()}
+
+    def minimal_controller(self, count: int) -> dict:
+        """The same bot creates with `minimal_controller` in place of the operator: the floor of any operator's
+        create-to-Job path here, with nothing of ours in it but a watch and one Job create per bot."""
+        self._clear()
+        controller = subprocess.Popen(
+            [sys.executable, "-m", "tweetbot_dev.minimal_controller", "--kubeconfig", str(self.kubeconfigs[OPERATOR_ACCOUNT]),
+             "--namespace", NAMESPACE], stdout=subprocess.PIPE, text=True)
+        try:
+            assert controller.stdout.readline().strip() == "watching", "the minimal controller did not start"
+            custom = client.CustomObjectsApi(self._client(BASELINE_ACCOUNT))
+            watcher, first_job = first_jobs(self.admin)
+            with watcher:
+                cores = _cores_used({**self.env.cluster.component_pids(), "bench": os.getpid(),
+                                     "controller": controller.pid})
+                started, sent = _send_all(self._bot_creates(custom, count))
+                wait_for(lambda: len(first_job) == count, timeout=900, interval=0.05, what="every bot's first Job")
+                window_cores = cores()
+        finally:
+            controller.kill()
+            controller.wait()
+        return {"all_jobs_seconds": round(max(first_job.values()) - started, 2), **_latencies(sent, first_job),
+                "first_jobs_cores": window_cores}
+
+    @staticmethod
+    def _bot_creates(custom: client.CustomObjectsApi, count: int) -> list[tuple[str, callable]]:
+        return [(bot["metadata"]["name"],
+                 lambda bot=bot: custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, bot))
+                for bot in (_bot(i) for i in range(count))]
 
     def operator(self, count: int) -> dict:
         self._clear()
@@ -325,10 +353,7 @@ class Bench:
             with watcher:
                 cores = _cores_used({**self.env.cluster.component_pids(), "bench": os.getpid(),
                                      "operator": operator.process.pid})
-                started, sent = _send_all([
-                    (bot["metadata"]["name"],
-                     lambda bot=bot: custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, bot))
-                    for bot in (_bot(i) for i in range(count))])
+                started, sent = _send_all(self._bot_creates(custom, count))
                 wait_for(lambda: len(first_job) == count, timeout=900, interval=0.05, what="every bot's first Job")
                 window_cores = cores()
             # Watched only now, so the first-Job figures do not pay for the bench's own parsing of bot updates.
@@ -362,10 +387,12 @@ def bench_operator(sizes: tuple[int, ...] = (1, 100, 1000), log=print, operator_
         for count in sizes:
             baseline = bench.baseline(count)
             bots_alone = bench.bots_alone(count)
+            minimal = bench.minimal_controller(count)
             ours = bench.operator(count)
-            log(f"operator bench N={count}: baseline {baseline} bots alone {bots_alone} operator {ours}")
+            log(f"operator bench N={count}: baseline {baseline} bots alone {bots_alone} minimal controller {minimal} "
+                f"operator {ours}")
             results[str(count)] = {
-                "baseline": baseline, "bots_alone": bots_alone, "operator": ours,
+                "baseline": baseline, "bots_alone": bots_alone, "minimal_controller": minimal, "operator": ours,
                 "time_ratio": round(ours["all_jobs_seconds"] / baseline["all_jobs_seconds"], 2),
                 "p99_ratio": round(ours["p99_ms"] / baseline["p99_ms"], 2),
             }
@@ -378,13 +405,16 @@ def operator_rows(results: dict) -> list[tuple[str, str, str, str, str]]:
     """Table rows (benchmark, ours, baseline, ratio, what the baseline is) for bench.print_table."""
     rows = []
     for count, run in results.items():
-        ours, baseline = run["operator"], run["baseline"]
+        ours, baseline, minimal = run["operator"], run["baseline"], run["minimal_controller"]
         rows += [
             (f"N={count}: all first Jobs (s)", f"{ours['all_jobs_seconds']}", f"{baseline['all_jobs_seconds']}",
              f"{run['time_ratio']}x the time", f"a script creating the {count} Jobs, {CLIENT_THREADS} threads"),
             (f"N={count}: the bots alone (s)", f"{run['bots_alone']['all_created_seconds']}",
              f"{baseline['all_jobs_seconds']}", f"{round(run['bots_alone']['all_created_seconds'] / baseline['all_jobs_seconds'], 2)}x the time",
              "creating the TweetBots with no operator running: a floor"),
+            (f"N={count}: minimal controller (s)", f"{minimal['all_jobs_seconds']}", f"{baseline['all_jobs_seconds']}",
+             f"{round(minimal['all_jobs_seconds'] / baseline['all_jobs_seconds'], 2)}x the time",
+             f"watch + one Job create per bot, nothing else: p50 {minimal['p50_ms']:,} ms, p99 {minimal['p99_ms']:,} ms"),
             (f"N={count}: create->Job p50 (ms)", f"{ours['p50_ms']:,}", f"{baseline['p50_ms']:,}",
              f"{round(ours['p50_ms'] / baseline['p50_ms'], 2)}x", "the script's create call to its Job seen"),
             (f"N={count}: create->Job p99 (ms)", f"{ours['p99_ms']:,}", f"{baseline['p99_ms']:,}",

@@ -16,7 +16,8 @@ from kubernetes import client
 
 from tweetbot_dev.operator_process import OperatorProcess, play_container
 from tweetbot_dev.polling import wait_for
-from tweetbot_trainer.contract import BOT_LABEL, RUN_LABEL, STAGE_LABEL, HandleStats, Progress, StageResult
+from tweetbot_trainer.contract import (BOT_LABEL, RUN_LABEL, S3_ACCESS_KEY_ENV, S3_SECRET_KEY_ENV, STAGE_LABEL, HandleStats,
+                                       Progress, S3Layout, StageResult)
 
 pytestmark = pytest.mark.cluster
 
@@ -298,6 +299,35 @@ def test_live_training_progress_reaches_the_status(operator, apis, namespace, se
     succeed(core, train, metrics={"evalLoss": 3.0})
     wait_job(batch, namespace, "publish")
     assert wait_phase(custom, namespace, "Publishing")["status"]["progress"] == {"summary": "2/3"}
+
+
+def test_progress_is_one_signed_get_and_reads_as_none_when_missing_or_refused(dev_env, namespace, minio):
+    from tweetbot_operator.artifacts import read_progress
+
+    s3, bucket, _ = minio
+    layout = S3Layout(bucket=bucket, prefix="tweetbot", namespace=namespace, bot="cyborg", run_id="run1",
+                      endpoint=dev_env.s3_endpoint)
+    keys = {S3_ACCESS_KEY_ENV: dev_env.s3_access_key, S3_SECRET_KEY_ENV: dev_env.s3_secret_key}
+    assert read_progress(layout, keys) is None  # no report yet
+    report = Progress(step=7, total_steps=10, loss=2.5, tokens_per_second=99.5, eta_seconds=3)
+    s3.put_object(Bucket=bucket, Key=layout.progress, Body=report.to_json().encode())
+    assert read_progress(layout, keys) == report
+    assert read_progress(layout, {**keys, S3_SECRET_KEY_ENV: "not-the-key"}) is None  # MinIO refuses the signature
+
+
+def test_objects_are_addressed_as_boto3_does(monkeypatch):
+    from tweetbot_operator.artifacts import object_url
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    layout = S3Layout(bucket="bots", prefix="p", namespace="ns", bot="b", run_id="r", region="eu-west-1")
+    assert object_url(layout, "p/a b.json") == "https://bots.s3.eu-west-1.amazonaws.com/p/a%20b.json"
+    dotted = S3Layout(bucket="my.bots", prefix="p", namespace="ns", bot="b", run_id="r", region="eu-west-1")
+    assert object_url(dotted, "k") == "https://s3.eu-west-1.amazonaws.com/my.bots/k"
+    minio = S3Layout(bucket="bots", prefix="p", namespace="ns", bot="b", run_id="r", endpoint="http://minio:9000/")
+    assert object_url(minio, "k") == "http://minio:9000/bots/k"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://s3.local")
+    assert object_url(layout, "k") == "http://s3.local/bots/k"
 
 
 def test_deletion_policy_delete_removes_only_this_bots_artifacts(operator, apis, namespace, secrets, minio, dev_env):

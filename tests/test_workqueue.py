@@ -50,3 +50,24 @@ def test_a_bot_added_while_handled_comes_back_after_done_and_never_to_two_worker
     queue.done(key)
     worker.join(timeout=5)
     assert got and got[0][0] == ("ns", "a") and got[0][1].fresh
+
+
+def test_updates_wait_for_a_free_slot_while_new_bots_still_go_at_once():
+    queue = WorkQueue(max_updates=1)
+    queue.add(("ns", "running-1"), Request(UPDATE))
+    queue.add(("ns", "running-2"), Request(UPDATE))
+    first, _ = queue.get()
+    got = []
+    worker = threading.Thread(target=lambda: got.append(queue.get()))
+    worker.start()
+    worker.join(timeout=0.3)
+    assert worker.is_alive() and not got  # the second update waits: one is being handled
+    queue.add(("ns", "new"), Request(NEW))
+    worker.join(timeout=5)
+    assert got[0][0] == ("ns", "new")  # a new bot does not wait for the slot
+    queue.done(("ns", "new"))
+    worker = threading.Thread(target=lambda: got.append(queue.get()))
+    worker.start()
+    queue.done(first)
+    worker.join(timeout=5)
+    assert got[1][0] == ("ns", "running-2")  # handed out once the slot is free

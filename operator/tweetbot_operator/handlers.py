@@ -46,7 +46,7 @@ _own_versions: defaultdict[Key, deque[str]] = defaultdict(lambda: deque(maxlen=4
 _last_reconciled: dict[Key, float] = {}  # monotonic time of each bot's last full pass
 _failures: dict[Key, int] = {}  # consecutive failed passes of each bot
 _job_fingerprints: dict[Key, tuple] = {}  # what the last reconcile knew of each Job
-_queue = WorkQueue()
+_queue = WorkQueue(max_updates=max(1, SETTINGS.workers // 4))  # 4 of 16: measured in issue 9 (README, Benchmarks)
 _events = ThreadPoolExecutor(max_workers=1, thread_name_prefix="events")
 _cache = WatchCache()
 

@@ -1,7 +1,9 @@
 """The queue between watch events and reconciles, with client-go's workqueue rules: a bot is queued at most
 once, is handled by one worker at a time, and a bot queued again while being handled is handled again after.
 On top: a bot seen for the first time goes before the ones already running (their Jobs' progress can wait a
-moment, a new bot's first Job should not), and a request that only echoes our own write can be dropped.
+moment, a new bot's first Job should not), at most `max_updates` passes over running bots go at once (the
+other workers stay free for new bots, and the API server is not busy with status writes while bots arrive),
+and a request that only echoes our own write can be dropped.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ class Request:
 
 
 class WorkQueue:
-    def __init__(self):
+    def __init__(self, max_updates: int = 0):
+        self._max_updates = max_updates  # 0: no limit
+        self._updates: set[Key] = set()  # being handled for an UPDATE request
         self._cond = threading.Condition()
         self._heap: list[tuple[int, int, Key]] = []
         self._order = itertools.count()
@@ -52,12 +56,18 @@ class WorkQueue:
         with self._cond:
             while True:
                 while self._heap:
-                    priority, _, key = heapq.heappop(self._heap)
+                    priority, _, key = self._heap[0]
                     request = self._queued.get(key)
                     if request is None or request.priority != priority:
-                        continue  # a stale heap entry: the key went out, or was pushed again with a better priority
+                        heapq.heappop(self._heap)  # stale: the key went out, or was pushed again with a better priority
+                        continue
+                    if priority == UPDATE and self._max_updates and len(self._updates) >= self._max_updates:
+                        break  # nothing new is queued (it would be on top): wait for a new bot or a free update slot
+                    heapq.heappop(self._heap)
                     del self._queued[key]
                     self._processing.add(key)
+                    if priority == UPDATE:
+                        self._updates.add(key)
                     return key, request
                 if self._closed:
                     return None
@@ -66,6 +76,9 @@ class WorkQueue:
     def done(self, key: Key) -> None:
         with self._cond:
             self._processing.discard(key)
+            if key in self._updates:
+                self._updates.discard(key)
+                self._cond.notify()
             again = self._again.pop(key, None)
         if again is not None:
             self.add(key, again)

@@ -12,13 +12,14 @@ import argparse
 import json
 from concurrent.futures import ThreadPoolExecutor
 
+import kopf
 from kubernetes import client, config, watch
 
 from tweetbot_operator.reconcile import desired_job, run_id_for
 from tweetbot_operator.settings import Settings
 from tweetbot_trainer.contract import GROUP
 
-VERSION, PLURAL = "v1alpha1", "tweetbots"
+from .bench_operator import PLURAL, VERSION
 
 
 def main() -> None:
@@ -36,9 +37,7 @@ def main() -> None:
 
     def create_first_job(bot: dict) -> None:
         job = desired_job(bot, run_id_for(bot), "scrape", settings)
-        job["metadata"]["ownerReferences"] = [{
-            "apiVersion": bot["apiVersion"], "kind": bot["kind"], "name": bot["metadata"]["name"],
-            "uid": bot["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}]
+        kopf.adopt(job, owner=bot)  # as the operator does
         batch.create_namespaced_job(args.namespace, job, _preload_content=False)
 
     listed = custom.list_namespaced_custom_object(GROUP, VERSION, args.namespace, PLURAL, _preload_content=False)

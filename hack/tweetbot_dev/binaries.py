@@ -42,6 +42,8 @@ GO_TOOLS = (
     GoTool("helm.sh/helm/v3/cmd/helm", "v3.19.0", "-X helm.sh/helm/v3/internal/version.version=v3.19.0"),
     # MinIO stopped tagging Go-module versions; this pseudo-version is its last published commit.
     GoTool("github.com/minio/minio", "v0.0.0-20260212201848-7aac2a2c5b7c"),
+    # Cluster DNS for the real node's pods.
+    GoTool("github.com/coredns/coredns", "v1.15.0"),
 )
 
 # Built from the wrapper module in hack/controlplane (k8s.io/kubernetes needs its replaces).
@@ -50,10 +52,21 @@ CONTROLPLANE_PACKAGES = (
     "k8s.io/kubernetes/cmd/kube-controller-manager",
     "k8s.io/kubernetes/cmd/kube-scheduler",
     "k8s.io/kubernetes/cmd/kubectl",
+    # The real node: a kubelet and kube-proxy of the same version beside the kwok nodes.
+    "k8s.io/kubernetes/cmd/kubelet",
+    "k8s.io/kubernetes/cmd/kube-proxy",
     "./etcd",
 )
 
-BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "etcd") + tuple(
+BINARIES = (
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubectl",
+    "kubelet",
+    "kube-proxy",
+    "etcd",
+) + tuple(
     tool.binary for tool in GO_TOOLS
 )
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .binaries import cache_root, ensure_binaries
 from .cluster import Cluster
+from .node import NODE_IP, RealNode, apiserver_patches, ensure_host_link
 from .processes import is_running
 from .s3 import S3Server
 
@@ -38,6 +39,8 @@ class DevEnvironment:
     s3_access_key: str = ""
     s3_secret_key: str = ""
     s3_pid: int | None = None
+    real_node: bool = False
+    node_pids: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -47,8 +50,20 @@ class DevEnvironment:
     @property
     def s3(self) -> S3Server:
         return S3Server(
-            self.home / "s3-data", self.bin_dir, self.s3_port, self.s3_access_key, self.s3_secret_key, self.s3_pid
+            self.home / "s3-data", self.bin_dir, self.s3_port, self.s3_access_key, self.s3_secret_key, self.s3_pid,
+            host=self.host,
         )
+
+    @property
+    def host(self) -> str:
+        """Where servers for the cluster's pods listen: loopback, or the real node's host address."""
+        return NODE_IP if self.real_node else "127.0.0.1"
+
+    @property
+    def node(self) -> RealNode | None:
+        if not self.real_node:
+            return None
+        return RealNode(self.home, self.bin_dir, self.kubeconfig, dict(self.node_pids))
 
     @property
     def kubeconfig(self) -> Path:
@@ -77,6 +92,8 @@ class DevEnvironment:
             "s3_access_key": self.s3_access_key,
             "s3_secret_key": self.s3_secret_key,
             "s3_pid": self.s3_pid,
+            "real_node": self.real_node,
+            "node_pids": self.node_pids,
             "timings": self.timings,
         }
         path = self.home / STATE_FILE
@@ -85,22 +102,27 @@ class DevEnvironment:
 
     @classmethod
     def up(cls, home: Path, log=print, owner_pid: int | None = None, nodes: list[dict] | None = None,
-           **cluster_options) -> DevEnvironment:
+           real_node: bool = False, **cluster_options) -> DevEnvironment:
         """Start cluster and S3 under `home`; with `owner_pid`, a reaper tears both down when it exits.
-        `nodes` replaces the default kwok nodes (the demo wants only its local node agent's);
+        `nodes` replaces the default kwok nodes; `real_node` adds the machine's real node (node.py);
         `cluster_options` go to `Cluster.create`."""
         existing = cls.load(home)
         if existing is not None and existing.is_running():
             return existing
         if existing is not None:
             existing.down()
-        env = cls(home=home, bin_dir=ensure_binaries(log))
+        env = cls(home=home, bin_dir=ensure_binaries(log), real_node=real_node)
         home.mkdir(parents=True, exist_ok=True)
         env.save()  # so a failed start can still be cleaned up by `down`
         if owner_pid is not None:
             start_reaper(owner_pid, home)
         try:
             started = time.monotonic()
+            if real_node:
+                ensure_host_link()
+                options, patches = apiserver_patches()
+                cluster_options["options"] = {**options, **cluster_options.get("options", {})}
+                cluster_options["patches"] = [*patches, *cluster_options.get("patches", [])]
             s3 = env.s3
             s3.start(home / "s3.log")
             env.s3_port, env.s3_access_key, env.s3_secret_key, env.s3_pid = (
@@ -112,6 +134,16 @@ class DevEnvironment:
             env.cluster.create(nodes, **cluster_options)
             env.timings["cluster_start_seconds"] = round(time.monotonic() - started, 2)
             env.save()
+            if real_node:
+                started = time.monotonic()
+                node = env.node
+                try:
+                    node.start(log)
+                finally:
+                    env.node_pids = node.pids
+                    env.save()
+                env.timings["node_ready_seconds"] = round(time.monotonic() - started, 2)
+                env.save()
         except BaseException:
             env.down()
             raise
@@ -120,7 +152,8 @@ class DevEnvironment:
     def is_running(self) -> bool:
         pids = self.cluster.component_pids()
         return (
-            self.s3_pid is not None
+            (not self.real_node or self.node.is_running())
+            and self.s3_pid is not None
             and is_running(self.s3_pid, "minio")
             and bool(pids)
             and all(is_running(pid) for pid in pids.values())
@@ -128,6 +161,9 @@ class DevEnvironment:
 
     def down(self) -> None:
         """Stop everything this environment started and delete its data; safe to call twice."""
+        if self.real_node:
+            self.node.stop()  # before the API server goes, so the kubelet does not retry against nothing
+            self.node_pids = {}
         self.cluster.delete()
         self.s3.stop()
         self.s3_pid = None

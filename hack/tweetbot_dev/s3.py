@@ -28,10 +28,11 @@ class S3Server:
     access_key: str = ""
     secret_key: str = ""
     pid: int | None = None
+    host: str = "127.0.0.1"  # the real node's pods need a non-loopback address (node.NODE_IP)
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self, log_file: Path, timeout: float = 60.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -51,7 +52,7 @@ class S3Server:
             process = subprocess.Popen(
                 [
                     str(self.bin_dir / "minio"), "server", str(self.data_dir),
-                    "--address", f"127.0.0.1:{self.port}",
+                    "--address", f"{self.host}:{self.port}",
                     "--console-address", f"127.0.0.1:{free_port()}",
                     "--quiet",
                 ],

@@ -175,3 +175,16 @@ def test_a_base_model_that_cannot_be_loaded_fails_clearly(world, tmp_path):
     assert process.wait(timeout=300) == 20
     error = StageResult.from_termination_message((tmp_path / "termination-log").read_text()).error
     assert error.startswith(f"BaseModelUnavailable: cannot load the base model '{tmp_path / 'no-such-model'}'")
+
+
+def test_one_cpu_process_starts_deepspeed_without_a_compiler(tmp_path):
+    """The stage image has no C++ compiler: one CPU process must not make DeepSpeed build its shared-memory op."""
+    code = ("from tweetbot_trainer.train import skip_shared_memory_comm\n"
+            "skip_shared_memory_comm(world_size=1, cuda=False)\n"
+            "from deepspeed.comm.torch import build_shm_op\n"
+            "assert build_shm_op() is None\n")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(tmp_path),
+           "PATH": str(Path(sys.executable).parent)}  # no g++, as in the image
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not list(tmp_path.iterdir())  # nothing was compiled

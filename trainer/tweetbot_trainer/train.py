@@ -162,6 +162,17 @@ def deepspeed_config(args: TrainArguments) -> dict:
     }
 
 
+def skip_shared_memory_comm(world_size: int, cuda: bool) -> None:
+    """On CPU, DeepSpeed compiles its shared-memory all-reduce op with g++ when the process group starts (minutes,
+    and the image has no compiler). A single process has no peer to share memory with: mark the op unavailable.
+    Seeding DeepSpeed's table of compatible ops also skips its compiler probes; `.get` is its only reader."""
+    if cuda or world_size > 1:
+        return
+    import deepspeed.ops
+
+    vars(deepspeed.ops).setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
+
+
 def describe_deepspeed(config: dict) -> str:
     zero = config.get("zero_optimization", {})
     offload = " with CPU offload" if zero.get("offload_optimizer") else ""
@@ -422,6 +433,7 @@ def run_train(request: StageRequest, storage: Storage, workdir: Path | None = No
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     tokens_per_step = args.batch_size * block_size * world_size
+    skip_shared_memory_comm(world_size, torch.cuda.is_available())
     with times.phase("trainerInit"):
         training_args = TrainingArguments(**training_arguments(args, str(output_dir), len(train_blocks), bool(eval_blocks),
                                                                world_size, cuda=torch.cuda.is_available()))

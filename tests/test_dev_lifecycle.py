@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tweetbot_dev.binaries import cache_root
+from tweetbot_dev.node import NODE_IP, NODE_NAME
 from tweetbot_dev.processes import is_running
 from tweetbot_dev.polling import wait_for
 
@@ -38,8 +39,10 @@ def test_dev_up_env_down_from_the_command_line(home):
     up = tweetbot("dev", "up", "--home", str(home))
     assert up.returncode == 0, up.stderr
     state = json.loads((home / "state.json").read_text())
-    pids = [state["s3_pid"], *(int(p.read_text()) for p in (home / "kwok/clusters/tweetbot/pids").glob("*.pid"))]
-    assert len(pids) == 6 and all(is_running(pid) for pid in pids)
+    pids = [state["s3_pid"], *(int(p.read_text()) for p in (home / "kwok/clusters/tweetbot/pids").glob("*.pid")),
+            *state["node_pids"].values()]
+    assert sorted(state["node_pids"]) == ["containerd", "coredns", "kube-proxy", "kubelet"]
+    assert len(pids) == 10 and all(is_running(pid) for pid in pids)
     assert oct((home / "state.json").stat().st_mode & 0o777) == "0o600"
 
     exports = tweetbot("dev", "env", "--home", str(home))
@@ -50,8 +53,8 @@ def test_dev_up_env_down_from_the_command_line(home):
         capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "HOME": os.environ["HOME"]},
     )
     assert shell.returncode == 0, shell.stderr
-    assert "node/kwok-gpu-0" in shell.stdout
-    assert f"S3=http://127.0.0.1:{state['s3_port']}" in shell.stdout
+    assert "node/kwok-gpu-0" in shell.stdout and f"node/{NODE_NAME}" in shell.stdout
+    assert f"S3=http://{NODE_IP}:{state['s3_port']}" in shell.stdout
     assert shell.stdout.strip().endswith("/helm") and "/tweetbot/bin/" in shell.stdout
 
     down = tweetbot("dev", "down", "--home", str(home))
@@ -68,8 +71,8 @@ def test_killed_owner_leaves_no_processes_behind(home):
             "import json, os, sys, time\n"
             "from pathlib import Path\n"
             "from tweetbot_dev.devenv import DevEnvironment\n"
-            "env = DevEnvironment.up(Path(sys.argv[1]), log=lambda m: None, owner_pid=os.getpid())\n"
-            "print(json.dumps([env.s3_pid, *env.cluster.component_pids().values()]), flush=True)\n"
+            "env = DevEnvironment.up(Path(sys.argv[1]), log=lambda m: None, owner_pid=os.getpid(), real_node=True)\n"
+            "print(json.dumps([env.s3_pid, *env.cluster.component_pids().values(), *env.node_pids.values()]), flush=True)\n"
             "time.sleep(600)\n",
             str(home),
         ],
@@ -78,7 +81,7 @@ def test_killed_owner_leaves_no_processes_behind(home):
     )
     try:
         pids = json.loads(owner.stdout.readline())
-        assert len(pids) == 6 and all(is_running(pid) for pid in pids)
+        assert len(pids) == 10 and all(is_running(pid) for pid in pids)
     finally:
         owner.kill()  # no chance to clean up: only the reaper can
         owner.wait()

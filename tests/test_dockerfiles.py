@@ -1,7 +1,8 @@
-"""The images cannot be built here (no Docker engine), so their Dockerfiles are linted and checked."""
+"""The Dockerfiles, linted and checked (tests/test_images.py builds them with buildah on a Debian base)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -37,4 +38,47 @@ def test_the_trainer_image_prebuilds_deepspeed_ops():
 
 def test_the_operator_image_has_no_torch():
     text = (REPO / "Dockerfile.operator").read_text()
-    assert "[operator]" in text and "torch" not in text.replace("no torch", "")
+    assert "requirements/operator.lock" in text and "torch" not in text.replace("no torch", "")
+    lock = (REPO / "requirements" / "operator.lock").read_text()
+    assert "kopf==" in lock and "torch" not in lock
+
+
+@pytest.mark.parametrize(
+    "dockerfile, defaults",
+    [
+        ("Dockerfile.operator", {"BASE_IMAGE": "python:3.11-slim"}),
+        (
+            "Dockerfile.trainer",
+            {
+                "BASE_IMAGE": "nvidia/cuda:${CUDA_VERSION}-cudnn-runtime-ubuntu24.04",
+                "BUILD_IMAGE": "nvidia/cuda:${CUDA_VERSION}-cudnn-devel-ubuntu24.04",
+            },
+        ),
+    ],
+)
+def test_the_base_images_are_build_arguments_defaulting_to_the_upstream_ones(dockerfile, defaults):
+    text = (REPO / dockerfile).read_text()
+    for name, default in defaults.items():
+        assert f"\nARG {name}={default}\n" in text
+    froms = [line.split()[1] for line in text.splitlines() if line.startswith("FROM ")]
+    assert froms and all(image.startswith("${") for image in froms)
+    # One Dockerfile for Ubuntu 24.04 (python3 is 3.12), python:3.11-slim and Debian bookworm (3.11).
+    assert "python3 -m venv" in text and "python3." not in text and "RUN python " not in text
+
+
+@pytest.mark.parametrize("name", ["operator", "trainer"])
+def test_installs_are_pinned_by_the_lock_file(name):
+    text = (REPO / f"Dockerfile.{name}").read_text()
+    lock = (REPO / "requirements" / f"{name}.lock").read_text().splitlines()
+    pins = [line for line in lock if line and not line.startswith("#")]
+    assert pins and all(re.fullmatch(r"[A-Za-z0-9_.-]+==[^=\s]+", pin) for pin in pins)
+    assert not any(pin.startswith("tweetbot==") for pin in pins) and any(pin.startswith("setuptools==") for pin in pins)
+    for line in text.replace("\\\n", " ").splitlines():
+        if "pip install" in line:
+            assert "--no-deps" in line, line
+
+
+def test_deepspeed_builds_after_torch_without_build_isolation():
+    text = (REPO / "Dockerfile.trainer").read_text()
+    first = text.index("grep -v '^deepspeed==' /src/requirements/trainer.lock")
+    assert first < text.index("--no-build-isolation -r /src/requirements/trainer.lock")

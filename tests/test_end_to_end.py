@@ -1,13 +1,13 @@
 """End to end on one machine: `kubectl apply` a TweetBot and get a published model that writes posts.
 
-The chart is installed with Helm; the operator and every stage Job run as real processes on the local node
-agent's node; S3, the source archive and the Hub are local servers; DeepSpeed trains on CPU.
+Both images are built from the repository's Dockerfiles; the chart is installed with Helm; the operator and
+every stage Job run as containers on the real node (kubelet, containerd, runc) under the securityContexts the
+chart and the operator set; S3, the source archive and the Hub are local servers; DeepSpeed trains on CPU.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import tempfile
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from kubernetes import client
 
 from tweetbot_dev.binaries import cache_root
 from tweetbot_dev.demo import BUCKET, NAMESPACE, Demo, demo_bot
+from tweetbot_dev.node import API_SERVICE_IP, NODE_NAME, ctr, kill_container
 from tweetbot_dev.polling import wait_for
 from tweetbot_trainer.contract import STAGE_LABEL
 
@@ -34,9 +35,19 @@ def world():
         demo.down()
 
 
+def pods_of(world, bot: str, stage: str | None = None) -> list:
+    selector = f"huggingtweets.dev/bot={bot}" + (f",{STAGE_LABEL}={stage}" if stage else "")
+    return client.CoreV1Api(world.api).list_namespaced_pod(NAMESPACE, label_selector=selector).items
+
+
+def image_digest(ref: str) -> str:
+    [line] = [line for line in ctr("images", "list").stdout.splitlines() if line.split()[0] == ref]
+    return next(word for word in line.split() if word.startswith("sha256:"))
+
+
 def test_one_handle_from_apply_to_generated_posts(world):
     world.apply(demo_bot("dreamer", ["dreamer"], world.env, world.hub.url))
-    status = world.wait("dreamer", timeout=600)
+    status = world.wait("dreamer", timeout=900)
     assert status["phase"] == "Succeeded", status.get("lastError")
     assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "True"
     [row] = status["data"]
@@ -49,10 +60,42 @@ def test_one_handle_from_apply_to_generated_posts(world):
     posts = world.generate("demo/dreamer")
     assert len(posts) == 3 and all(post.startswith("My dream is") for post in posts)
 
+    # Every stage ran as a container of the trainer image built here, on the real node.
+    trainer = world.images["trainer"]
+    pods = pods_of(world, "dreamer")
+    assert sorted(pod.metadata.labels[STAGE_LABEL] for pod in pods) == ["publish", "scrape", "train"]
+    for pod in pods:
+        assert pod.spec.node_name == NODE_NAME
+        [container] = pod.status.container_statuses
+        assert container.state.terminated.exit_code == 0
+        assert container.image_id.endswith(image_digest(trainer.ref)), (container.image_id, trainer.ref)
+
+
+def test_the_stage_pod_runs_as_non_root_on_a_read_only_root_with_cluster_dns(world):
+    """The train Job's own pod template, with a command that reports its user and tries to write to `/`."""
+    jobs = client.BatchV1Api(world.api).list_namespaced_job(NAMESPACE, label_selector=f"{STAGE_LABEL}=train").items
+    assert jobs, "needs a bot's train Job (the first test makes one)"
+    template = world.api.sanitize_for_serialization(jobs[0].spec.template)
+    container = template["spec"]["containers"][0]
+    container.update(name="probe", command=["python3", "-c", "import os, socket; print('uid', os.getuid(), 'home', "
+                                            "os.environ['HOME'], 'dns', socket.gethostbyname('kubernetes.default'), "
+                                            "flush=True); open('/probe', 'w')"])
+    container.pop("resources", None)
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "probe", "namespace": NAMESPACE},
+           "spec": {**template["spec"], "containers": [container]}}
+    core = client.CoreV1Api(world.api)
+    core.create_namespaced_pod(NAMESPACE, pod)
+    finished = wait_for(lambda: (p := core.read_namespaced_pod("probe", NAMESPACE)).status.phase in ("Succeeded", "Failed") and p,
+                        timeout=120, what="the probe pod")
+    logs = core.read_namespaced_pod_log("probe", NAMESPACE)
+    assert finished.status.phase == "Failed" and finished.spec.node_name == NODE_NAME
+    assert f"uid 1000 home /tmp dns {API_SERVICE_IP}" in logs  # cluster DNS, with the pod's search path
+    assert "Read-only file system" in logs
+
 
 def test_three_handles_make_a_cyborg(world):
     world.apply(demo_bot("cyborg", ["Sailor", "@dreamer", "gardener"], world.env, world.hub.url))
-    status = world.wait("cyborg", timeout=600)
+    status = world.wait("cyborg", timeout=900)
     assert status["phase"] == "Succeeded", status.get("lastError")
     assert [row["handle"] for row in status["data"]] == ["dreamer", "gardener", "sailor"]
     repo = world.hub.repos["demo/dreamer-gardener-sailor"]
@@ -60,28 +103,31 @@ def test_three_handles_make_a_cyborg(world):
     assert "AI CYBORG" in card and "| Tweets kept |" in card
 
 
-def test_a_killed_train_pod_resumes_from_its_checkpoint(world):
+def test_a_killed_train_container_resumes_from_its_checkpoint(world):
     bot = demo_bot("resilient", ["gardener"], world.env, world.hub.url)
     bot["spec"]["training"].update(epochs=40, checkpoint={"everySteps": 20, "keep": 2})
     world.apply(bot)
     batch, core = client.BatchV1Api(world.api), client.CoreV1Api(world.api)
 
-    def train_pod_after_a_checkpoint():
+    def train_container_after_a_checkpoint():
         status = world.bot("resilient").get("status") or {}
         step = (status.get("progress") or {}).get("step") or 0
-        pods = core.list_namespaced_pod(NAMESPACE, label_selector=f"{STAGE_LABEL}=train,huggingtweets.dev/bot=resilient").items
+        pods = pods_of(world, "resilient", "train")
         listed = world.s3.list_objects_v2(Bucket=BUCKET, Prefix=f"tweetbot/{NAMESPACE}/resilient/").get("Contents", [])
         checkpointed = any("/checkpoints/" in item["Key"] and item["Key"].endswith("manifest.json") for item in listed)
-        return pods[0].metadata.name if pods and step >= 25 and checkpointed else None
+        running = pods and pods[0].status.container_statuses and pods[0].status.container_statuses[0].container_id
+        return (pods[0].metadata.name, running) if running and step >= 25 and checkpointed else None
 
-    first_pod = wait_for(train_pod_after_a_checkpoint, timeout=300, interval=0.5, what="training past a checkpoint")
-    pid = wait_for(lambda: world.agent.pid_of(first_pod), what="the train process")
-    os.killpg(pid, signal.SIGKILL)  # the node loses the pod: no clean-up, no final checkpoint
+    first_pod, container_id = wait_for(train_container_after_a_checkpoint, timeout=600, interval=0.5,
+                                       what="training past a checkpoint")
+    kill_container(container_id)  # the node loses the container: no clean-up, no final checkpoint
 
     status = world.wait("resilient", timeout=900)
     assert status["phase"] == "Succeeded", status.get("lastError")
     assert status["stages"]["train"]["attempts"] == 2 and status["attempts"] == 1
-    train_pods = core.list_namespaced_pod(NAMESPACE, label_selector=f"{STAGE_LABEL}=train,huggingtweets.dev/bot=resilient").items
+    train_pods = pods_of(world, "resilient", "train")
+    first = next(pod for pod in train_pods if pod.metadata.name == first_pod)
+    assert first.status.container_statuses[0].state.terminated.exit_code == 137  # SIGKILL
     second = [pod.metadata.name for pod in train_pods if pod.metadata.name != first_pod]
-    assert second and "resuming from checkpoint" in world.agent.logs[second[0]]
+    assert second and "resuming from checkpoint" in core.read_namespaced_pod_log(second[0], NAMESPACE)
     assert batch.read_namespaced_job(train_pods[0].metadata.labels["job-name"], NAMESPACE).status.failed == 1

@@ -1,8 +1,9 @@
 """`tweetbot demo`: the whole product on one machine, offline.
 
-Local control plane and S3, the chart installed with Helm as a user would, the operator and every stage Job
-run as real processes by the local node agent, a synthetic X archive as the source, a tiny GPT-2 built
-locally as the base model, and a local Hub-compatible server as the Hub.
+Local control plane and S3, both images built from the repository's Dockerfiles, the chart installed with
+Helm as a user would, the operator and every stage Job run as containers on the real node (kubelet,
+containerd, runc), a synthetic X archive as the source, a tiny GPT-2 built locally as the base model, and a
+local Hub-compatible server as the Hub.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from .binaries import cache_root
 from .devenv import DevEnvironment
 from .fake_hub import FakeHub
 from .fakes import FakePost, tweets_js
-from .node_agent import NodeAgent
-from .s3 import free_port
+from .images import ensure_image
 from .tiny_model import build_tiny_gpt2
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,7 +66,8 @@ def demo_bot(name: str, handles: list[str], env: DevEnvironment, hub_url: str) -
             "model": {"name": f"s3://{BUCKET}/base/tiny-gpt2/"},
             "training": {"epochs": 6, "learningRate": 3e-3, "batchSize": 8, "blockSize": 64,
                          "checkpoint": {"everySteps": 20, "keep": 2}},
-            "resources": {"gpus": 0, "cpu": "2", "memory": "4Gi"},
+            # The real node has this machine's 2 cores; the operator's pod requests a tenth of one.
+            "resources": {"gpus": 0, "cpu": "1500m", "memory": "4Gi"},
             "output": {"s3": {"bucket": BUCKET, "endpoint": env.s3_endpoint, "credentialsSecretRef": {"name": "demo-s3"}},
                        "hub": {"endpoint": hub_url, "tokenSecretRef": {"name": "demo-hub"}}},
             "backoffLimit": 2,
@@ -81,16 +82,21 @@ class Demo:
         self.home, self.log = home, log
         self.env: DevEnvironment | None = None
         self.hub: FakeHub | None = None
-        self.agent: NodeAgent | None = None
+        self.timings: dict[str, float] = {}
 
     def up(self, handles_posts: dict[str, int], owner_pid: int | None) -> None:
         started = time.monotonic()
-        self.env = DevEnvironment.up(self.home, log=self.log, owner_pid=owner_pid, nodes=[])
+        for name in ("operator", "trainer"):  # built before the cluster starts, so they do not share the cores
+            ensure_image(name, self.log)
+        self.timings["images"] = time.monotonic() - started
+        self.env = DevEnvironment.up(self.home, log=self.log, owner_pid=owner_pid, nodes=[], real_node=True)
+        loading = time.monotonic()
+        self.images = self.env.load_images(self.log)
+        self.timings["load"] = time.monotonic() - loading
         from kubernetes import config
 
         self.api = config.new_client_from_config(config_file=str(self.env.kubeconfig))
-        self.agent = NodeAgent(self.api, self.env.kubeconfig, cpu="8", memory="32Gi").start()
-        self.hub = FakeHub(tokens={HUB_TOKEN: HUB_USER}, orgs={}).__enter__()
+        self.hub = FakeHub(tokens={HUB_TOKEN: HUB_USER}, orgs={}, host=self.env.host).__enter__()
         self.s3 = boto3.client("s3", endpoint_url=self.env.s3_endpoint, aws_access_key_id=self.env.s3_access_key,
                                aws_secret_access_key=self.env.s3_secret_key, region_name="us-east-1")
         self.s3.create_bucket(Bucket=BUCKET)
@@ -106,12 +112,15 @@ class Demo:
         self.kubectl("create", "secret", "generic", "demo-s3", "-n", NAMESPACE,
                      f"--from-literal=AWS_ACCESS_KEY_ID={self.env.s3_access_key}",
                      f"--from-literal=AWS_SECRET_ACCESS_KEY={self.env.s3_secret_key}")
+        repository, tag = self.images["operator"].ref.rsplit(":", 1)
         self.helm("install", "tweetbot", str(REPO / "charts" / "tweetbot-operator"), "--namespace", "tweetbot-system",
-                  "--create-namespace", "--set", "image.repository=tweetbot-operator", "--set", "trainer.image=tweetbot-trainer",
-                  "--set", "resyncSeconds=5", "--set", f"metrics.port={free_port()}", "--set", f"health.port={free_port()}",
-                  "--set", "logFormat=plain")
+                  "--create-namespace", "--set", f"image.repository={repository}", "--set", f"image.tag={tag}",
+                  "--set", "image.pullPolicy=Never", "--set", f"trainer.image={self.images['trainer'].ref}",
+                  "--set", "trainer.imagePullPolicy=Never", "--set", "resyncSeconds=5", "--set", "logFormat=plain",
+                  "--wait", "--timeout", "3m")
         self.kubectl("wait", "--for=condition=Established", "crd/tweetbots.huggingtweets.dev", "--timeout=60s")
-        self.log(f"ready in {time.monotonic() - started:.0f}s: cluster, S3 at {self.env.s3_endpoint}, Hub at {self.hub.url}")
+        self.log(f"ready in {time.monotonic() - started:.0f}s (images {self.timings['images']:.0f}s, loading them into the node "
+                 f"{self.timings['load']:.0f}s): cluster with a real node, S3 at {self.env.s3_endpoint}, Hub at {self.hub.url}")
 
     def kubectl(self, *args: str, input: str | None = None) -> str:
         return self._run("kubectl", args, input)
@@ -157,13 +166,48 @@ class Demo:
         generator = pipeline("text-generation", model=path, device="cpu")
         return [out["generated_text"] for out in generator("My dream is", num_return_sequences=count, max_new_tokens=30)]
 
+    def stage_pods(self, name: str) -> list[dict]:
+        """Each stage of the bot's run: its pod's node and image, and where the pod's time went, from the Job's and
+        the pod's own timestamps (whole seconds, as the API server keeps them)."""
+        from kubernetes import client
+
+        batch, core = client.BatchV1Api(self.api), client.CoreV1Api(self.api)
+        rows = []
+        for job in batch.list_namespaced_job(NAMESPACE, label_selector=f"huggingtweets.dev/bot={name}").items:
+            pods = core.list_namespaced_pod(NAMESPACE, label_selector=f"job-name={job.metadata.name}").items
+            for pod in sorted(pods, key=lambda pod: pod.metadata.creation_timestamp):
+                ended = pod.status.container_statuses and pod.status.container_statuses[0].state.terminated
+                if not ended:
+                    continue
+                row = {"stage": job.metadata.labels["huggingtweets.dev/stage"], "pod": pod.metadata.name,
+                       "node": pod.spec.node_name, "imageID": pod.status.container_statuses[0].image_id,
+                       "exitCode": ended.exit_code,
+                       "createToRunning": (ended.started_at - pod.metadata.creation_timestamp).total_seconds(),
+                       "running": (ended.finished_at - ended.started_at).total_seconds()}
+                if ended.exit_code == 0 and job.status.completion_time:
+                    row["exitToComplete"] = (job.status.completion_time - ended.finished_at).total_seconds()
+                if row["stage"] == "train" and ended.exit_code == 0:
+                    log = core.read_namespaced_pod_log(pod.metadata.name, NAMESPACE)
+                    if "stage timings json: " in log:
+                        timings = json.loads(log.split("stage timings json: ", 1)[1].splitlines()[0])
+                        row["outsideLoopShare"] = timings["outsideLoopShare"]
+                rows.append(row)
+        return sorted(rows, key=lambda row: ["scrape", "train", "publish"].index(row["stage"]))
+
     def down(self) -> None:
-        if self.agent is not None:
-            self.agent.stop()
         if self.hub is not None:
             self.hub.__exit__(None, None, None)
         if self.env is not None:
             self.env.down()
+
+
+def print_pods(rows: list[dict], log=print) -> None:
+    log("\n| stage | node | image | create -> running (s) | running (s) | exit -> Job complete (s) | outside the training loop |")
+    log("| --- | --- | --- | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        share = f"{100 * row['outsideLoopShare']:.0f}%" if "outsideLoopShare" in row else ""
+        log(f"| {row['stage']} | {row['node']} | {row['imageID'].rsplit('@', 1)[-1][:19]} | {row['createToRunning']:.0f} "
+            f"| {row['running']:.0f} | {row.get('exitToComplete', float('nan')):.0f} | {share} |")
 
 
 def print_report(status: dict, samples: list[str], log=print) -> None:
@@ -196,6 +240,7 @@ def main(keep: bool = False) -> int:
             return 1
         repo_id = status["artifacts"]["hubUrl"].removeprefix(demo.hub.url + "/")
         print_report(status, demo.generate(repo_id))
+        print_pods(demo.stage_pods("demo-dreamer"))
         print(f"\ndone in {time.monotonic() - started:.0f}s")
         if keep:
             print(f"\nthe cluster stays up: eval \"$(tweetbot dev env --home {home})\" then kubectl get tweetbots;"
@@ -204,6 +249,5 @@ def main(keep: bool = False) -> int:
     finally:
         if not keep:
             demo.down()
-        else:  # the local Hub and node agent live in this process; only the cluster and S3 stay
-            demo.agent.stop()
+        else:  # the local Hub lives in this process; the cluster, its node and S3 stay
             demo.hub.__exit__(None, None, None)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .binaries import cache_root, ensure_binaries
 from .cluster import Cluster
-from .node import NODE_IP, RealNode, apiserver_patches, ensure_host_link
+from .node import NODE_IP, RealNode, apiserver_patches, ensure_host_link, install_packages
 from .processes import is_running
 from .s3 import S3Server
 
@@ -119,6 +119,7 @@ class DevEnvironment:
         try:
             started = time.monotonic()
             if real_node:
+                install_packages(log)
                 ensure_host_link()
                 options, patches = apiserver_patches()
                 cluster_options["options"] = {**options, **cluster_options.get("options", {})}
@@ -148,6 +149,16 @@ class DevEnvironment:
             env.down()
             raise
         return env
+
+    def load_images(self, log=print) -> dict:
+        """Both images built from the repository's Dockerfiles (cached), loaded into the real node's containerd."""
+        from .images import ensure_image
+        from .node import load_image
+
+        images = {name: ensure_image(name, log) for name in ("operator", "trainer")}
+        for image in images.values():
+            load_image(image.archive, image.ref, log)
+        return images
 
     def is_running(self) -> bool:
         pids = self.cluster.component_pids()

@@ -63,6 +63,7 @@ class FakeHub:
     orgs: dict[str, list[str]] = field(default_factory=dict)  # user name -> organisations they can write to
     repos: dict[str, FakeRepo] = field(default_factory=dict)
     requests: list[str] = field(default_factory=list)  # "METHOD /path?query" of every request, for debugging
+    host: str = "127.0.0.1"  # the real node's pods reach the host at node.NODE_IP
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -77,12 +78,12 @@ class FakeHub:
             def log_message(self, *args):
                 pass
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = ThreadingHTTPServer((self.host, 0), Handler)
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        return f"http://{self.host}:{self._httpd.server_address[1]}"
 
     def __enter__(self) -> FakeHub:
         self._thread.start()

@@ -186,6 +186,7 @@ def apiserver_patches() -> tuple[dict, list[dict]]:
         {"key": "bind-address", "value": "0.0.0.0", "override": True},
         {"key": "advertise-address", "value": NODE_IP},
         {"key": "service-cluster-ip-range", "value": SERVICE_CIDR},
+        {"key": "kubelet-preferred-address-types", "value": "InternalIP"},  # logs and exec: no DNS name for the node
     ]}, {"name": "kube-controller-manager", "extraArgs": [
         {"key": "service-cluster-ip-range", "value": SERVICE_CIDR},
     ]}]
@@ -245,13 +246,18 @@ def load_image(archive: Path, ref: str, log=print) -> float:
     if ref in ctr("images", "list", "--quiet").stdout.split():
         return 0.0
     started = time.monotonic()
-    ctr("images", "import", "--no-unpack", str(archive))
+    ctr("images", "import", str(archive))  # unpacked now, not by the first pod that uses it
     names = [name for name in ctr("images", "list", "--quiet").stdout.split()]
     if ref not in names:
         raise RuntimeError(f"importing {archive} did not give the image {ref} (containerd has {names})")
     seconds = time.monotonic() - started
     log(f"loaded {ref} into the node in {seconds:.0f}s")
     return seconds
+
+
+def kill_container(container_id: str) -> None:
+    """SIGKILL a container's processes, as a node crash or the OOM killer would (`containerd://<id>` or `<id>`)."""
+    ctr("tasks", "kill", "--all", "--signal", "SIGKILL", container_id.removeprefix("containerd://"))
 
 
 # --- the node ----------------------------------------------------------------------------------------

@@ -13,16 +13,26 @@ def _log(message: str) -> None:
 
 def dev_build(args: argparse.Namespace) -> int:
     from tweetbot_dev.binaries import ensure_binaries
+    from tweetbot_dev.images import ensure_image
+    from tweetbot_dev.node import install_packages
 
+    install_packages(_log)
     print(ensure_binaries(_log))
+    for name in ("operator", "trainer"):
+        print(ensure_image(name, _log).ref)
     return 0
 
 
 def dev_up(args: argparse.Namespace) -> int:
+    from tweetbot_dev.cluster import fake_nodes
     from tweetbot_dev.devenv import DevEnvironment
+    from tweetbot_dev.node import NODE_NAME
 
-    env = DevEnvironment.up(args.home, log=_log)
-    _log(f"cluster up: kubeconfig {env.kubeconfig}")
+    # The real node runs every CPU pod; kwok's GPU nodes (tainted) take the GPU pods for scheduling tests.
+    env = DevEnvironment.up(args.home, log=_log, nodes=fake_nodes(cpu_nodes=0), real_node=True)
+    for image in env.load_images(_log).values():
+        _log(f"image on the node: {image.ref}")
+    _log(f"cluster up: kubeconfig {env.kubeconfig}; real node {NODE_NAME} and kwok GPU nodes")
     _log(f"S3 up: {env.s3_endpoint}")
     _log(f"use it from a shell with:  eval \"$(tweetbot dev env --home {args.home})\"")
     print(env.kubeconfig)
@@ -58,6 +68,8 @@ def dev_down(args: argparse.Namespace) -> int:
 def run_operator(args: argparse.Namespace) -> int:
     import kopf
 
+    import socket
+
     from . import handlers
 
     _fewer_malloc_arenas()
@@ -71,6 +83,9 @@ def run_operator(args: argparse.Namespace) -> int:
         clusterwide=not settings.namespaces,
         namespaces=settings.namespaces,
         liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz",
+        # kopf would name itself after the user, which a uid without a passwd entry (the chart's 65532, any
+        # OpenShift uid) does not have.
+        identity=socket.gethostname(),
     )
     return 0
 
@@ -99,9 +114,17 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from tweetbot_dev.devenv import default_home
+def _with_home(handler):
+    def run(args: argparse.Namespace) -> int:
+        from tweetbot_dev.devenv import default_home
 
+        args.home = args.home or default_home()
+        return handler(args)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tweetbot", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -127,14 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     dev = commands.add_parser("dev", help="the local control plane and S3 server for development")
     dev_commands = dev.add_subparsers(dest="dev_command", required=True)
     for name, handler, help_text in (
-        ("build", dev_build, "build (or find cached) the pinned Kubernetes, etcd, kwok, helm and MinIO binaries"),
-        ("up", dev_up, "start the cluster and S3; prints the kubeconfig path"),
+        ("build", dev_build, "install the Debian packages the real node needs, build (or find cached) the pinned "
+                             "Kubernetes, etcd, kwok, helm, MinIO and CoreDNS binaries and both images"),
+        ("up", dev_up, "start the cluster (a real node and kwok GPU nodes) and S3; prints the kubeconfig path"),
         ("env", dev_env, "print shell exports: KUBECONFIG, the AWS_* variables for S3, PATH with kubectl and helm"),
         ("down", dev_down, "stop the cluster and S3 and delete their data"),
     ):
         sub = dev_commands.add_parser(name, help=help_text)
-        sub.add_argument("--home", type=Path, default=default_home(), help="state directory (default: %(default)s)")
-        sub.set_defaults(handler=handler)
+        # tweetbot_dev is development tooling, not in the operator image: imported only by the dev commands.
+        sub.add_argument("--home", type=Path, help="state directory (default: ~/.cache/tweetbot/dev, or $TWEETBOT_DEV_HOME)")
+        sub.set_defaults(handler=_with_home(handler))
     return parser
 
 

@@ -8,6 +8,7 @@ chart and the operator set; S3, the source archive and the Hub are local servers
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -40,9 +41,13 @@ def pods_of(world, bot: str, stage: str | None = None) -> list:
     return client.CoreV1Api(world.api).list_namespaced_pod(NAMESPACE, label_selector=selector).items
 
 
-def image_digest(ref: str) -> str:
-    [line] = [line for line in ctr("images", "list").stdout.splitlines() if line.split()[0] == ref]
-    return next(word for word in line.split() if word.startswith("sha256:"))
+def image_id(ref: str) -> str:
+    """The image's config digest as buildah made it: what the kubelet reports as a container's imageID."""
+    built = subprocess.run(["buildah", "images", "--no-trunc", "--format", "{{.ID}}", ref], capture_output=True,
+                           text=True, check=True).stdout.split()
+    [loaded] = [line.split()[0] for line in ctr("images", "list", "--quiet").stdout.splitlines() if line == ref]
+    assert built and loaded == ref
+    return built[0]
 
 
 def test_one_handle_from_apply_to_generated_posts(world):
@@ -68,7 +73,7 @@ def test_one_handle_from_apply_to_generated_posts(world):
         assert pod.spec.node_name == NODE_NAME
         [container] = pod.status.container_statuses
         assert container.state.terminated.exit_code == 0
-        assert container.image_id.endswith(image_digest(trainer.ref)), (container.image_id, trainer.ref)
+        assert container.image_id == image_id(trainer.ref), (container.image_id, trainer.ref)
 
 
 def test_the_stage_pod_runs_as_non_root_on_a_read_only_root_with_cluster_dns(world):

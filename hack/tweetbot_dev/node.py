@@ -380,8 +380,8 @@ class RealNode:
         _sh("ip", "link", "delete", HOST_LINK, check=False)
         for mount in sorted(_mounts_under((ROOT / "kubelet", RUN)), key=len, reverse=True):
             _sh("umount", "--lazy", mount, check=False)
-        shutil.rmtree(ROOT / "kubelet", ignore_errors=True)
-        shutil.rmtree(RUN, ignore_errors=True)
+        for path in (ROOT / "kubelet", ROOT / "pod-logs", RUN):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _mounts_under(roots) -> list[str]:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from .binaries import KUBERNETES_VERSION, cache_root
 from .processes import is_running, stop_process
 
 NODE_NAME = "tweetbot-node"
@@ -219,9 +220,10 @@ def pause_archive(cache: Path, log=print) -> Path:
     if archive.exists():
         return archive
     source = Path(subprocess.run(["go", "env", "GOMODCACHE"], capture_output=True, text=True, check=True).stdout.strip())
-    source = source / "k8s.io" / "kubernetes@v1.34.4" / "build" / "pause" / "linux" / "pause.c"
+    source = source / "k8s.io" / f"kubernetes@{KUBERNETES_VERSION}" / "build" / "pause" / "linux" / "pause.c"
     if not source.exists():
-        subprocess.run(["go", "mod", "download", "k8s.io/kubernetes@v1.34.4"], check=True, capture_output=True)
+        subprocess.run(["go", "mod", "download", f"k8s.io/kubernetes@{KUBERNETES_VERSION}"], check=True,
+                       capture_output=True)
     work = archive.with_suffix(".d")
     shutil.rmtree(work, ignore_errors=True)
     (work / "rootfs").mkdir(parents=True)
@@ -296,8 +298,6 @@ class RealNode:
             if time.monotonic() > deadline or not is_running(self.pids["containerd"]):
                 raise RuntimeError(f"containerd did not start; see {self.dir / 'containerd.log'}")
             time.sleep(0.2)
-        from .binaries import cache_root
-
         load_image(pause_archive(cache_root(), log), PAUSE_IMAGE, log)
         self._spawn("coredns", [str(self.bin_dir / "coredns"), "-conf", str(self.dir / "Corefile")])
         self._spawn("kube-proxy", [str(self.bin_dir / "kube-proxy"), "--config", str(self.dir / "kube-proxy.yaml")])

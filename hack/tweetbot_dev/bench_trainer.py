@@ -94,6 +94,7 @@ def _stage_env(request, s3_server, work: Path, threads: int) -> dict:
 def _run_stage(request, s3_server, work: Path, threads: int) -> dict:
     """`tweetbot-trainer train` as the Job runs it, in a fresh process; its timings back from its log."""
     from tweetbot_trainer.contract import StageResult
+    from tweetbot_trainer.train import timings_from_log
 
     log_path = work / f"train-{request.run_id}.log"
     started = time.perf_counter()
@@ -105,7 +106,7 @@ def _run_stage(request, s3_server, work: Path, threads: int) -> dict:
     if code != 0:
         raise RuntimeError(f"the train stage exited with {code}:\n{text[-3000:]}")
     result = StageResult.from_termination_message((work / "termination-log").read_text())
-    timings = json.loads(text.split("stage timings json: ", 1)[1].splitlines()[0])
+    timings = timings_from_log(text)
     return {"wall_seconds": wall, "metrics": result.metrics, "timings": timings}
 
 

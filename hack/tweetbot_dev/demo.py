@@ -170,6 +170,7 @@ class Demo:
         """Each stage of the bot's run: its pod's node and image, and where the pod's time went, from the Job's and
         the pod's own timestamps (whole seconds, as the API server keeps them)."""
         from kubernetes import client
+        from tweetbot_trainer.train import timings_from_log
 
         batch, core = client.BatchV1Api(self.api), client.CoreV1Api(self.api)
         rows = []
@@ -187,9 +188,8 @@ class Demo:
                 if ended.exit_code == 0 and job.status.completion_time:
                     row["exitToComplete"] = (job.status.completion_time - ended.finished_at).total_seconds()
                 if row["stage"] == "train" and ended.exit_code == 0:
-                    log = core.read_namespaced_pod_log(pod.metadata.name, NAMESPACE)
-                    if "stage timings json: " in log:
-                        timings = json.loads(log.split("stage timings json: ", 1)[1].splitlines()[0])
+                    timings = timings_from_log(core.read_namespaced_pod_log(pod.metadata.name, NAMESPACE))
+                    if timings:
                         row["outsideLoopShare"] = timings["outsideLoopShare"]
                 rows.append(row)
         return sorted(rows, key=lambda row: ["scrape", "train", "publish"].index(row["stage"]))

@@ -66,9 +66,9 @@ def dev_down(args: argparse.Namespace) -> int:
 
 
 def run_operator(args: argparse.Namespace) -> int:
-    import kopf
-
     import socket
+
+    import kopf
 
     from . import handlers
 

@@ -162,6 +162,16 @@ def deepspeed_config(args: TrainArguments) -> dict:
     }
 
 
+TIMINGS_LOG_PREFIX = "stage timings json: "
+
+
+def timings_from_log(text: str) -> dict | None:
+    """The stage's timing record from its log (what `run_train` writes last), or None if it has none."""
+    if TIMINGS_LOG_PREFIX not in text:
+        return None
+    return json.loads(text.split(TIMINGS_LOG_PREFIX, 1)[1].splitlines()[0])
+
+
 def skip_shared_memory_comm(world_size: int, cuda: bool) -> None:
     """On CPU, DeepSpeed compiles its shared-memory all-reduce op with g++ when the process group starts (minutes,
     and the image has no compiler). A single process has no peer to share memory with: mark the op unavailable.
@@ -489,7 +499,7 @@ def run_train(request: StageRequest, storage: Storage, workdir: Path | None = No
     metrics.update(tokens=len(train_blocks) * block_size * args.epochs, durationSeconds=round(duration, 1),
                    gpuSeconds=round(duration * args.gpus, 1))
     log.info("stage timings: %s", times.summary())
-    log.info("stage timings json: %s", json.dumps(times.record()))
+    log.info("%s%s", TIMINGS_LOG_PREFIX, json.dumps(times.record()))
     shutil.rmtree(workdir, ignore_errors=True)
     return StageResult(stage="train", run_id=request.run_id, metrics=metrics,
                        artifacts={"modelUri": layout.uri("final") + "/"})

@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tweetbot_dev.binaries import cache_root
+from tweetbot_dev.binaries import KUBERNETES_VERSION, cache_root
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -317,6 +317,40 @@ def ensure_image(name: str, log=print, root: Path = REPO) -> Image:
         log(f"{image.ref} ready in {time.monotonic() - started:.0f}s")
         _prune(name, image, log)
     return image
+
+
+PAUSE_IMAGE = "localhost/tweetbot-pause:3.10"
+
+
+def ensure_pause_archive(log=print) -> Path:
+    """The real node's sandbox image: Kubernetes' own pause.c, compiled statically (no registry to pull it from)."""
+    archive = images_dir() / "pause-3.10.tar"
+    if archive.is_file():
+        return archive
+    _require("buildah", "gcc")
+    with _locked("pause"):
+        if archive.is_file():
+            return archive
+        gomodcache = subprocess.run(["go", "env", "GOMODCACHE"], capture_output=True, text=True, check=True).stdout.strip()
+        source = Path(gomodcache) / "k8s.io" / f"kubernetes@{KUBERNETES_VERSION}" / "build" / "pause" / "linux" / "pause.c"
+        if not source.exists():
+            _run(["go", "mod", "download", f"k8s.io/kubernetes@{KUBERNETES_VERSION}"], capture_output=True)
+        with tempfile.TemporaryDirectory(dir=images_dir(), prefix="pause-") as scratch:
+            binary = Path(scratch) / "pause"
+            _run(["gcc", "-static", "-Os", "-DVERSION=v3.10", "-o", str(binary), str(source)])
+            container = _run(["buildah", "from", "scratch"], capture_output=True, text=True).stdout.strip()
+            try:
+                _run(["buildah", "copy", "--quiet", container, str(binary), "/pause"], stdout=subprocess.DEVNULL)
+                _run(["buildah", "config", "--entrypoint", '["/pause"]', "--user", "65535:65535", container])
+                _run(["buildah", "commit", "--quiet", "--rm", container, PAUSE_IMAGE], stdout=subprocess.DEVNULL)
+            except BaseException:
+                subprocess.run(["buildah", "rm", container], capture_output=True)
+                raise
+        partial = archive.with_name(archive.name + ".partial")
+        _run(["buildah", "push", "--quiet", PAUSE_IMAGE, f"oci-archive:{partial}:{PAUSE_IMAGE}"], stdout=subprocess.DEVNULL)
+        partial.rename(archive)
+        log(f"built {PAUSE_IMAGE}")
+    return archive
 
 
 # --- lock files ---------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from .binaries import KUBERNETES_VERSION, cache_root
+from .images import PAUSE_IMAGE, ensure_pause_archive
 from .processes import is_running, stop_process
 
 NODE_NAME = "tweetbot-node"
@@ -37,7 +37,6 @@ CLUSTER_CIDR = "10.244.0.0/16"
 SERVICE_CIDR = "10.96.0.0/16"
 API_SERVICE_IP = "10.96.0.1"
 CLUSTER_DOMAIN = "cluster.local"
-PAUSE_IMAGE = "localhost/tweetbot-pause:3.10"
 
 ROOT = Path("/var/lib/tweetbot-node")
 RUN = Path("/run/tweetbot-node")
@@ -211,50 +210,16 @@ def ensure_host_link() -> None:
     bridge_nf.write_text("1")
 
 
-# --- the pause image ---------------------------------------------------------------------------------
-
-
-def pause_archive(cache: Path, log=print) -> Path:
-    """Kubernetes' own pause.c, compiled statically and made an image (no registry to pull it from)."""
-    archive = cache / "images" / "pause-3.10.tar"
-    if archive.exists():
-        return archive
-    source = Path(subprocess.run(["go", "env", "GOMODCACHE"], capture_output=True, text=True, check=True).stdout.strip())
-    source = source / "k8s.io" / f"kubernetes@{KUBERNETES_VERSION}" / "build" / "pause" / "linux" / "pause.c"
-    if not source.exists():
-        subprocess.run(["go", "mod", "download", f"k8s.io/kubernetes@{KUBERNETES_VERSION}"], check=True,
-                       capture_output=True)
-    work = archive.with_suffix(".d")
-    shutil.rmtree(work, ignore_errors=True)
-    (work / "rootfs").mkdir(parents=True)
-    _sh("gcc", "-static", "-Os", "-DVERSION=v3.10", "-o", str(work / "rootfs" / "pause"), str(source))
-    container = _sh("buildah", "from", "scratch").stdout.strip()
-    try:
-        _sh("buildah", "copy", container, str(work / "rootfs" / "pause"), "/pause")
-        _sh("buildah", "config", "--entrypoint", '["/pause"]', "--user", "65535:65535", container)
-        _sh("buildah", "commit", "--quiet", container, PAUSE_IMAGE)
-    finally:
-        _sh("buildah", "rm", container, check=False)
-    partial = archive.with_name(archive.name + ".partial")
-    _sh("buildah", "push", "--quiet", PAUSE_IMAGE, f"oci-archive:{partial}:{PAUSE_IMAGE}")
-    partial.rename(archive)
-    shutil.rmtree(work, ignore_errors=True)
-    log(f"built {PAUSE_IMAGE}")
-    return archive
-
-
-def load_image(archive: Path, ref: str, log=print) -> float:
-    """Import an OCI archive into the node's containerd unless it has `ref` already; returns the seconds spent."""
+def load_image(archive: Path, ref: str, log=print) -> None:
+    """Import an OCI archive into the node's containerd unless it has `ref` already."""
     if ref in ctr("images", "list", "--quiet").stdout.split():
-        return 0.0
+        return
     started = time.monotonic()
     ctr("images", "import", str(archive))  # unpacked now, not by the first pod that uses it
-    names = [name for name in ctr("images", "list", "--quiet").stdout.split()]
+    names = ctr("images", "list", "--quiet").stdout.split()
     if ref not in names:
         raise RuntimeError(f"importing {archive} did not give the image {ref} (containerd has {names})")
-    seconds = time.monotonic() - started
-    log(f"loaded {ref} into the node in {seconds:.0f}s")
-    return seconds
+    log(f"loaded {ref} into the node in {time.monotonic() - started:.0f}s")
 
 
 def kill_container(container_id: str) -> None:
@@ -298,7 +263,7 @@ class RealNode:
             if time.monotonic() > deadline or not is_running(self.pids["containerd"]):
                 raise RuntimeError(f"containerd did not start; see {self.dir / 'containerd.log'}")
             time.sleep(0.2)
-        load_image(pause_archive(cache_root(), log), PAUSE_IMAGE, log)
+        load_image(ensure_pause_archive(log), PAUSE_IMAGE, log)
         self._spawn("coredns", [str(self.bin_dir / "coredns"), "-conf", str(self.dir / "Corefile")])
         self._spawn("kube-proxy", [str(self.bin_dir / "kube-proxy"), "--config", str(self.dir / "kube-proxy.yaml")])
         self._spawn("kubelet", [

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from html.parser import HTMLParser
+
 import pytest
 import yaml
+from markdown_it import MarkdownIt
 
 from tweetbot_trainer.card import CardFacts, parse_table, render_card
 from tweetbot_trainer.contract import ContractError, HandleStats
@@ -64,3 +67,41 @@ def test_a_base_model_from_s3_is_named_but_not_linked():
 def test_counts_that_do_not_add_up_never_reach_a_card():
     with pytest.raises(ContractError, match="do not add up"):
         render_card(facts([HandleStats("a", 10, 1, 2, 3)]))
+
+
+class _Tags(HTMLParser):
+    """The tags and link targets of rendered HTML."""
+
+    def __init__(self, rendered: str):
+        super().__init__()
+        self.tags, self.hrefs, self.headings = [], [], []
+        self._in_heading = False
+        self.feed(rendered)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.hrefs += [value for name, value in attrs if name in ("href", "src")]
+        self._in_heading = tag in ("h1", "h2", "h3", "h4", "h5", "h6")
+
+    def handle_data(self, data):
+        if self._in_heading:
+            self.headings.append(data)
+            self._in_heading = False
+
+
+OUR_LINKS = {"https://github.com/borisdayma/huggingtweets", "https://huggingface.co/gpt2",
+             "https://huggingface.co/gpt2#limitations-and-bias"}
+
+
+def test_display_names_cannot_add_links_images_html_or_headings():
+    hostile = "[click](https://evil.example) <img src=x onerror=alert(1)>\n# Heading"
+    other = "![pic](https://evil.example/x.png) <script>x</script> www.evil.example me@evil.example"
+    card = render_card(facts([HandleStats("odd", 10, 1, 2, 7, hostile), HandleStats("other", 20, 0, 5, 15, other)]))
+    tags = _Tags(MarkdownIt("commonmark").enable("table").render(card))
+    assert set(tags.hrefs) <= OUR_LINKS
+    assert not {"img", "script"} & set(tags.tags)
+    assert "Heading" not in tags.headings and not any(line.startswith("# ") for line in card.splitlines())
+    # A GFM autolinker needs a literal '://', 'www.' or an e-mail address in the source.
+    assert "://evil" not in card and "www.evil" not in card and "@evil" not in card
+    # The names still read as they were written, on one line.
+    assert list(parse_table(card)) == [" ".join(hostile.split()), other]

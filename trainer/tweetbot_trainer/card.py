@@ -2,11 +2,13 @@
 
 Everything a person or network supplied (display names, handles, samples) is escaped for where it lands:
 YAML front matter through a YAML dumper, HTML through html.escape, Markdown table cells with `|` escaped.
+Display names, chosen by the scraped people themselves, get the strictest form (`inline`).
 """
 
 from __future__ import annotations
 
 import html
+import string
 from dataclasses import dataclass, field
 
 import yaml
@@ -38,14 +40,22 @@ def cell(text: str) -> str:
     return html.escape(" ".join(str(text).split()), quote=False).replace("|", "\\|")
 
 
+def inline(text: str) -> str:
+    """Text for Markdown and HTML alike: one line, every ASCII punctuation mark a numeric character reference.
+    CommonMark never reads a character reference as structure (link, image, HTML, heading, emphasis, table
+    pipe), and a GFM autolinker finds no literal '://', 'www.' or e-mail address to link."""
+    return "".join(f"&#{ord(char)};" if char in string.punctuation else char for char in " ".join(str(text).split()))
+
+
 def display(stats: HandleStats) -> str:
-    return stats.displayName or stats.handle
+    """A handle's name, escaped by `inline`."""
+    return inline(stats.displayName or stats.handle)
 
 
 def render_card(facts: CardFacts) -> str:
     handles = facts.handles  # HandleStats cannot exist with counts that do not add up
     cyborg = len(handles) > 1
-    names = " & ".join(display(s) for s in handles)
+    names = " &amp; ".join(display(s) for s in handles)
     on_hub = not facts.base_model.startswith(("s3://", "/", "."))  # an S3 or local base has no Hub page
     license_ = facts.license or KNOWN_LICENSES.get(facts.base_model, "")
     front_matter = {
@@ -65,7 +75,7 @@ def render_card(facts: CardFacts) -> str:
         "",
         '<div class="inline-flex flex-col" style="line-height: 1.5;">',
         f'    <div style="text-align: center; margin-top: 3px; font-size: 16px; font-weight: 800">🤖 AI {"CYBORG" if cyborg else "BOT"} 🤖</div>',
-        f'    <div style="text-align: center; font-size: 16px; font-weight: 800">{html.escape(names)}</div>',
+        f'    <div style="text-align: center; font-size: 16px; font-weight: 800">{names}</div>',
         f'    <div style="text-align: center; font-size: 14px;">{html.escape(" ".join("@" + s.handle for s in handles))}</div>',
         "</div>",
         "",
@@ -78,9 +88,9 @@ def render_card(facts: CardFacts) -> str:
         "",
         "## Training data",
         "",
-        f"The model was trained on posts from {cell(names)} ({cell(facts.network)}, collected {cell(facts.collected_at)}).",
+        f"The model was trained on posts from {names} ({cell(facts.network)}, collected {cell(facts.collected_at)}).",
         "",
-        "| Data | " + " | ".join(cell(display(s)) for s in handles) + " |",
+        "| Data | " + " | ".join(display(s) for s in handles) + " |",
         "| --- |" + " --- |" * len(handles),
     ]
     for label, attribute in TABLE_ROWS:
@@ -91,7 +101,7 @@ def render_card(facts: CardFacts) -> str:
         "",
         "The model is based on a pre-trained "
         + (f"[{cell(facts.base_model)}](https://huggingface.co/{facts.base_model})" if on_hub else f"`{cell(facts.base_model)}`")
-        + f" which is fine-tuned on {cell(names)}'s posts.",
+        + f" which is fine-tuned on {names}'s posts.",
         "",
     ]
     for key, value in facts.hyperparameters.items():

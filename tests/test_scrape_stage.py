@@ -14,7 +14,8 @@ import pytest
 from tweetbot_dev.fakes import FakeAccount, FakePost, FakeSocialServer, tweets_js
 from tweetbot_operator.reconcile import desired_job
 from tweetbot_operator.settings import Settings
-from tweetbot_trainer.contract import HandleStats, StageResult
+from tweetbot_trainer.contract import TERMINATION_MESSAGE_LIMIT, HandleStats, StageResult
+from tweetbot_trainer.sources import MAX_DISPLAY_NAME
 
 pytestmark = pytest.mark.s3
 
@@ -154,3 +155,17 @@ def test_by_hand_from_an_archive_in_s3(world):
     assert [row["handle"] for row in printed["data"]] == ["purefulsoul", "turtlebreezee"]
     assert HandleStats(**printed["data"][0]).downloaded == 300
     assert s3.head_object(Bucket=bucket, Key="manual/data/manifest.json")["ContentLength"] > 0
+
+
+def test_display_names_of_any_length_still_give_a_result(world):
+    dev_env, s3, bucket, server, tmp_path = world
+    server.accounts["purefulsoul"].display_name = "[x](https://evil.example)\n" + "🍂" * 10_000
+    server.accounts["turtlebreezee"].display_name = "T" * 10_000
+    finished, message = run_job_container(world, bot(bucket, dev_env.s3_endpoint, server.url))
+    assert finished.returncode == 0, finished.stderr
+    assert len(message.encode()) <= TERMINATION_MESSAGE_LIMIT
+    result = StageResult.from_termination_message(message)
+    assert [len(s.displayName) for s in result.data] == [MAX_DISPLAY_NAME, MAX_DISPLAY_NAME]
+    assert result.data[0].displayName.startswith("[x](https://evil.example) 🍂")  # one line; the card escapes it
+    stats = json.loads(s3.get_object(Bucket=bucket, Key="tweetbot/bots/cyborg/run001/data/stats.json")["Body"].read())
+    assert [h["displayName"] for h in stats["handles"]] == [s.displayName for s in result.data]

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import replace
 from urllib.parse import urlsplit
 
 from .contract import REQUEST_ENV, TERMINATION_MESSAGE_PATH, ContractError, S3Layout, StageRequest, StageResult
@@ -79,12 +80,34 @@ def single_process_group() -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+MAX_ERROR_CHARACTERS = 1000
+
+
+def termination_message(result: StageResult) -> str:
+    """The result as a termination message, made to fit the kubelet's limit rather than lost: display names
+    (text the scraped people chose) give way first, then the error's tail. Counts and artifacts always stay."""
+    try:
+        return result.to_termination_message()
+    except ContractError:
+        pass
+    result = replace(result, data=[replace(stats, displayName="") for stats in result.data],
+                     error=result.error[:MAX_ERROR_CHARACTERS])
+    while True:
+        try:
+            return result.to_termination_message()
+        except ContractError:
+            if not result.error:
+                raise  # counts and artifacts alone too big: a bug, named with its size
+            # Halving: one character can take 12 bytes of JSON (an emoji as two \u escapes).
+            result = replace(result, error=result.error[: len(result.error) // 2])
+
+
 def write_termination_message(result: StageResult) -> None:
     # The kubelet reads the pod's terminationMessagePath; the local node agent and tests may move it.
     path = os.environ.get("TWEETBOT_TERMINATION_MESSAGE_PATH", TERMINATION_MESSAGE_PATH)
     try:
         with open(path, "w") as file:
-            file.write(result.to_termination_message())
+            file.write(termination_message(result))
     except OSError:
         pass  # not in a container: the printed result is the output
 
@@ -127,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("the %s stage failed", args.stage)
         if in_job:
             detail = f"{type(error).__name__}: {error}"
-            write_termination_message(StageResult(stage=args.stage, run_id="", ok=False, error=detail[:1000]))
+            write_termination_message(StageResult(stage=args.stage, run_id="", ok=False, error=detail[:MAX_ERROR_CHARACTERS]))
         return 1
     if in_job:
         write_termination_message(result)

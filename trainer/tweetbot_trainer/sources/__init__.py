@@ -3,8 +3,23 @@
 from __future__ import annotations
 
 import os
+import unicodedata
 from dataclasses import dataclass
 from typing import Protocol
+
+# X's own limit. Each name travels in the 4 KiB termination message and onto the public model card.
+MAX_DISPLAY_NAME = 50
+# Bidi embeddings, overrides, isolates and marks: they make a name display as other text.
+_BIDI_CONTROLS = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def clean_display_name(raw: str) -> str:
+    """A display name as a person chose it, made one line of at most MAX_DISPLAY_NAME characters: control
+    characters and bidi controls go, any whitespace becomes one space; the joiners inside emoji stay."""
+    kept = "".join(char for char in str(raw)
+                   if char not in _BIDI_CONTROLS and (char.isspace() or unicodedata.category(char) != "Cc"))
+    name = " ".join(kept.split())  # newlines, tabs, line and paragraph separators: one space
+    return name if len(name) <= MAX_DISPLAY_NAME else name[: MAX_DISPLAY_NAME - 1].rstrip() + "…"
 
 
 @dataclass(frozen=True)
@@ -18,8 +33,11 @@ class Post:
 @dataclass
 class Timeline:
     handle: str
-    display_name: str
+    display_name: str  # bounded by clean_display_name, whatever the network sent
     posts: list[Post]
+
+    def __post_init__(self):
+        self.display_name = clean_display_name(self.display_name)
 
 
 class Source(Protocol):

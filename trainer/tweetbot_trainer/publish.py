@@ -6,9 +6,11 @@ If the Hub cannot be reached, the model stays in S3 and a re-run of this stage p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -21,6 +23,24 @@ from .storage import Storage
 
 log = logging.getLogger("tweetbot.publish")
 NOT_ON_THE_HUB = {"manifest.json", "samples.json", "training.json"}
+MAX_REPO_ID = 96  # the Hub's limit, owner and '/' included
+
+
+def default_repo_id(owner: str, handles: list[str]) -> str:
+    """`<owner>/<handles, sorted and joined by '-'>` (huggingtweets' naming) made a repo id the Hub accepts:
+    '@' of a Mastodon `user@instance` becomes '-at-', other characters outside letters, digits, '_', '.' and
+    '-' become '-', runs of '-' and '.' one '-', and neither end is '-' or '.'. A name cut to fit ends in a
+    hash of the handles, so two long sets of handles never share a repository."""
+    wanted = "-".join(sorted(handle.lstrip("@") for handle in handles))
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", wanted.replace("@", "-at-"))
+    name = re.sub(r"[-.]{2,}", "-", name).strip("-.")
+    if name.endswith(".git"):  # the Hub reserves it
+        name = name[: -len(".git")] + "-git"
+    room = MAX_REPO_ID - len(owner) - 1
+    if len(name) > room or not name:
+        digest = hashlib.sha256(wanted.encode()).hexdigest()[:8]
+        name = (name[: room - len(digest) - 1].rstrip("-.") or "tweetbot") + "-" + digest
+    return f"{owner}/{name}"
 
 
 def run_publish(request: StageRequest, storage: Storage, environ: dict[str, str] | None = None,
@@ -50,7 +70,8 @@ def run_publish(request: StageRequest, storage: Storage, environ: dict[str, str]
         from huggingface_hub import HfApi
 
         api = HfApi(endpoint=hub.get("endpoint") or environ.get("HF_ENDPOINT") or None, token=token)
-        repo_id = hub.get("repoId") or f"{_call(lambda: api.whoami()['name'], 'read the token owner', attempts, backoff)}/" + "-".join(sorted(request.handles))
+        repo_id = hub.get("repoId") or default_repo_id(
+            _call(lambda: api.whoami()["name"], "read the token owner", attempts, backoff), request.handles)
 
     card = render_card(CardFacts(
         repo_id=repo_id or "-".join(sorted(request.handles)),

@@ -18,10 +18,12 @@ from tweetbot_dev.cluster import service_account_kubeconfig
 from tweetbot_dev.devenv import DevEnvironment
 from tweetbot_dev.operator_process import OperatorProcess, play_container
 from tweetbot_dev.polling import wait_for
+from tweetbot_operator.reconcile import SECRET_OPT_IN_LABEL
 from tweetbot_trainer.contract import RUN_LABEL, STAGE_LABEL, HandleStats, StageResult
 
 pytestmark = pytest.mark.cluster
 
+OPT_IN = {SECRET_OPT_IN_LABEL: "true"}
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "tweetbot-operator"
 RELEASE, RELEASE_NS, BOTS_NS = "tb", "tweetbot-system", "bots"
@@ -98,7 +100,7 @@ def test_the_operator_with_only_the_charts_rights_drives_a_bot_to_succeeded(clus
     core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
     custom = client.CustomObjectsApi(api)
     core.create_namespace({"metadata": {"name": BOTS_NS}})
-    core.create_namespaced_secret(BOTS_NS, {"metadata": {"name": "x-api"}, "stringData": {"token": "t"}})
+    core.create_namespaced_secret(BOTS_NS, {"metadata": {"name": "x-api", "labels": OPT_IN}, "stringData": {"token": "t"}})
     operator = OperatorProcess(cluster, tmp_path, kubeconfig=operator_kubeconfig(cluster, api, tmp_path))
     operator.start()
     try:

@@ -16,11 +16,13 @@ from kubernetes import client
 
 from tweetbot_dev.operator_process import OperatorProcess, play_container
 from tweetbot_dev.polling import wait_for
+from tweetbot_operator.reconcile import SECRET_OPT_IN_LABEL
 from tweetbot_trainer.contract import (BOT_LABEL, RUN_LABEL, S3_ACCESS_KEY_ENV, S3_SECRET_KEY_ENV, STAGE_LABEL, HandleStats,
                                        Progress, S3Layout, StageResult)
 
 pytestmark = pytest.mark.cluster
 
+OPT_IN = {SECRET_OPT_IN_LABEL: "true"}
 REPO = Path(__file__).resolve().parents[1]
 GROUP, VERSION, PLURAL = "huggingtweets.dev", "v1alpha1", "tweetbots"
 
@@ -46,7 +48,7 @@ def apis(api_client):
 def secrets(api_client, namespace):
     core = client.CoreV1Api(api_client)
     for name, data in (("x-api", {"token": "x-secret-value"}), ("hf", {"token": "hf_secret_value"})):
-        core.create_namespaced_secret(namespace, {"metadata": {"name": name}, "stringData": data})
+        core.create_namespaced_secret(namespace, {"metadata": {"name": name, "labels": OPT_IN}, "stringData": data})
 
 
 def tweetbot(name="cyborg", **spec_changes) -> dict:
@@ -259,7 +261,7 @@ def test_a_missing_secret_stalls_one_bot_and_the_others_go_on(operator, apis, na
     assert not stage_jobs(batch, namespace, "lonely")
     wait_job(batch, namespace, "scrape", bot="fine")
 
-    core.create_namespaced_secret(namespace, {"metadata": {"name": "absent"}, "stringData": {"token": "t"}})
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "absent", "labels": OPT_IN}, "stringData": {"token": "t"}})
     wait_job(batch, namespace, "scrape", bot="lonely")  # picked up by the timer, no edit needed
     wait_phase(custom, namespace, "Scraping", name="lonely")
 
@@ -273,7 +275,7 @@ def minio(dev_env, api_client, namespace):
                       aws_secret_access_key=dev_env.s3_secret_key, region_name="us-east-1")
     bucket = f"artifacts-{namespace}"[:63].rstrip("-")
     s3.create_bucket(Bucket=bucket)
-    client.CoreV1Api(api_client).create_namespaced_secret(namespace, {"metadata": {"name": "s3"}, "stringData": {
+    client.CoreV1Api(api_client).create_namespaced_secret(namespace, {"metadata": {"name": "s3", "labels": OPT_IN}, "stringData": {
         "AWS_ACCESS_KEY_ID": dev_env.s3_access_key, "AWS_SECRET_ACCESS_KEY": dev_env.s3_secret_key}})
     output = {"s3": {"bucket": bucket, "endpoint": dev_env.s3_endpoint, "credentialsSecretRef": {"name": "s3"}}}
     return s3, bucket, output

@@ -14,6 +14,7 @@ from tweetbot_operator.reconcile import (
     KUEUE_QUEUE_LABEL,
     InvalidSpec,
     Observed,
+    SecretView,
     desired_job,
     job_fingerprint,
     job_name,
@@ -60,8 +61,11 @@ def make_bot(**spec_changes) -> dict:
     }
 
 
-ALL_SECRETS = {"x-api": frozenset({"token"}), "hf": frozenset({"token"}),
-               "s3-creds": frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"})}
+def secret(*keys: str, opted_in: bool = True) -> SecretView:
+    return SecretView(frozenset(keys), opted_in)
+
+
+ALL_SECRETS = {"x-api": secret("token"), "hf": secret("token"), "s3-creds": secret("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
 
 
 def job(bot, stage, state, failed=0, run_id=None):
@@ -287,7 +291,7 @@ def test_a_missing_secret_stalls_with_what_to_fix_and_creates_nothing():
     assert condition(bot["status"], "Stalled")["status"] == "True"
     assert bot["status"]["lastError"] == "Secret 'x-api' (named by spec.source.x.bearerTokenSecretRef) does not exist"
 
-    decided, _ = step(bot, Observed(secrets={**ALL_SECRETS, "x-api": frozenset({"other"})}))
+    decided, _ = step(bot, Observed(secrets={**ALL_SECRETS, "x-api": secret("other")}))
     assert "has no key 'token'" in decided.status["lastError"]
 
 

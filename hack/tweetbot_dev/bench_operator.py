@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 from kubernetes import client, config, watch
 
-from tweetbot_operator.reconcile import desired_job, run_id_for
+from tweetbot_operator.reconcile import SECRET_OPT_IN_LABEL, desired_job, run_id_for
 from tweetbot_operator.settings import Settings
 from tweetbot_trainer.contract import BOT_LABEL, GROUP
 
@@ -35,6 +35,7 @@ from .operator_process import OperatorProcess
 from .polling import wait_for
 
 VERSION, PLURAL = "v1alpha1", "tweetbots"
+OPT_IN = {SECRET_OPT_IN_LABEL: "true"}
 NAMESPACE = "bench"
 OPERATOR_ACCOUNT, BASELINE_ACCOUNT = "tweetbot-operator", "baseline"
 CLIENT_THREADS = 8  # both sides send their creates through this many threads
@@ -259,7 +260,7 @@ class Bench:
             self.kubeconfigs[account] = service_account_kubeconfig(
                 core, env.kubeconfig, NAMESPACE, account, work / f"{account}.kubeconfig")
         for name in ("x-api", "hf-token"):
-            core.create_namespaced_secret(NAMESPACE, {"metadata": {"name": name}, "stringData": {"token": "bench"}})
+            core.create_namespaced_secret(NAMESPACE, {"metadata": {"name": name, "labels": OPT_IN}, "stringData": {"token": "bench"}})
         self.audit_log = next((env.cluster.workdir / "clusters").glob("*/logs/audit.log"))
         self.audit_line = 0
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import boto3
 
+from tweetbot_operator.reconcile import SECRET_OPT_IN_LABEL
+
 from .binaries import cache_root
 from .devenv import DevEnvironment
 from .fake_hub import FakeHub
@@ -112,11 +114,13 @@ class Demo:
         self.kubectl("create", "secret", "generic", "demo-s3", "-n", NAMESPACE,
                      f"--from-literal=AWS_ACCESS_KEY_ID={self.env.s3_access_key}",
                      f"--from-literal=AWS_SECRET_ACCESS_KEY={self.env.s3_secret_key}")
+        self.kubectl("label", "secret", "demo-hub", "demo-s3", f"{SECRET_OPT_IN_LABEL}=true", "-n", NAMESPACE)
         repository, tag = self.images["operator"].ref.rsplit(":", 1)
         self.helm("install", "tweetbot", str(REPO / "charts" / "tweetbot-operator"), "--namespace", "tweetbot-system",
                   "--create-namespace", "--set", f"image.repository={repository}", "--set", f"image.tag={tag}",
                   "--set", "image.pullPolicy=Never", "--set", f"trainer.image={self.images['trainer'].ref}",
                   "--set", "trainer.imagePullPolicy=Never", "--set", "resyncSeconds=5", "--set", "logFormat=plain",
+                  "--set-json", f"s3.endpoints={json.dumps([self.env.s3_endpoint])}",
                   "--wait", "--timeout", "3m")
         self.kubectl("wait", "--for=condition=Established", "crd/tweetbots.huggingtweets.dev", "--timeout=60s")
         self.log(f"ready in {time.monotonic() - started:.0f}s (images {self.timings['images']:.0f}s, loading them into the node "

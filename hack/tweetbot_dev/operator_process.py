@@ -38,6 +38,7 @@ class OperatorProcess:
             "TWEETBOT_TIMER_SECONDS": "3",
             "TWEETBOT_METRICS_PORT": str(free_port()),
             "TWEETBOT_HEALTH_PORT": str(health),
+            "TWEETBOT_S3_ENDPOINTS": self.dev_env.s3_endpoint,
             **self.extra_env,
         }
         self.log = self.log_dir / f"operator-{self.starts}.log"

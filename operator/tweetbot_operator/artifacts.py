@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from urllib.parse import quote
 
 import boto3
@@ -15,6 +16,9 @@ from botocore.config import Config
 from botocore.credentials import Credentials
 
 from tweetbot_trainer.contract import S3_ACCESS_KEY_ENV, S3_SECRET_KEY_ENV, ContractError, Progress, S3Layout
+
+PROGRESS_BYTES = 64 * 1024  # a report is about 150 bytes
+PROGRESS_SECONDS = 5.0
 
 
 def s3_client(layout: S3Layout, credentials: dict[str, str] | None):
@@ -39,7 +43,8 @@ def read_progress(layout: S3Layout, credentials: dict[str, str] | None) -> Progr
     """The train stage's latest progress report, or None if there is none (yet) or it cannot be read.
 
     One SigV4-signed GET, not a boto3 client: a client loads botocore's endpoint and S3 models, 15-25 MB the
-    operator would hold for good (measured in its peak RSS at 1,000 bots) to read one small object.
+    operator would hold for good (measured in its peak RSS at 1,000 bots) to read one small object. The read
+    is bounded in bytes and in total time, so a slow or huge answer cannot hold a reconcile worker.
     """
     signing = Credentials(credentials[S3_ACCESS_KEY_ENV], credentials[S3_SECRET_KEY_ENV]) if credentials \
         else _default_credentials()
@@ -47,13 +52,23 @@ def read_progress(layout: S3Layout, credentials: dict[str, str] | None) -> Progr
         return None
     request = AWSRequest(method="GET", url=object_url(layout, layout.progress))
     S3SigV4Auth(signing, "s3", layout.region).add_auth(request)
+    deadline = time.monotonic() + PROGRESS_SECONDS
     try:
         response = _http().request("GET", request.url, headers=dict(request.headers), retries=False,
-                                   timeout=urllib3.Timeout(connect=5, read=30))
-        if response.status != 200:
-            return None
-        return Progress.from_json(response.data.decode())
-    except (urllib3.exceptions.HTTPError, ContractError, UnicodeDecodeError):
+                                   redirect=False, preload_content=False,
+                                   timeout=urllib3.Timeout(connect=PROGRESS_SECONDS, read=PROGRESS_SECONDS))
+        try:
+            if response.status != 200:
+                return None
+            body = b""
+            while chunk := response.read1(4096):  # whatever has arrived: read() would wait for all 4096
+                body += chunk
+                if len(body) > PROGRESS_BYTES or time.monotonic() > deadline:
+                    return None
+            return Progress.from_json(body.decode())
+        finally:
+            response.release_conn()
+    except (urllib3.exceptions.HTTPError, ContractError, UnicodeDecodeError, OSError):
         return None
 
 
@@ -80,14 +95,23 @@ def _http() -> urllib3.PoolManager:
     return urllib3.PoolManager(maxsize=4, ca_certs=os.environ.get("AWS_CA_BUNDLE"))
 
 
-def delete_artifacts(layout: S3Layout, credentials: dict[str, str] | None) -> int:
-    """Delete every object under the bot's prefix; returns how many. Raises on any S3 error."""
-    s3 = s3_client(layout, credentials)
+def delete_artifacts(layouts: list[S3Layout], credentials: dict[str, str] | None, deadline_seconds: float) -> int:
+    """Delete every object of the given runs (one bucket); returns how many. Raises on any S3 error, on any
+    key S3 did not delete, and when the deadline passes with objects left (the caller tries again)."""
+    s3 = s3_client(layouts[0], credentials)
+    deadline = time.monotonic() + deadline_seconds
     deleted = 0
-    # The trailing slash keeps bot "a" from deleting the artifacts of bot "ab".
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=layout.bucket, Prefix=layout.run_prefix + "/"):
-        objects = [{"Key": item["Key"]} for item in page.get("Contents", [])]
-        if objects:
-            s3.delete_objects(Bucket=layout.bucket, Delete={"Objects": objects, "Quiet": True})
-            deleted += len(objects)
+    for layout in layouts:
+        # The trailing slash keeps run "a" from reaching run "ab".
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=layout.bucket, Prefix=layout.run_prefix + "/"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"deleted {deleted} objects in {deadline_seconds:.0f}s; more are left")
+            objects = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+            if objects:
+                answer = s3.delete_objects(Bucket=layout.bucket, Delete={"Objects": objects, "Quiet": True})
+                errors = answer.get("Errors") or []
+                if errors:
+                    raise RuntimeError(f"S3 did not delete {len(errors)} of {len(objects)} objects "
+                                       f"(first: {errors[0].get('Key')}: {errors[0].get('Code')})")
+                deleted += len(objects)
     return deleted

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
+import json
 import logging
 import threading
 import time
@@ -21,14 +22,29 @@ import kopf
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from tweetbot_trainer.contract import BOT_LABEL, GROUP, RUN_LABEL, STAGE_LABEL, ContractError, StageResult
+from tweetbot_trainer.contract import BOT_LABEL, GROUP, RUN_LABEL, STAGE_LABEL, ContractError, Progress, StageResult
 
 from . import metrics
 from .artifacts import delete_artifacts, read_progress
 from .cache import Key, WatchCache
 from .kube import Kube, path
 from .workqueue import NEW, UPDATE, Request, WorkQueue
-from .reconcile import Observed, job_fingerprint, job_state, plan, run_id_for, s3_layout, status_patch
+from .reconcile import (
+    BOT_IDENTITY,
+    SECRET_OPT_IN_LABEL,
+    InvalidSpec,
+    Observed,
+    SecretView,
+    job_fingerprint,
+    job_state,
+    occupies_training_slot,
+    plan,
+    run_id_for,
+    validate_spec,
+    s3_identity,
+    s3_layout,
+    status_patch,
+)
 from .settings import Settings
 
 VERSION = "v1alpha1"
@@ -45,6 +61,8 @@ BOTS = f"{GROUP}/{VERSION}"
 _own_versions: defaultdict[Key, deque[str]] = defaultdict(lambda: deque(maxlen=4))
 _last_reconciled: dict[Key, float] = {}  # monotonic time of each bot's last full pass
 _failures: dict[Key, int] = {}  # consecutive failed passes of each bot
+_deletion_errors: dict[Key, str] = {}  # the last ArtifactsLeft message of each bot, posted once
+_rejections: dict[Key, tuple[float, str]] = {}  # Jobs the API server refused: when, and its message
 _job_fingerprints: dict[Key, tuple] = {}  # what the last reconcile knew of each Job
 _queue = WorkQueue(max_updates=max(1, SETTINGS.workers // 4))  # 4 of 16: measured in issue 9 (README, Benchmarks)
 _events = ThreadPoolExecutor(max_workers=1, thread_name_prefix="events")
@@ -119,6 +137,7 @@ async def bot_event(event: dict, namespace: str, name: str, **_) -> None:
         _last_reconciled.pop(key, None)
         _failures.pop(key, None)
         _cache.forget_bot(key)
+        _deletion_errors.pop(key, None)
         return
     bot = event["object"]
     _cache.put_bot(bot)
@@ -182,16 +201,28 @@ async def job_changed(event: dict, namespace: str, name: str, labels: dict, **_)
     _queue.add((namespace, labels[BOT_LABEL]))
 
 
+class ArtifactsLeft(Exception):
+    """Deleting a bot's artifacts did not finish; the finalizer stays and the deletion is tried again."""
+
+
 def _delete_artifacts(namespace: str, bot: dict) -> None:
-    """Delete every run's artifacts of a bot whose deletionPolicy is Delete; what fails is left and said."""
-    layout = s3_layout(bot, run_id="")  # every run of the bot
-    where = f"s3://{layout.bucket}/{layout.run_prefix}/"
+    """Delete exactly the runs this bot recorded, or raise ArtifactsLeft saying what is left and the way out."""
+    status = bot.get("status") or {}
+    runs = list(dict.fromkeys([*(status.get("runs") or []), status.get("runId") or run_id_for(bot)]))
+    layouts = [s3_layout(bot, run) for run in runs]
+    where = f"s3://{layouts[0].bucket}/{layouts[0].bot_prefix}/"
     try:
-        deleted = delete_artifacts(layout, _s3_credentials(namespace, bot))
-    except Exception as error:  # the bot goes anyway; say what is left behind, never a credential
-        post_event(bot, "Warning", "ArtifactsLeft", f"could not delete {where}: {type(error).__name__}: {_short(error)}")
-        return
-    post_event(bot, "Normal", "ArtifactsDeleted", f"deleted {deleted} objects under {where}")
+        validate_spec(bot, SETTINGS)  # the endpoint, bucket and identity as they are allowed now
+        deleted = delete_artifacts(layouts, _s3_credentials(namespace, bot), deadline_seconds=60)
+    except Exception as error:  # never a credential: messages are the API's, S3's error codes or our own
+        message = (f"could not delete the runs {', '.join(runs)} under {where}: {type(error).__name__}: "
+                   f"{_short(error)}; the bot stays until they are deleted or spec.deletionPolicy is set to Retain")
+        if _deletion_errors.get((namespace, bot["metadata"]["name"])) != message:
+            _deletion_errors[(namespace, bot["metadata"]["name"])] = message
+            post_event(bot, "Warning", "ArtifactsLeft", message)
+        raise ArtifactsLeft(message) from None
+    _deletion_errors.pop((namespace, bot["metadata"]["name"]), None)
+    post_event(bot, "Normal", "ArtifactsDeleted", f"deleted {deleted} objects of {len(runs)} run(s) under {where}")
 
 
 def _set_finalizers(namespace: str, bot: dict, finalizers: list[str]) -> dict:
@@ -212,11 +243,14 @@ def _write_bot(namespace: str, bot: dict, url: str, metadata: dict | None = None
 
 
 def _s3_credentials(namespace: str, bot: dict) -> dict[str, str] | None:
-    """The bot's S3 keys from its Secret, or None to use the operator's own identity."""
+    """The bot's S3 keys from its Secret if it opted in, or None to use the operator's own identity (only
+    where `s3_identity` allows it)."""
     ref = bot["spec"]["output"]["s3"].get("credentialsSecretRef")
     if not ref:
         return None
     secret = _kube.get(path("v1", "secrets", namespace, ref["name"]))
+    if (secret["metadata"].get("labels") or {}).get(SECRET_OPT_IN_LABEL) != "true":
+        raise InvalidSpec(f"Secret {ref['name']!r} is not labelled {SECRET_OPT_IN_LABEL}=true")
     return {key: base64.b64decode(value).decode() for key, value in (secret.get("data") or {}).items()}
 
 
@@ -278,16 +312,17 @@ def _reconcile(namespace: str, name: str, fresh: bool) -> None:
                 return
             raise
         _cache.put_bot(bot)
-    # Only bots whose deletionPolicy is Delete carry our finalizer, released whatever the S3 deletion does:
-    # deleting a bot never waits on more than one attempt.
+    # Only bots whose deletionPolicy is Delete carry our finalizer, released once their artifacts are gone
+    # or the policy is changed to Retain (the way out when S3 or the credentials are gone for good).
     finalizers = bot["metadata"].get("finalizers") or []
     others = [finalizer for finalizer in finalizers if finalizer != FINALIZER]
     if bot["metadata"].get("deletionTimestamp"):
         if FINALIZER in finalizers:
-            _delete_artifacts(namespace, bot)
+            if bot["spec"].get("deletionPolicy") == "Delete":
+                _delete_artifacts(namespace, bot)
             _set_finalizers(namespace, bot, others)
         return
-    wanted = others + [FINALIZER] if bot["spec"].get("deletionPolicy") == "Delete" else others
+    wanted = others + [FINALIZER] if bot["spec"].get("deletionPolicy") == "Delete" and _valid(bot) else others
     if wanted != finalizers:
         bot = _set_finalizers(namespace, bot, wanted)
     metrics.RECONCILES.inc()
@@ -296,7 +331,7 @@ def _reconcile(namespace: str, name: str, fresh: bool) -> None:
         _cache.replace_jobs(key, jobs)
     else:
         jobs = _cache.jobs(key)
-    observed = Observed(jobs=jobs, secrets=SecretKeys(namespace))
+    observed = Observed(jobs=jobs, secrets=SecretKeys(namespace), rejected=_recent_rejections(namespace, jobs))
     observed.results = _stage_results(namespace, bot, jobs)
     old_status = bot.get("status") or {}
     if SETTINGS.max_concurrent_trainings and (
@@ -304,13 +339,7 @@ def _reconcile(namespace: str, name: str, fresh: bool) -> None:
     ):
         observed.other_active_trainings = _active_trainings(exclude_bot=(namespace, name))
 
-    run_id = run_id_for(bot)
-    if any(job["metadata"]["labels"].get(STAGE_LABEL) == "train" and job["metadata"]["labels"].get(RUN_LABEL) == run_id
-           and job_state(job) == "Running" for job in jobs):
-        try:
-            observed.progress = read_progress(s3_layout(bot, run_id), _s3_credentials(namespace, bot))
-        except ApiException:
-            observed.progress = None  # its Secret is gone; the stage itself will report that
+    observed.progress = _progress(namespace, bot, jobs)
     decided = plan(bot, observed, SETTINGS, datetime.now(timezone.utc))
 
     for job_name in decided.delete:
@@ -334,9 +363,17 @@ def _reconcile(namespace: str, name: str, fresh: bool) -> None:
             _cache.put_job(_kube.create(path("batch/v1", "jobs", namespace), manifest))
         except ApiException as error:
             _job_fingerprints.pop(job_key, None)
-            if error.status != 409:  # already there: an earlier reconcile created it
+            if not _refused(error):
                 raise
-            first_job_only = False  # its ADDED event may be long gone: record it now
+            if error.status == 409:  # already there: an earlier reconcile created it
+                first_job_only = False  # its ADDED event may be long gone: record it now
+                continue
+            # Retrying will not help before something changes (the spec, a quota, a policy): say so in the
+            # status at once, and try again at the next resync.
+            _rejections[job_key] = (time.monotonic(), _server_message(error))
+            observed.rejected = _recent_rejections(namespace, jobs)
+            decided = plan(bot, observed, SETTINGS, datetime.now(timezone.utc))
+            first_job_only = False
     if first_job_only:
         _last_reconciled[key] = time.monotonic()
         return
@@ -347,6 +384,54 @@ def _reconcile(namespace: str, name: str, fresh: bool) -> None:
         post_event(bot, event_type, reason, message)
     metrics.observe(namespace, name, old_status, decided.status)
     _last_reconciled[key] = time.monotonic()
+
+
+def _valid(bot: dict) -> bool:
+    try:
+        validate_spec(bot, SETTINGS)
+    except InvalidSpec:
+        return False
+    return True
+
+
+def _refused(error: ApiException) -> bool:
+    """A 4xx answer other than throttling: the same request would be refused again."""
+    return 400 <= (error.status or 0) < 500 and error.status != 429
+
+
+def _server_message(error: ApiException) -> str:
+    try:
+        message = json.loads(error.body).get("message") or ""
+    except (TypeError, ValueError, AttributeError):
+        message = ""
+    return _short(Exception(message or f"{error.status} {error.reason}"))
+
+
+def _recent_rejections(namespace: str, jobs: list[dict]) -> dict[str, str]:
+    """Refusals of the last resync interval, for Jobs that still do not exist."""
+    existing = {job["metadata"]["name"] for job in jobs}
+    now = time.monotonic()
+    for key in [key for key, (at, _) in _rejections.items() if now - at > SETTINGS.timer_seconds * 0.9]:
+        del _rejections[key]
+    return {name: message for (ns, name), (_, message) in _rejections.items() if ns == namespace and name not in existing}
+
+
+def _progress(namespace: str, bot: dict, jobs: list[dict]) -> Progress | None:
+    """The running train stage's latest report, best effort: read only with an identity the bot may use,
+    bounded in bytes and time, and never a reason for a pass to fail."""
+    run_id = run_id_for(bot)
+    if not any(job["metadata"]["labels"].get(STAGE_LABEL) == "train" and job["metadata"]["labels"].get(RUN_LABEL) == run_id
+               and job_state(job) == "Running" for job in jobs):
+        return None
+    identity = s3_identity(bot, SETTINGS)
+    if identity is None:
+        return None
+    try:
+        credentials = _s3_credentials(namespace, bot) if identity == BOT_IDENTITY else None
+        return read_progress(s3_layout(bot, run_id), credentials)
+    except Exception as error:
+        log.info("progress of %s/%s not read: %s", namespace, bot["metadata"]["name"], type(error).__name__)
+        return None
 
 
 def post_event(bot: dict, event_type: str, reason: str, message: str) -> None:
@@ -409,39 +494,53 @@ def _termination_message(pod: dict) -> str:
 
 
 class SecretKeys(Mapping):
-    """Which keys each Secret of a namespace has (None: no such Secret), read on first use: most passes
-    create no Job and so read no Secret. Answers are shared for a few seconds, so a thousand bots naming
-    one Secret read it once, not a thousand times. The values are never kept or logged."""
+    """What the operator may know of each Secret of a namespace (None: no such Secret), read on first use:
+    most passes create no Job and so read no Secret. Answers are shared for a few seconds, so a thousand bots
+    naming one Secret read it once, not a thousand times. The values are never kept or logged."""
 
     TTL_SECONDS = 10.0
-    _shared: dict[tuple[str, str], tuple[float, frozenset[str] | None]] = {}
+    MAX_SHARED = 4096
+    _shared: dict[tuple[str, str], tuple[float, SecretView | None]] = {}
+    _lock = threading.Lock()
 
     def __init__(self, namespace: str):
         self.namespace = namespace
-        self._keys: dict[str, frozenset[str] | None] = {}
+        self._views: dict[str, SecretView | None] = {}
 
-    def __getitem__(self, name: str) -> frozenset[str] | None:
-        if name not in self._keys:
-            read_at, keys = self._shared.get((self.namespace, name), (0.0, None))
+    def __getitem__(self, name: str) -> SecretView | None:
+        if name not in self._views:
+            read_at, view = self._shared.get((self.namespace, name), (0.0, None))
             if time.monotonic() - read_at > self.TTL_SECONDS:
-                keys = self._read(name)
-                self._shared[(self.namespace, name)] = (time.monotonic(), keys)
-            self._keys[name] = keys
-        return self._keys[name]
+                view = self._read(name)
+                self._remember(name, view)
+            self._views[name] = view
+        return self._views[name]
 
-    def _read(self, name: str) -> frozenset[str] | None:
+    def _remember(self, name: str, view: SecretView | None) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._shared) >= self.MAX_SHARED:  # what expired goes first, then the oldest
+                for key in [key for key, (at, _) in self._shared.items() if now - at > self.TTL_SECONDS]:
+                    del self._shared[key]
+                while len(self._shared) >= self.MAX_SHARED:
+                    del self._shared[min(self._shared, key=lambda key: self._shared[key][0])]
+            self._shared[(self.namespace, name)] = (now, view)
+
+    def _read(self, name: str) -> SecretView | None:
         try:
-            return frozenset(_kube.get(path("v1", "secrets", self.namespace, name)).get("data") or {})
+            secret = _kube.get(path("v1", "secrets", self.namespace, name))
         except ApiException as error:
             if error.status != 404:
                 raise
             return None
+        labels = secret["metadata"].get("labels") or {}
+        return SecretView(frozenset(secret.get("data") or {}), labels.get(SECRET_OPT_IN_LABEL) == "true")
 
     def __iter__(self):
-        return iter(self._keys)
+        return iter(self._views)
 
     def __len__(self):
-        return len(self._keys)
+        return len(self._views)
 
 
 def _bot_jobs(selector: str = BOT_LABEL) -> Iterator[dict]:
@@ -455,5 +554,5 @@ def _active_trainings(exclude_bot: Key) -> int:
         1
         for job in _bot_jobs(f"{STAGE_LABEL}=train")
         if (job["metadata"]["namespace"], job["metadata"]["labels"].get(BOT_LABEL)) != exclude_bot
-        and job_state(job) not in FINISHED
+        and occupies_training_slot(job)
     )

@@ -63,13 +63,20 @@ class Kube:
 
 def path(group_version: str, plural: str, namespace: str | None = None, name: str | None = None,
          subresource: str | None = None) -> str:
-    """/api/v1/... for the core group ("v1"), /apis/<group>/<version>/... for the others."""
+    """/api/v1/... for the core group ("v1"), /apis/<group>/<version>/... for the others. Names are escaped
+    whole ('/' and '.' segments included): a name from a spec can never reach another path."""
     parts = ["/api" if "/" not in group_version else "/apis", group_version]
     if namespace is not None:
-        parts += ["namespaces", quote(namespace)]
+        parts += ["namespaces", _segment(namespace)]
     parts.append(plural)
     if name is not None:
-        parts.append(quote(name))
+        parts.append(_segment(name))
     if subresource is not None:
         parts.append(subresource)
     return "/".join(parts)
+
+
+def _segment(name: str) -> str:
+    if name in ("", ".", ".."):  # no escaping keeps these from meaning "this" or "the parent" collection
+        raise ValueError(f"{name!r} is not an object name")
+    return quote(name, safe="")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -14,6 +15,7 @@ from datetime import datetime, timezone
 from tweetbot_trainer.contract import (
     BOT_LABEL,
     DEEPSPEED_CONFIG_PATH,
+    GROUP,
     HUB_TOKEN_ENV,
     MASTODON_TOKEN_ENV,
     MAX_HANDLES,
@@ -37,6 +39,17 @@ GPU_RESOURCE = "nvidia.com/gpu"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 STAGE_PHASES = {"scrape": "Scraping", "train": "Training", "publish": "Publishing"}
 STAGE_CONDITIONS = {"scrape": "DataReady", "train": "Trained", "publish": "Published"}
+# A Secret a TweetBot may name carries this label: without the opt-in, anyone allowed to create TweetBots
+# could send any Secret of the namespace to a host of their choosing.
+SECRET_OPT_IN_LABEL = f"{GROUP}/usable-by-tweetbots"
+MAX_RECORDED_RUNS = 500  # status.runs: what deletionPolicy Delete deletes
+
+# What the API server accepts, checked again here because the CRD in the cluster may be older than the operator.
+DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+CONFIG_KEY = re.compile(r"[-._a-zA-Z0-9]+")
+BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9!_.*'()-]{0,127}")  # one key segment: the layout stays injective
+REGION = re.compile(r"[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?")
 
 
 class InvalidSpec(ValueError):
@@ -51,6 +64,60 @@ def normalize_handles(handles: list[str]) -> list[str]:
     if duplicates:
         raise InvalidSpec(f"spec.handles lists {', '.join(duplicates)} more than once")
     return normalized
+
+
+def _object_refs(value, where: str):
+    """Every (path, ref) of a Secret or ConfigMap reference in a spec."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key.endswith(("SecretRef", "configMapRef")) and isinstance(item, dict):
+                yield f"{where}.{key}", item
+            else:
+                yield from _object_refs(item, f"{where}.{key}")
+
+
+def validate_spec(bot: dict, settings: Settings) -> None:
+    """What the schema cannot know (the operator's settings) or a cluster's older CRD may not check."""
+    spec = bot["spec"]
+    normalize_handles(spec["handles"])
+    for where, ref in _object_refs(spec, "spec"):
+        name, key = ref.get("name", ""), ref.get("key", "token")
+        if len(name) > 253 or not DNS_SUBDOMAIN.fullmatch(name):
+            raise InvalidSpec(f"{where}.name {name!r} is not a Kubernetes object name (a DNS subdomain)")
+        if len(key) > 253 or not CONFIG_KEY.fullmatch(key):
+            raise InvalidSpec(f"{where}.key {key!r} is not a Secret or ConfigMap key")
+    s3 = spec["output"]["s3"]
+    checks = (("bucket", s3["bucket"], BUCKET, "an S3 bucket name"),
+              ("prefix", s3.get("prefix", "tweetbot"), PREFIX, "one key segment (letters, digits, !_.*'()-; no '/')"),
+              ("region", s3.get("region", "us-east-1"), REGION, "a region name (lower-case letters, digits, '-')"))
+    for field_name, value, pattern, what in checks:
+        if not isinstance(value, str) or not pattern.fullmatch(value) or ".." in value:
+            raise InvalidSpec(f"spec.output.s3.{field_name} {value!r} must be {what}")
+    endpoint = s3.get("endpoint", "")
+    if endpoint and endpoint.rstrip("/") not in settings.s3_endpoints:
+        allowed = ", ".join(settings.s3_endpoints) or "none: only AWS S3"
+        raise InvalidSpec(f"spec.output.s3.endpoint {endpoint!r} is not an S3 endpoint this operator may use "
+                          f"(allowed: {allowed}; the chart's s3.endpoints)")
+    if spec.get("deletionPolicy") == "Delete" and s3_identity(bot, settings) is None:
+        raise InvalidSpec("deletionPolicy Delete needs spec.output.s3.credentialsSecretRef: the operator deletes "
+                          "with the bot's own credentials, and with its own identity only in the chart's "
+                          "s3.operatorBuckets")
+    priority_class = spec.get("resources", {}).get("priorityClassName")
+    if priority_class is not None and not DNS_SUBDOMAIN.fullmatch(priority_class):
+        raise InvalidSpec(f"spec.resources.priorityClassName {priority_class!r} is not a DNS subdomain")
+
+
+BOT_IDENTITY, OPERATOR_IDENTITY = "bot", "operator"
+
+
+def s3_identity(bot: dict, settings: Settings) -> str | None:
+    """Whose credentials sign the operator's own S3 requests for a bot (progress reads, deletion): the bot's
+    Secret; the operator's identity only for buckets the admin listed, never for a bucket a tenant merely
+    names; otherwise none, and the operator does not touch the bot's S3."""
+    s3 = bot["spec"]["output"]["s3"]
+    if s3.get("credentialsSecretRef"):
+        return BOT_IDENTITY
+    return OPERATOR_IDENTITY if s3["bucket"] in settings.s3_operator_buckets else None
 
 
 def run_id_for(bot: dict) -> str:
@@ -269,12 +336,31 @@ def job_state(job: dict) -> str:
     return "Pending"
 
 
+def occupies_training_slot(job: dict) -> bool:
+    """An admitted, unfinished train Job that a TweetBot controls. A Job that merely carries the label, or
+    waits suspended in a Kueue queue, holds none of the operator's training slots."""
+    metadata = job["metadata"]
+    controlled = any(owner.get("controller") and owner.get("kind") == "TweetBot"
+                     and owner.get("apiVersion", "").startswith(f"{GROUP}/")
+                     for owner in metadata.get("ownerReferences") or [])
+    return (controlled and (metadata.get("labels") or {}).get(STAGE_LABEL) == "train"
+            and job_state(job) in ("Pending", "Running"))
+
+
 def job_fingerprint(job: dict) -> tuple:
     """What of a Job is worth a reconcile: its state, its pods' outcomes and times. Other changes (ready and
     active counts, the Job controller's pod bookkeeping) are left for the next pass to pick up."""
     status = job.get("status") or {}
     return (job_state(job), status.get("succeeded", 0), status.get("failed", 0),
             status.get("startTime"), status.get("completionTime"))
+
+
+@dataclass(frozen=True)
+class SecretView:
+    """What the operator may know of a Secret: its keys and whether it opted in, never its values."""
+
+    keys: frozenset[str]
+    opted_in: bool
 
 
 @dataclass
@@ -284,9 +370,11 @@ class Observed:
     jobs: list[dict] = field(default_factory=list)
     # Stage results read from terminated pods' termination messages, by Job name (only for Jobs that ended).
     results: dict[str, StageResult] = field(default_factory=dict)
-    # Keys of each Secret the bot references; None for a Secret that does not exist. Looked up only when
-    # a stage's Job is about to be created, so the shell may read Secrets lazily.
-    secrets: Mapping[str, frozenset[str] | None] = field(default_factory=dict)
+    # Each Secret the bot references; None for a Secret that does not exist. Looked up only when a stage's
+    # Job is about to be created, so the shell may read Secrets lazily.
+    secrets: Mapping[str, SecretView | None] = field(default_factory=dict)
+    # Jobs the API server refused to create, with its message (quota, admission, a field it rejects).
+    rejected: dict[str, str] = field(default_factory=dict)
     # Train Jobs running for other bots (for the operator's own concurrency limit).
     other_active_trainings: int = 0
     # The running train stage's latest report, if it has written one.
@@ -313,7 +401,7 @@ def plan(bot: dict, observed: Observed, settings: Settings, now: datetime) -> Pl
     result = Plan()
 
     try:
-        normalize_handles(spec["handles"])
+        validate_spec(bot, settings)
     except InvalidSpec as error:
         return _finish(result, old_status, generation, now, phase="Failed", reason="InvalidSpec",
                        message=str(error), stalled=True)
@@ -332,6 +420,8 @@ def plan(bot: dict, observed: Observed, settings: Settings, now: datetime) -> Pl
         "metrics": old_status.get("metrics") if same_run else None,
         "artifacts": dict(old_status.get("artifacts") or {}) if same_run else {},
         "attempts": 0,
+        # Every run this bot started, so that deleting it deletes exactly its own artifacts.
+        "runs": list(dict.fromkeys([*(old_status.get("runs") or []), run_id]))[-MAX_RECORDED_RUNS:],
     }
 
     phase, reason, message, stalled = "Pending", "Pending", "", False
@@ -352,6 +442,10 @@ def plan(bot: dict, observed: Observed, settings: Settings, now: datetime) -> Pl
             missing = _missing_secrets(bot, stage, observed)
             if missing:
                 phase, reason, message, stalled = "Pending", "SecretMissing", missing, True
+                break
+            if name in observed.rejected:
+                phase, reason, stalled = "Pending", "JobRejected", True
+                message = f"the API server refused Job {name}: {observed.rejected[name]}"
                 break
             if stage == "train" and settings.max_concurrent_trainings and (
                 observed.other_active_trainings >= settings.max_concurrent_trainings
@@ -414,10 +508,13 @@ def plan(bot: dict, observed: Observed, settings: Settings, now: datetime) -> Pl
 def _missing_secrets(bot: dict, stage: str, observed: Observed) -> str:
     problems = []
     for need in secret_needs(bot, stage):
-        keys = observed.secrets.get(need.name)
-        if keys is None:
+        secret = observed.secrets.get(need.name)
+        if secret is None:
             problems.append(f"Secret {need.name!r} (named by {need.field}) does not exist")
-        elif need.key not in keys:
+        elif not secret.opted_in:
+            problems.append(f"Secret {need.name!r} (named by {need.field}) is not labelled "
+                            f"{SECRET_OPT_IN_LABEL}=true; label it to let TweetBots use it")
+        elif need.key not in secret.keys:
             problems.append(f"Secret {need.name!r} (named by {need.field}) has no key {need.key!r}")
     return "; ".join(dict.fromkeys(problems))
 
@@ -453,6 +550,7 @@ def _condition(old: list[dict], type_: str, true: bool, reason: str, message: st
 def _finish(result: Plan, old_status: dict, generation, now: datetime, *, phase: str, reason: str, message: str,
             stalled: bool, status: dict | None = None, done: int = 0) -> Plan:
     status = dict(status or {})
+    status.setdefault("runs", old_status.get("runs") or [])  # kept through an invalid spec: deletion needs it
     old_conditions = old_status.get("conditions") or []
     terminal = phase in ("Succeeded", "Failed")
     conditions = [

@@ -20,6 +20,10 @@ class Settings:
     trainer_service_account: str = ""
     namespaces: tuple[str, ...] = ()  # empty: every namespace
     max_concurrent_trainings: int = 0  # 0: no limit of the operator's own (Kueue may still queue)
+    # S3 endpoints (scheme://host[:port]) a bot may name in spec.output.s3.endpoint; none: only AWS S3.
+    s3_endpoints: tuple[str, ...] = ()
+    # Buckets where the operator may use its own identity for a bot without credentialsSecretRef.
+    s3_operator_buckets: tuple[str, ...] = ()
     scrape_resources: StageResources = field(default_factory=lambda: StageResources("500m", "1Gi"))
     publish_resources: StageResources = field(default_factory=lambda: StageResources("1", "4Gi"))
     timer_seconds: float = 60.0
@@ -40,7 +44,9 @@ class Settings:
             trainer_image=get("TRAINER_IMAGE", defaults.trainer_image),
             image_pull_policy=get("IMAGE_PULL_POLICY", defaults.image_pull_policy),
             trainer_service_account=get("TRAINER_SERVICE_ACCOUNT", defaults.trainer_service_account),
-            namespaces=tuple(ns.strip() for ns in env.get("TWEETBOT_NAMESPACES", "").split(",") if ns.strip()),
+            namespaces=_list(env, "TWEETBOT_NAMESPACES"),
+            s3_endpoints=tuple(endpoint.rstrip("/") for endpoint in _list(env, "TWEETBOT_S3_ENDPOINTS")),
+            s3_operator_buckets=_list(env, "TWEETBOT_S3_OPERATOR_BUCKETS"),
             max_concurrent_trainings=get("MAX_CONCURRENT_TRAININGS", defaults.max_concurrent_trainings),
             scrape_resources=StageResources(
                 get("SCRAPE_CPU", defaults.scrape_resources.cpu), get("SCRAPE_MEMORY", defaults.scrape_resources.memory)
@@ -53,3 +59,7 @@ class Settings:
             metrics_port=get("METRICS_PORT", defaults.metrics_port),
             health_port=get("HEALTH_PORT", defaults.health_port),
         )
+
+
+def _list(env, name: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())

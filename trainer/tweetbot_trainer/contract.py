@@ -81,8 +81,14 @@ class S3Layout:
     region: str = "us-east-1"
 
     @property
+    def bot_prefix(self) -> str:
+        """Every run of the bot is under it. The operator allows only one segment for the prefix, and names
+        have no '/', so no two bots' prefixes nest."""
+        return f"{self.prefix}/{self.namespace}/{self.bot}"
+
+    @property
     def run_prefix(self) -> str:
-        return "/".join(part.strip("/") for part in (self.prefix, self.namespace, self.bot, self.run_id) if part.strip("/"))
+        return f"{self.bot_prefix}/{self.run_id}"
 
     def key(self, *parts: str) -> str:
         return "/".join((self.run_prefix, *parts))

@@ -18,12 +18,15 @@ from tweetbot_dev.cluster import service_account_kubeconfig
 from tweetbot_dev.devenv import DevEnvironment
 from tweetbot_dev.operator_process import OperatorProcess, play_container
 from tweetbot_dev.polling import wait_for
-from tweetbot_operator.reconcile import SECRET_OPT_IN_LABEL
+from tweetbot_operator.reconcile import SECRET_OPT_IN_LABEL, desired_job
+from tweetbot_operator.settings import Settings
 from tweetbot_trainer.contract import RUN_LABEL, STAGE_LABEL, HandleStats, StageResult
 
 pytestmark = pytest.mark.cluster
 
 OPT_IN = {SECRET_OPT_IN_LABEL: "true"}
+STAGE_BOT = {"metadata": {"name": "b", "namespace": "bots", "uid": "u"},
+             "spec": {"handles": ["a"], "source": {"x": {}}, "output": {"s3": {"bucket": "bots"}}}}
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "tweetbot-operator"
 RELEASE, RELEASE_NS, BOTS_NS = "tb", "tweetbot-system", "bots"
@@ -67,6 +70,27 @@ def test_lint_and_render_for_the_pinned_kubernetes(cluster):
         assert all(a["automountServiceAccountToken"] is False for a in trainer_accounts)
     refused = run(cluster, "helm", "template", RELEASE, str(CHART), "--set", "logFormat=xml", check=False)
     assert refused.returncode != 0 and "value must be one of 'json', 'plain'" in refused.stderr
+
+
+def test_network_policies_deny_by_default_and_select_the_pods_they_guard(cluster):
+    rendered = run(cluster, "helm", "template", RELEASE, str(CHART), "--namespace", RELEASE_NS, "--kube-version", "v1.34.4",
+                   "--set", "watchNamespaces={bots,more}").stdout
+    documents = [doc for doc in yaml.safe_load_all(rendered) if doc]
+    policies = {(doc["metadata"]["namespace"], doc["metadata"]["name"]): doc for doc in documents if doc["kind"] == "NetworkPolicy"}
+    assert sorted(policies) == [("bots", "tweetbot-stages"), ("more", "tweetbot-stages"), (RELEASE_NS, f"{RELEASE}-tweetbot-operator")]
+    deployment = next(doc for doc in documents if doc["kind"] == "Deployment")
+    operator_policy = policies[(RELEASE_NS, f"{RELEASE}-tweetbot-operator")]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert operator_policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    stage_pod = desired_job(STAGE_BOT, "abc123", "train", Settings())["spec"]["template"]["metadata"]["labels"]
+    for namespace in ("bots", "more"):
+        spec = policies[(namespace, "tweetbot-stages")]["spec"]
+        assert spec["podSelector"]["matchLabels"].items() <= stage_pod.items()
+        assert spec["policyTypes"] == ["Ingress", "Egress"] and "ingress" not in spec  # nothing may connect in
+        blocks = [peer["ipBlock"] for rule in spec["egress"] for peer in rule.get("to", []) if "ipBlock" in peer]
+        assert blocks and all("169.254.0.0/16" in block["except"] for block in blocks)  # no cloud metadata
+    off = run(cluster, "helm", "template", RELEASE, str(CHART), "--set", "networkPolicy.enabled=false").stdout
+    assert "NetworkPolicy" not in off
 
 
 def test_every_rendered_object_and_example_is_accepted_by_the_api_server(cluster):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from tweetbot_trainer.contract import (BOT_LABEL, RUN_LABEL, S3_ACCESS_KEY_ENV, 
 pytestmark = pytest.mark.cluster
 
 OPT_IN = {SECRET_OPT_IN_LABEL: "true"}
+GONE_S3 = "http://127.0.0.1:9"
 REPO = Path(__file__).resolve().parents[1]
 GROUP, VERSION, PLURAL = "huggingtweets.dev", "v1alpha1", "tweetbots"
 
@@ -33,7 +35,9 @@ def operator(dev_env, api_client, tmp_path_factory):
         [str(dev_env.cluster.kubectl), "--kubeconfig", str(dev_env.kubeconfig), "apply", "-f", str(REPO / "crds")],
         check=True, capture_output=True,
     )
-    process = OperatorProcess(dev_env, tmp_path_factory.mktemp("operator"))
+    # The dev S3 server, and a port where nothing listens (an S3 that is gone).
+    process = OperatorProcess(dev_env, tmp_path_factory.mktemp("operator"),
+                              env={"TWEETBOT_S3_ENDPOINTS": f"{dev_env.s3_endpoint},{GONE_S3}"})
     process.start()
     yield process
     process.stop()
@@ -332,31 +336,101 @@ def test_objects_are_addressed_as_boto3_does(monkeypatch):
     assert object_url(layout, "k") == "http://s3.local/bots/k"
 
 
-def test_deletion_policy_delete_removes_only_this_bots_artifacts(operator, apis, namespace, secrets, minio, dev_env):
+def test_deletion_policy_delete_removes_exactly_this_bots_runs(operator, apis, namespace, secrets, minio, dev_env):
     custom, batch, core = apis
     s3, bucket, output = minio
-    keys = [f"tweetbot/{namespace}/{bot}/r{run}/data/dataset.jsonl" for bot in ("doomed", "doomed2", "kept") for run in (1, 2)]
-    for key in keys:
-        s3.put_object(Bucket=bucket, Key=key, Body=b"{}")
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot("doomed", output=output, deletionPolicy="Delete"))
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot("kept", output=output))
-    unreachable = {"s3": {"bucket": bucket, "endpoint": "http://127.0.0.1:9"}}
-    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot("stranded", output=unreachable, deletionPolicy="Delete"))
-    for name in ("doomed", "kept", "stranded"):
+    for name in ("doomed", "kept"):
         wait_job(batch, namespace, "scrape", bot=name)
+    run = wait_phase(custom, namespace, "Scraping", name="doomed")["status"]["runId"]
+    # This bot's run; an earlier bot of the same name (deletionPolicy Retain, run "0ld0ne"); a bot whose name
+    # shares the prefix; another bot.
+    keys = [f"tweetbot/{namespace}/{bot}/{run_id}/data/dataset.jsonl"
+            for bot, run_id in (("doomed", run), ("doomed", "0ld0ne"), ("doomed2", run), ("kept", run))]
+    for key in keys:
+        s3.put_object(Bucket=bucket, Key=key, Body=b"{}")
     assert wait_for(lambda: get_bot(custom, namespace, "doomed")["metadata"].get("finalizers")) == ["huggingtweets.dev/artifacts"]
     assert not get_bot(custom, namespace, "kept")["metadata"].get("finalizers")
 
-    for name in ("doomed", "kept", "stranded"):
+    for name in ("doomed", "kept"):
         custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
 
     def all_gone():
         return not custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
 
-    wait_for(all_gone, timeout=60, what="every bot to be deleted, even the one whose S3 is unreachable")
+    wait_for(all_gone, timeout=60, what="both bots to be deleted")
     left = sorted(item["Key"] for item in s3.list_objects_v2(Bucket=bucket)["Contents"])
-    assert left == [key for key in keys if "/doomed/" not in key]  # "doomed2" shares a prefix but is not doomed
+    assert left == sorted(keys[1:])
     messages = {event.reason: event.message for event in core.list_namespaced_event(namespace).items}
-    assert messages["ArtifactsDeleted"] == f"deleted 2 objects under s3://{bucket}/tweetbot/{namespace}/doomed/"
-    assert messages["ArtifactsLeft"].startswith(f"could not delete s3://{bucket}/tweetbot/{namespace}/stranded/")
-    assert dev_env.s3_secret_key not in json.dumps(messages)
+    assert messages["ArtifactsDeleted"] == f"deleted 1 objects of 1 run(s) under s3://{bucket}/tweetbot/{namespace}/doomed/"
+
+
+def test_a_bot_whose_artifacts_cannot_be_deleted_stays_until_they_are_or_its_policy_says_retain(
+        operator, apis, namespace, secrets, minio, dev_env):
+    custom, batch, core = apis
+    _, bucket, output = minio
+    gone = {"s3": {**output["s3"], "endpoint": GONE_S3}}
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot("stranded", output=gone, deletionPolicy="Delete"))
+    wait_for(lambda: get_bot(custom, namespace, "stranded")["metadata"].get("finalizers"), what="the finalizer")
+    custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "stranded")
+
+    def warned():
+        events = core.list_namespaced_event(namespace, field_selector="reason=ArtifactsLeft").items
+        return events[0].message if events else None
+
+    message = wait_for(warned, timeout=60, what="the ArtifactsLeft event")
+    assert message.startswith("could not delete the runs ") and "spec.deletionPolicy is set to Retain" in message
+    assert dev_env.s3_secret_key not in message
+    time.sleep(5)  # more than one retry
+    assert get_bot(custom, namespace, "stranded")["metadata"]["deletionTimestamp"]  # still there, finalizer kept
+
+    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "stranded", {"spec": {"deletionPolicy": "Retain"}})
+    wait_for(lambda: not custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"], timeout=30,
+             what="the bot to go once its policy is Retain")
+
+
+def test_a_secret_without_the_opt_in_label_is_not_used(operator, apis, namespace, secrets, api_client):
+    custom, batch, core = apis
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "service-db"}, "stringData": {"token": "db-password"}})
+    custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, tweetbot("thief", source={"x": {"bearerTokenSecretRef": {"name": "service-db"}}}))
+
+    def stalled():
+        status = get_bot(custom, namespace, "thief").get("status") or {}
+        return status.get("lastError")
+
+    assert "is not labelled huggingtweets.dev/usable-by-tweetbots=true" in wait_for(stalled, what="the bot to stall")
+    assert not stage_jobs(batch, namespace, "thief")
+    core.patch_namespaced_secret("service-db", namespace, {"metadata": {"labels": OPT_IN}})
+    wait_job(batch, namespace, "scrape", bot="thief")  # its owner opted in
+
+
+def test_a_job_the_api_server_refuses_stalls_the_bot_with_the_servers_message(operator, apis, namespace, secrets):
+    custom, batch, core = apis
+    core.create_namespaced_resource_quota(namespace, {"metadata": {"name": "no-jobs"}, "spec": {"hard": {"count/jobs.batch": "0"}}})
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot())
+
+    def rejected():
+        status = get_bot(custom, namespace).get("status") or {}
+        stalled = next((c for c in status.get("conditions", []) if c["type"] == "Stalled"), {})
+        return status if stalled.get("reason") == "JobRejected" else None
+
+    status = wait_for(rejected, timeout=30, what="the bot to stall on the refused Job")
+    assert "exceeded quota: no-jobs" in status["lastError"] and status["phase"] == "Pending"
+    core.delete_namespaced_resource_quota("no-jobs", namespace)
+    wait_job(batch, namespace, "scrape")  # tried again at the next resync
+    wait_phase(custom, namespace, "Scraping")
+
+
+def test_a_result_is_read_before_a_zero_ttl_removes_its_job(operator, apis, namespace, secrets):
+    custom, batch, core = apis
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot(ttlSecondsAfterFinished=0))
+    scrape = wait_job(batch, namespace, "scrape")
+    succeed(core, scrape, data=SCRAPE_STATS)
+    wait_job(batch, namespace, "train")
+    bot = wait_phase(custom, namespace, "Training")
+    assert bot["status"]["data"][0]["handle"] == "purefulsoul"
+    wait_for(lambda: not stage_jobs(batch, namespace, stage="scrape"), what="the operator to remove the scrape Job")
+    assert len(stage_jobs(batch, namespace, stage="train")) == 1  # no stage re-ran
+    assert get_bot(custom, namespace)["status"]["stages"]["scrape"]["state"] == "Succeeded"

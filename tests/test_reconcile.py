@@ -374,3 +374,32 @@ def test_job_fingerprint_ignores_pod_bookkeeping_but_not_outcomes():
     retried["status"]["failed"] = 1
     assert job_fingerprint(retried) != job_fingerprint(running)
     assert job_fingerprint(job(bot, "scrape", "Succeeded")) != job_fingerprint(running)
+
+
+def test_finished_jobs_are_deleted_after_their_ttl_only_once_their_result_is_in_the_status():
+    bot = make_bot(ttlSecondsAfterFinished=30)
+    assert "ttlSecondsAfterFinished" not in desired_job(bot, run_id_for(bot), "scrape", SETTINGS)["spec"]
+    scrape = job(bot, "scrape", "Succeeded")
+    scrape["status"]["completionTime"] = "2026-11-22T11:59:50Z"  # 10 s before NOW
+    results = {scrape["metadata"]["name"]: result(bot, "scrape")}
+    decided, bot = step(bot, Observed(jobs=[scrape], results=results, secrets=ALL_SECRETS))
+    assert decided.delete == [] and decided.requeue_after == 20  # recorded by this pass, due in 20 s
+    train = job(bot, "train", "Running")
+    decided = plan(bot, Observed(jobs=[scrape, train], secrets=ALL_SECRETS), SETTINGS, NOW + timedelta(seconds=20))
+    assert decided.delete == [scrape["metadata"]["name"]] and decided.requeue_after is None
+    decided = plan(bot, Observed(jobs=[train], secrets=ALL_SECRETS), SETTINGS, NOW + timedelta(seconds=21))
+    assert decided.create == [] and decided.status["stages"]["scrape"]["state"] == "Succeeded"
+
+
+def test_a_failed_stage_stays_failed_after_its_job_is_removed():
+    bot = make_bot(ttlSecondsAfterFinished=0)
+    failed = job(bot, "scrape", "Failed", failed=3)
+    failed["status"]["conditions"][0]["lastTransitionTime"] = "2026-11-22T11:00:00Z"
+    results = {failed["metadata"]["name"]: result(bot, "scrape", ok=False, error="unknown handle purefulsoul")}
+    decided, bot = step(bot, Observed(jobs=[failed], results=results, secrets=ALL_SECRETS))
+    assert decided.delete == [] and bot["status"]["phase"] == "Failed"
+    decided, bot = step(bot, Observed(jobs=[failed], secrets=ALL_SECRETS))
+    assert decided.delete == [failed["metadata"]["name"]]
+    decided, bot = step(bot, Observed(secrets=ALL_SECRETS))
+    assert decided.create == [] and bot["status"]["phase"] == "Failed"
+    assert bot["status"]["lastError"] == "stage scrape failed: unknown handle purefulsoul"

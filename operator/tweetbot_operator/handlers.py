@@ -62,6 +62,7 @@ _own_versions: defaultdict[Key, deque[str]] = defaultdict(lambda: deque(maxlen=4
 _last_reconciled: dict[Key, float] = {}  # monotonic time of each bot's last full pass
 _failures: dict[Key, int] = {}  # consecutive failed passes of each bot
 _deletion_errors: dict[Key, str] = {}  # the last ArtifactsLeft message of each bot, posted once
+_requeues: dict[Key, float] = {}  # when each bot's next timed pass is due (monotonic)
 _rejections: dict[Key, tuple[float, str]] = {}  # Jobs the API server refused: when, and its message
 _job_fingerprints: dict[Key, tuple] = {}  # what the last reconcile knew of each Job
 _queue = WorkQueue(max_updates=max(1, SETTINGS.workers // 4))  # 4 of 16: measured in issue 9 (README, Benchmarks)
@@ -138,6 +139,7 @@ async def bot_event(event: dict, namespace: str, name: str, **_) -> None:
         _failures.pop(key, None)
         _cache.forget_bot(key)
         _deletion_errors.pop(key, None)
+        _requeues.pop(key, None)
         return
     bot = event["object"]
     _cache.put_bot(bot)
@@ -384,6 +386,20 @@ def _reconcile(namespace: str, name: str, fresh: bool) -> None:
         post_event(bot, event_type, reason, message)
     metrics.observe(namespace, name, old_status, decided.status)
     _last_reconciled[key] = time.monotonic()
+    if decided.requeue_after is not None:
+        _requeue(key, decided.requeue_after)
+
+
+def _requeue(key: Key, seconds: float) -> None:
+    """Reconcile the bot again in `seconds`, unless an earlier pass is already due: finished bots get no
+    resync, and a finished Job's TTL must still be applied."""
+    due = time.monotonic() + seconds
+    if _requeues.get(key, float("inf")) <= due and _requeues[key] > time.monotonic():
+        return
+    _requeues[key] = due
+    timer = threading.Timer(seconds, _queue.add, (key, Request()))
+    timer.daemon = True
+    timer.start()
 
 
 def _valid(bot: dict) -> bool:

@@ -306,9 +306,10 @@ def desired_job(bot: dict, run_id: str, stage: str, settings: Settings) -> dict:
     }
     if resources_spec.get("queueName"):
         job_spec["suspend"] = True  # Kueue admits it by unsuspending, as its webhook would have done
-    for field_name in ("activeDeadlineSeconds", "ttlSecondsAfterFinished"):
-        if spec.get(field_name) is not None:
-            job_spec[field_name] = spec[field_name]
+    # ttlSecondsAfterFinished is applied by the operator (`_expired_jobs`), only once a Job's result is in
+    # the status: the Job controller would delete it on time whether or not its result had been read.
+    if spec.get("activeDeadlineSeconds") is not None:
+        job_spec["activeDeadlineSeconds"] = spec["activeDeadlineSeconds"]
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -387,6 +388,7 @@ class Plan:
     delete: list[str] = field(default_factory=list)
     status: dict = field(default_factory=dict)
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+    requeue_after: float | None = None  # seconds until a finished Job's ttlSecondsAfterFinished is due
 
 
 def _timestamp(now: datetime) -> str:
@@ -435,6 +437,11 @@ def plan(bot: dict, observed: Observed, settings: Settings, now: datetime) -> Pl
             status["attempts"] += max(0, record.get("attempts", 1) - 1)  # its failed pods before it succeeded
             done += 1
             continue
+        if job is None and record.get("jobName") == name and record.get("state") == "Failed":
+            status["stages"][stage] = record  # failed, and its Job since removed: stays failed until an edit
+            phase, reason, stalled = "Failed", "StageFailed", True
+            message = f"stage {stage} failed: {record.get('message', '')}".rstrip(": ")
+            break
         if job is None:
             if spec.get("suspend"):
                 phase, reason, message = "Suspended", "Suspended", "spec.suspend is true"
@@ -486,7 +493,9 @@ def plan(bot: dict, observed: Observed, settings: Settings, now: datetime) -> Pl
         if state == "Failed":
             stage_result = observed.results.get(name)
             failure = next((c for c in job_status.get("conditions") or [] if c.get("type") == "Failed"), {})
-            detail = stage_result.error if stage_result is not None and stage_result.error else failure.get("message", "")
+            detail = (stage_result.error if stage_result is not None and stage_result.error
+                      else record.get("message") if record.get("jobName") == name and record.get("message")
+                      else failure.get("message", ""))
             stage_status["message"] = detail
             phase, reason, stalled = "Failed", "StageFailed", True
             message = f"stage {stage} failed after {job_status.get('failed', 0)} attempt(s): {detail}".rstrip(": ")
@@ -501,8 +510,35 @@ def plan(bot: dict, observed: Observed, settings: Settings, now: datetime) -> Pl
         phase, reason, message = "Succeeded", "Succeeded", "scraped, trained and published"
 
     status.setdefault("progress", {"summary": f"{done}/{len(STAGES)}"})
+    if spec.get("ttlSecondsAfterFinished") is not None:
+        expired, result.requeue_after = _expired_jobs(jobs, recorded, status["stages"], spec["ttlSecondsAfterFinished"], now)
+        result.delete += expired
     return _finish(result, old_status, generation, now, phase=phase, reason=reason, message=message,
                    stalled=stalled, status=status, done=done)
+
+
+def _expired_jobs(jobs: dict[str, dict], recorded: dict, stages: dict, ttl: int, now: datetime) -> tuple[list[str], float | None]:
+    """Finished Jobs whose result the status held before this pass and whose TTL has run out, and the seconds
+    until the next one is due (Jobs this pass records are due no earlier than the next pass)."""
+    expired, next_due = [], None
+    for stage, record in stages.items():
+        job = jobs.get(record.get("jobName"))
+        ended = _ended_at(job) if job is not None and record.get("state") in ("Succeeded", "Failed") else None
+        if ended is None:
+            continue
+        due = (ended - now).total_seconds() + ttl
+        if due <= 0 and (recorded.get(stage) or {}).get("state") == record["state"]:
+            expired.append(record["jobName"])
+        else:
+            next_due = min(next_due or float("inf"), max(due, 1.0))
+    return expired, next_due
+
+
+def _ended_at(job: dict) -> datetime | None:
+    status = job.get("status") or {}
+    ended = status.get("completionTime") or next(
+        (c.get("lastTransitionTime") for c in status.get("conditions") or [] if c.get("type") == "Failed"), None)
+    return datetime.strptime(ended, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc) if ended else None
 
 
 def _missing_secrets(bot: dict, stage: str, observed: Observed) -> str:

@@ -403,3 +403,18 @@ def test_a_failed_stage_stays_failed_after_its_job_is_removed():
     decided, bot = step(bot, Observed(secrets=ALL_SECRETS))
     assert decided.create == [] and bot["status"]["phase"] == "Failed"
     assert bot["status"]["lastError"] == "stage scrape failed: unknown handle purefulsoul"
+
+
+def test_an_oom_killed_stage_says_so_instead_of_showing_its_log_as_a_result():
+    from tweetbot_operator.reconcile import stage_result_from_pod
+
+    def pod(**terminated):
+        return {"status": {"containerStatuses": [{"state": {"terminated": {"exitCode": 137, **terminated}}}]}}
+
+    killed = stage_result_from_pod(pod(reason="OOMKilled", message="loading tweets.js\n"), "scrape")
+    assert not killed.ok and killed.error == ("the scrape container ran out of memory (OOMKilled); "
+                                              "raise the chart's trainer.scrape.memory")
+    assert "spec.resources.memory" in stage_result_from_pod(pod(reason="OOMKilled"), "train").error
+    garbled = stage_result_from_pod(pod(reason="Error", message="Traceback (most recent call last):"), "scrape")
+    assert not garbled.ok and "is not a JSON object" in garbled.error
+    assert stage_result_from_pod(pod(reason="Error"), "scrape") is None

@@ -22,7 +22,7 @@ import kopf
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from tweetbot_trainer.contract import BOT_LABEL, GROUP, RUN_LABEL, STAGE_LABEL, ContractError, Progress, StageResult
+from tweetbot_trainer.contract import BOT_LABEL, GROUP, RUN_LABEL, STAGE_LABEL, Progress, StageResult
 
 from . import metrics
 from .artifacts import delete_artifacts, read_progress
@@ -43,6 +43,7 @@ from .reconcile import (
     validate_spec,
     s3_identity,
     s3_layout,
+    stage_result_from_pod,
     status_patch,
 )
 from .settings import Settings
@@ -489,24 +490,11 @@ def _stage_results(namespace: str, bot: dict, jobs: list[dict]) -> dict[str, Sta
         for pod in sorted(pods, key=lambda p: p["metadata"]["creationTimestamp"], reverse=True):
             if (pod.get("status") or {}).get("phase") != wanted_phase:
                 continue
-            message = _termination_message(pod)
-            if not message:
-                continue
-            try:
-                results[job_name] = StageResult.from_termination_message(message)
-            except ContractError as error:
-                results[job_name] = StageResult(stage=job["metadata"]["labels"].get(STAGE_LABEL, ""),
-                                                run_id="", ok=False, error=str(error))
-            break
+            pod_result = stage_result_from_pod(pod, job["metadata"]["labels"].get(STAGE_LABEL, ""))
+            if pod_result is not None:
+                results[job_name] = pod_result
+                break
     return results
-
-
-def _termination_message(pod: dict) -> str:
-    for container in pod["status"].get("containerStatuses") or []:
-        message = ((container.get("state") or {}).get("terminated") or {}).get("message")
-        if message:
-            return message
-    return ""
 
 
 class SecretKeys(Mapping):

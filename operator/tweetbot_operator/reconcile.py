@@ -27,6 +27,7 @@ from tweetbot_trainer.contract import (
     STAGES,
     TERMINATION_MESSAGE_PATH,
     X_BEARER_TOKEN_ENV,
+    ContractError,
     S3Layout,
     Progress,
     StageRequest,
@@ -346,6 +347,23 @@ def occupies_training_slot(job: dict) -> bool:
                      for owner in metadata.get("ownerReferences") or [])
     return (controlled and (metadata.get("labels") or {}).get(STAGE_LABEL) == "train"
             and job_state(job) in ("Pending", "Running"))
+
+
+def stage_result_from_pod(pod: dict, stage: str) -> StageResult | None:
+    """What a finished stage pod reported in its termination message, or why it could not: a container the
+    kernel killed for its memory wrote none (the kubelet would put its log's tail there instead)."""
+    for container in (pod.get("status") or {}).get("containerStatuses") or []:
+        terminated = (container.get("state") or {}).get("terminated") or {}
+        if terminated.get("reason") == "OOMKilled":
+            limit = "spec.resources.memory" if stage == "train" else f"the chart's trainer.{stage}.memory"
+            return StageResult(stage=stage, run_id="", ok=False,
+                               error=f"the {stage} container ran out of memory (OOMKilled); raise {limit}")
+        if terminated.get("message"):
+            try:
+                return StageResult.from_termination_message(terminated["message"])
+            except ContractError as error:
+                return StageResult(stage=stage, run_id="", ok=False, error=str(error))
+    return None
 
 
 def job_fingerprint(job: dict) -> tuple:

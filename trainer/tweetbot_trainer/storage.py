@@ -5,24 +5,71 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import urlsplit
 
 import boto3
 import requests
 from botocore.config import Config
+from boto3.exceptions import Boto3Error
 from boto3.s3.transfer import TransferConfig
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
-from .errors import NetworkFailure
+from .errors import NetworkFailure, redact_url
 
 
+CHUNK_BYTES = 1 << 20  # what `stream` holds of a file at a time
 TRANSFER = TransferConfig(multipart_threshold=64 * 1024 * 1024, multipart_chunksize=64 * 1024 * 1024, max_concurrency=8)
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
     parts = urlsplit(uri)
     return parts.netloc, parts.path.lstrip("/")
+
+
+class S3Failure(Exception):
+    """An S3 request that failed after its retries, told by object and S3's error code: boto's own messages
+    can carry the request's URL and query string."""
+
+    def __init__(self, action: str, bucket: str, key: str, code: str):
+        super().__init__(f"{action} s3://{bucket}/{key} failed: {code}")
+        self.code = code
+
+
+def s3_error_code(error: BaseException) -> str:
+    """S3's error code (AccessDenied, NoSuchBucket, ...) from the ClientError behind `error`, which boto3's
+    transfers wrap in errors of their own; otherwise the class name (EndpointConnectionError, ...)."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, ClientError):
+            return seen.response.get("Error", {}).get("Code") or type(seen).__name__
+        seen = seen.__cause__ or seen.__context__
+    return type(error).__name__
+
+
+@contextmanager
+def _told_as_s3_failure(action: str, bucket: str, key: str):
+    try:
+        yield
+    except (ClientError, BotoCoreError, Boto3Error) as error:
+        raise S3Failure(action, bucket, key, s3_error_code(error)) from None
+
+
+def _response_chunks(response: requests.Response, chunk_size: int, shown: str) -> Iterator[bytes]:
+    try:
+        yield from response.iter_content(chunk_size)
+    except requests.RequestException as error:
+        raise NetworkFailure(f"reading {shown} failed ({type(error).__name__})") from None
+    finally:
+        response.close()
+
+
+def _file_chunks(file, chunk_size: int) -> Iterator[bytes]:
+    with file:
+        while chunk := file.read(chunk_size):
+            yield chunk
 
 
 class Storage:
@@ -33,25 +80,41 @@ class Storage:
                                config=Config(retries={"max_attempts": 5, "mode": "standard"}))
 
     def read(self, uri: str) -> bytes:
-        """Bytes at an s3:// URI, an http(s):// URL or a local path; FileNotFoundError if there is none."""
+        """All bytes at an s3:// URI, an http(s):// URL or a local path (errors as `stream`)."""
+        return b"".join(self.stream(uri))
+
+    def stream(self, uri: str, chunk_size: int = CHUNK_BYTES) -> Iterator[bytes]:
+        """The bytes at an s3:// URI, an http(s):// URL or a local path, chunk by chunk, so a large file is
+        never whole in memory. The request is made at once: FileNotFoundError if there is no such file,
+        PermissionError if this identity may not read it (also S3's answer for a missing key to a reader
+        that may not list the bucket). Messages name the URL without userinfo or query."""
+        shown = redact_url(uri)
         if uri.startswith("s3://"):
             bucket, key = split_s3_uri(uri)
             try:
-                return self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+                body = self.s3.get_object(Bucket=bucket, Key=key)["Body"]
             except ClientError as error:
-                if error.response["Error"]["Code"] in ("NoSuchKey", "404"):
-                    raise FileNotFoundError(uri) from None
+                code = error.response["Error"]["Code"]
+                if code in ("NoSuchKey", "404"):
+                    raise FileNotFoundError(shown) from None
+                if code in ("AccessDenied", "403"):
+                    raise PermissionError(f"{shown} ({code})") from None
                 raise
+            return body.iter_chunks(chunk_size)
         if uri.startswith(("http://", "https://")):
             try:
-                response = requests.get(uri, timeout=60)
+                response = requests.get(uri, timeout=60, stream=True)
             except requests.RequestException as error:
-                raise NetworkFailure(f"cannot fetch {urlsplit(uri).netloc} ({type(error).__name__})") from None
-            if response.status_code == 404:
-                raise FileNotFoundError(uri)
-            response.raise_for_status()
-            return response.content
-        return Path(uri).read_bytes()
+                raise NetworkFailure(f"cannot fetch {shown} ({type(error).__name__})") from None
+            if response.status_code != 200:
+                response.close()
+                if response.status_code in (404, 410):
+                    raise FileNotFoundError(shown)
+                if response.status_code in (401, 403):
+                    raise PermissionError(f"{shown} ({response.status_code})")
+                raise NetworkFailure(f"{shown} answered {response.status_code}")
+            return _response_chunks(response, chunk_size, shown)
+        return _file_chunks(open(uri, "rb"), chunk_size)
 
     def put(self, bucket: str, key: str, data: bytes) -> None:
         self.s3.put_object(Bucket=bucket, Key=key, Body=data)
@@ -63,9 +126,10 @@ class Storage:
         return keys
 
     def delete_prefix(self, bucket: str, prefix: str) -> None:
-        keys = self.list_keys(bucket, prefix)
-        for start in range(0, len(keys), 1000):
-            self.s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[start:start + 1000]], "Quiet": True})
+        with _told_as_s3_failure("delete", bucket, prefix):
+            keys = self.list_keys(bucket, prefix)
+            for start in range(0, len(keys), 1000):
+                self.s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[start:start + 1000]], "Quiet": True})
 
     def download_prefix(self, bucket: str, prefix: str, local: Path) -> int:
         keys = self.list_keys(bucket, prefix)
@@ -83,13 +147,16 @@ class Storage:
             self.s3.download_file(bucket, prefix + relative, str(target), Config=TRANSFER)
 
     def upload_directory(self, local: Path, bucket: str, prefix: str, manifest_key: str) -> dict:
-        """Upload every file under `local` (multipart for large ones), then the manifest naming them."""
+        """Upload every file under `local` (multipart for large ones), then the manifest naming them; S3Failure
+        names the object that failed."""
         manifest = {"files": {}}
         for path in sorted(p for p in local.rglob("*") if p.is_file()):
             relative = path.relative_to(local).as_posix()
-            self.s3.upload_file(str(path), bucket, prefix + relative, Config=TRANSFER)
+            with _told_as_s3_failure("upload to", bucket, prefix + relative):
+                self.s3.upload_file(str(path), bucket, prefix + relative, Config=TRANSFER)
             manifest["files"][relative] = {"bytes": path.stat().st_size}
-        self.s3.put_object(Bucket=bucket, Key=manifest_key, Body=json.dumps(manifest, indent=1).encode())
+        with _told_as_s3_failure("upload to", bucket, manifest_key):
+            self.s3.put_object(Bucket=bucket, Key=manifest_key, Body=json.dumps(manifest, indent=1).encode())
         return manifest
 
     def write_all(self, bucket: str, files: dict[str, bytes], manifest_key: str) -> dict:

@@ -1,7 +1,8 @@
 """The train stage: the scrape stage's dataset -> a fine-tuned causal LM in S3, with transformers + DeepSpeed.
 
 Read top to bottom like transformers' run_clm.py: arguments, data, model, training, saving. Checkpoints go
-to S3 in the background and a restarted pod resumes from the newest complete one.
+to S3 in the background and a restarted pod resumes from the newest complete one; a failed upload stops
+training at the next step, and local copies are deleted once S3 holds them.
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ import os
 import shutil
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 from .contract import DEEPSPEED_CONFIG_PATH, Progress, S3Layout, StageRequest, StageResult
 from .errors import BaseModelUnavailable, DatasetTooSmall, MissingInput, OutOfMemory, StageError
-from .storage import Storage
+from .storage import S3Failure, Storage
 
 log = logging.getLogger("tweetbot.train")
 EOS = "<|endoftext|>"
@@ -285,16 +287,84 @@ class PhaseTimes:
 # --- checkpoints and progress in S3 ---------------------------------------------------------------------
 
 
+class CheckpointUploadFailed(StageError):
+    exit_code, reason = 23, "CheckpointUploadFailed"
+
+
+def checkpoint_step(name: str) -> int:
+    """The step of a checkpoint directory ("checkpoint-12") or of a key inside one (".../checkpoint-12/manifest.json")."""
+    return int(next(part for part in reversed(name.split("/")) if part.startswith("checkpoint-")).split("-")[-1])
+
+
+def uploaded_local_checkpoints(local_steps: Iterable[int], newest_uploaded: int | None) -> list[int]:
+    """The local checkpoints whose copies can go: uploads run in step order, so S3 holds every step up to the
+    newest uploaded one (or a newer checkpoint that replaces it), and a resume reads from S3."""
+    return sorted(step for step in local_steps if newest_uploaded is not None and step <= newest_uploaded)
+
+
+class CheckpointUploads:
+    """Uploads the checkpoints saved under `directory`, one at a time and in step order, off the training thread.
+
+    The training thread calls `check` at each step: a failed upload is raised there, not when training ends,
+    and the local copies of uploaded checkpoints are deleted. Before a save it calls `make_room`, which waits
+    while `keep` checkpoints are still uploading: the pod's disk holds at most `keep` checkpoints."""
+
+    def __init__(self, directory: Path, upload: Callable[[Path, int], None], keep: int, uploaded: int | None = None):
+        self.directory, self.upload, self.keep = directory, upload, max(1, keep)
+        self.uploaded = uploaded  # the newest step S3 holds complete, a resumed one included
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
+        self.pending: list[tuple[int, Future]] = []
+        self.failed = False
+
+    def submit(self, step: int) -> None:
+        self.pending.append((step, self.pool.submit(self._upload, step)))
+
+    def _upload(self, step: int) -> None:
+        if self.failed:
+            return  # the stage is failing: a newer upload would only delay its exit
+        try:
+            self.upload(self.directory / f"checkpoint-{step}", step)
+        except BaseException:
+            self.failed = True
+            raise
+
+    def check(self) -> None:
+        self._settle(until_pending=None)
+
+    def make_room(self) -> None:
+        self._settle(until_pending=self.keep - 1)
+
+    def wait(self) -> None:
+        self._settle(until_pending=0)
+
+    def _settle(self, until_pending: int | None) -> None:
+        """Takes the finished uploads in step order, waiting for more while over `until_pending` are left."""
+        while self.pending and (self.pending[0][1].done() or (until_pending is not None and len(self.pending) > until_pending)):
+            step, future = self.pending.pop(0)
+            error = future.exception()  # waits for it
+            if error is not None:
+                self.pool.shutdown(wait=False, cancel_futures=True)
+                told = str(error) if isinstance(error, (S3Failure, OSError)) else type(error).__name__
+                raise CheckpointUploadFailed(f"saving checkpoint {step} to S3: {told}") from None
+            self.uploaded = step
+        for step in uploaded_local_checkpoints(self._local_steps(), self.uploaded):
+            shutil.rmtree(self.directory / f"checkpoint-{step}", ignore_errors=True)
+
+    def _local_steps(self) -> list[int]:
+        return [checkpoint_step(path.name) for path in self.directory.glob("checkpoint-*") if path.is_dir()]
+
+
 def newest_complete_checkpoint(storage: Storage, layout: S3Layout) -> tuple[int, dict] | None:
     manifests = storage.list_keys(layout.bucket, layout.checkpoints, suffix="/manifest.json")
-    steps = sorted((int(key.rstrip("/").split("/")[-2].split("-")[-1]), key) for key in manifests)
+    steps = sorted((checkpoint_step(key), key) for key in manifests)
     if not steps:
         return None
     step, key = steps[-1]
     return step, json.loads(storage.read(f"s3://{layout.bucket}/{key}"))
 
 
-def make_callbacks(args: TrainArguments, storage: Storage, layout: S3Layout, tokens_per_step: int, times: PhaseTimes):
+def make_callbacks(args: TrainArguments, storage: Storage, layout: S3Layout, tokens_per_step: int, times: PhaseTimes,
+                   checkpoints: Path, resumed_step: int | None):
     from transformers import TrainerCallback
 
     class TimedCheckpoints(TrainerCallback):
@@ -313,16 +383,22 @@ def make_callbacks(args: TrainArguments, storage: Storage, layout: S3Layout, tok
             self.last = time.monotonic()
 
     class S3Checkpoints(TrainerCallback):
-        """Upload each saved checkpoint in the background, manifest last; keep the newest K complete ones."""
+        """Upload each saved checkpoint in the background, manifest last; keep the newest K complete ones in S3
+        and at most K on local disk. Listed after TimedCheckpoints, so on_step_end sees its decision to save."""
 
         def __init__(self):
-            self.pool = ThreadPoolExecutor(max_workers=1)
-            self.pending = []
+            self.uploads = CheckpointUploads(checkpoints, self._upload, args.keep_checkpoints, uploaded=resumed_step)
+
+        def on_step_end(self, training_args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.uploads.check()
+                if control.should_save:
+                    with times.phase("checkpointUploadWait"):
+                        self.uploads.make_room()
 
         def on_save(self, training_args, state, control, **kwargs):
             if state.is_world_process_zero:
-                local = Path(training_args.output_dir) / f"checkpoint-{state.global_step}"
-                self.pending.append(self.pool.submit(self._upload, local, state.global_step))
+                self.uploads.submit(state.global_step)
 
         def _upload(self, local: Path, step: int):
             started = time.monotonic()
@@ -330,7 +406,7 @@ def make_callbacks(args: TrainArguments, storage: Storage, layout: S3Layout, tok
             manifest = storage.upload_directory(local, layout.bucket, prefix, manifest_key=prefix + "manifest.json")
             uploaded = time.monotonic() - started
             complete = storage.list_keys(layout.bucket, layout.checkpoints, suffix="/manifest.json")
-            for old in sorted(complete, key=lambda k: int(k.rstrip("/").split("/")[-2].split("-")[-1]))[:-args.keep_checkpoints]:
+            for old in sorted(complete, key=checkpoint_step)[:-args.keep_checkpoints]:
                 storage.delete_prefix(layout.bucket, old.rsplit("/", 1)[0] + "/")
             size = sum(file["bytes"] for file in manifest["files"].values())
             times.background.append({"step": step, "bytes": size, "seconds": round(uploaded, 3)})
@@ -338,8 +414,7 @@ def make_callbacks(args: TrainArguments, storage: Storage, layout: S3Layout, tok
 
         def wait(self):
             with times.phase("checkpointUploadWait"):
-                for future in self.pending:
-                    future.result()  # an upload that failed after its retries fails the stage here
+                self.uploads.wait()
 
         def on_train_end(self, training_args, state, control, **kwargs):
             self.wait()
@@ -432,14 +507,14 @@ def run_train(request: StageRequest, storage: Storage, workdir: Path | None = No
     log.info("%d train blocks, %d eval blocks of %d tokens", len(train_blocks), len(eval_blocks), block_size)
 
     output_dir = workdir / "checkpoints"
-    resume_from = None
+    resume_from = resumed_step = None
     with times.phase("resumeDownload"):
         newest = newest_complete_checkpoint(storage, layout)
         if newest is not None:
-            step, manifest = newest
-            resume_from = output_dir / f"checkpoint-{step}"
-            storage.download_files(layout.bucket, manifest["files"], f"{layout.checkpoints}checkpoint-{step}/", resume_from)
-            log.info("resuming from checkpoint %d", step)
+            resumed_step, manifest = newest
+            resume_from = output_dir / f"checkpoint-{resumed_step}"
+            storage.download_files(layout.bucket, manifest["files"], f"{layout.checkpoints}checkpoint-{resumed_step}/", resume_from)
+            log.info("resuming from checkpoint %d", resumed_step)
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     tokens_per_step = args.batch_size * block_size * world_size
@@ -447,7 +522,7 @@ def run_train(request: StageRequest, storage: Storage, workdir: Path | None = No
     with times.phase("trainerInit"):
         training_args = TrainingArguments(**training_arguments(args, str(output_dir), len(train_blocks), bool(eval_blocks),
                                                                world_size, cuda=torch.cuda.is_available()))
-        callbacks = make_callbacks(args, storage, layout, tokens_per_step, times)
+        callbacks = make_callbacks(args, storage, layout, tokens_per_step, times, output_dir, resumed_step)
         trainer = timed_trainer(times)(model=model, args=training_args, train_dataset=BlockDataset(train_blocks),
                                        eval_dataset=BlockDataset(eval_blocks) if eval_blocks else None, callbacks=callbacks)
     inside = dict(times.seconds)

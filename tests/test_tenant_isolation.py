@@ -228,3 +228,17 @@ def test_a_job_the_api_server_refuses_stalls_the_bot_with_its_message():
     stalled = next(c for c in decided.status["conditions"] if c["type"] == "Stalled")
     assert stalled["status"] == "True" and stalled["reason"] == "JobRejected"
     assert decided.status["lastError"] == f"the API server refused Job {name}: {refusal}"
+
+
+# --- 14. the operator's Secret cache --------------------------------------------------------------
+
+def test_the_secret_cache_is_bounded(monkeypatch):
+    from tweetbot_operator import handlers
+
+    monkeypatch.setattr(handlers.SecretKeys, "_shared", {})
+    monkeypatch.setattr(handlers.SecretKeys, "MAX_SHARED", 100)
+    monkeypatch.setattr(handlers.SecretKeys, "_read", lambda self, name: SecretView(frozenset({"token"}), True))
+    for number in range(1000):
+        assert handlers.SecretKeys(f"ns-{number}")["x-api"].keys == {"token"}
+    assert len(handlers.SecretKeys._shared) <= 100
+    assert ("ns-999", "x-api") in handlers.SecretKeys._shared  # the newest stay

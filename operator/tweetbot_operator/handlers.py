@@ -40,11 +40,12 @@ from .reconcile import (
     occupies_training_slot,
     plan,
     run_id_for,
-    validate_spec,
     s3_identity,
     s3_layout,
+    secret_view,
     stage_result_from_pod,
     status_patch,
+    validate_spec,
 )
 from .settings import Settings
 
@@ -252,7 +253,7 @@ def _s3_credentials(namespace: str, bot: dict) -> dict[str, str] | None:
     if not ref:
         return None
     secret = _kube.get(path("v1", "secrets", namespace, ref["name"]))
-    if (secret["metadata"].get("labels") or {}).get(SECRET_OPT_IN_LABEL) != "true":
+    if not secret_view(secret).opted_in:
         raise InvalidSpec(f"Secret {ref['name']!r} is not labelled {SECRET_OPT_IN_LABEL}=true")
     return {key: base64.b64decode(value).decode() for key, value in (secret.get("data") or {}).items()}
 
@@ -532,13 +533,11 @@ class SecretKeys(Mapping):
 
     def _read(self, name: str) -> SecretView | None:
         try:
-            secret = _kube.get(path("v1", "secrets", self.namespace, name))
+            return secret_view(_kube.get(path("v1", "secrets", self.namespace, name)))
         except ApiException as error:
             if error.status != 404:
                 raise
             return None
-        labels = secret["metadata"].get("labels") or {}
-        return SecretView(frozenset(secret.get("data") or {}), labels.get(SECRET_OPT_IN_LABEL) == "true")
 
     def __iter__(self):
         return iter(self._views)

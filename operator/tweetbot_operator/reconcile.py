@@ -382,6 +382,11 @@ class SecretView:
     opted_in: bool
 
 
+def secret_view(secret: dict) -> SecretView:
+    return SecretView(frozenset(secret.get("data") or {}),
+                      (secret["metadata"].get("labels") or {}).get(SECRET_OPT_IN_LABEL) == "true")
+
+
 @dataclass
 class Observed:
     """What the shell read from the cluster for one bot."""

@@ -15,7 +15,7 @@ from dataclasses import replace
 from urllib.parse import urlsplit
 
 from .contract import REQUEST_ENV, TERMINATION_MESSAGE_PATH, ContractError, S3Layout, StageRequest, StageResult
-from .errors import ContractMismatch, StageError
+from .errors import ContractMismatch, StageError, redact_urls
 
 log = logging.getLogger("tweetbot.trainer")
 
@@ -144,12 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     except StageError as error:
         log.error("%s: %s", error.reason, error.message)
         if in_job:
-            write_termination_message(StageResult(stage=args.stage, run_id="", ok=False, error=f"{error.reason}: {error.message}"))
+            write_termination_message(StageResult(stage=args.stage, run_id="", ok=False,
+                                                  error=redact_urls(f"{error.reason}: {error.message}")))
         return error.exit_code
     except Exception as error:  # a bug or an S3 failure beyond its retries: still tell the operator why
         log.exception("the %s stage failed", args.stage)
         if in_job:
-            detail = f"{type(error).__name__}: {error}"
+            detail = redact_urls(f"{type(error).__name__}: {error}")  # a library's message may carry a signed URL
             write_termination_message(StageResult(stage=args.stage, run_id="", ok=False, error=detail[:MAX_ERROR_CHARACTERS]))
         return 1
     if in_job:

@@ -1,9 +1,30 @@
 """The errors a user meets in a stage, each with its own exit code and a message that says what to fix.
 
-Messages name handles, URLs and Secrets, never a token or a post's text.
+Messages name handles, URLs and Secrets, never a token or a post's text. A URL in a message passes through
+`redact_url` first: its userinfo, query and fragment can hold credentials or signatures, and the message
+reaches the bot's status.
 """
 
 from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>()]+")
+
+
+def redact_url(url: str) -> str:
+    """Only scheme://host[:port]/path of a URL; anything that is not a URL is returned as it is."""
+    parts = urlsplit(str(url))
+    if not parts.scheme or not parts.netloc:
+        return str(url)
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}{parts.path}"
+
+
+def redact_urls(text: str) -> str:
+    """`text` with every URL in it redacted: for messages made by code that is not ours (libraries, bugs)."""
+    return _URL.sub(lambda match: redact_url(match.group()), str(text))
 
 
 class StageError(Exception):

@@ -18,7 +18,7 @@ log = logging.getLogger("tweetbot.scrape")
 
 def run_scrape(request: StageRequest, storage: Storage, environ: dict[str, str] | None = None) -> StageResult:
     environ = os.environ if environ is None else environ
-    source = open_source(request.source, storage.read, environ)
+    source = open_source(request.source, storage, environ)
     options = CleaningOptions.from_spec(request.data)
     limit = int(request.source.get("maxPostsPerHandle", 3200))
 

@@ -1,4 +1,4 @@
-"""Post sources behind one interface: `open_source(request_source, secrets).fetch(handle, limit)`."""
+"""Post sources behind one interface: `open_source(request_source, storage, environ).fetch(handle, limit)`."""
 
 from __future__ import annotations
 
@@ -40,15 +40,43 @@ class Timeline:
         self.display_name = clean_display_name(self.display_name)
 
 
+MAX_EMPTY_PAGES = 5  # pages in a row that point on but hold no posts
+MAX_PAGES = 30_000  # one handle's pages: the CRD's most, 1,000,000 posts, is 25,000 Mastodon pages of 40
+
+
+class Pages:
+    """Bounds one timeline's paging loop, whatever the server answers: a cursor is never followed twice,
+    nor past MAX_EMPTY_PAGES pages in a row without posts, nor past MAX_PAGES pages."""
+
+    def __init__(self, what: str):
+        self.what = what  # "the X API for @alice": the start of each error
+        self.pages = self.empty = 0
+        self.cursors: set[str] = set()
+
+    def follow(self, posts: int, cursor: str) -> None:
+        """A page of `posts` posts pointing on to `cursor`; StageError if following it could never end."""
+        from ..errors import StageError
+
+        self.pages += 1
+        self.empty = 0 if posts else self.empty + 1
+        if cursor in self.cursors:
+            raise StageError(f"{self.what} returned the same cursor twice: its timeline would never end")
+        if self.empty >= MAX_EMPTY_PAGES:
+            raise StageError(f"{self.what} returned {self.empty} pages in a row without posts, each pointing on to another")
+        if self.pages >= MAX_PAGES:
+            raise StageError(f"{self.what} returned more than {MAX_PAGES} pages")
+        self.cursors.add(cursor)
+
+
 class Source(Protocol):
     network: str
 
     def fetch(self, handle: str, limit: int) -> Timeline: ...
 
 
-def open_source(source: dict, read, environ: dict[str, str] | None = None) -> Source:
-    """The client for a TweetBot's `spec.source` (as passed in the stage request); `read(uri) -> bytes`
-    fetches archive and post files from S3 or a URL."""
+def open_source(source: dict, storage, environ: dict[str, str] | None = None) -> Source:
+    """The client for a TweetBot's `spec.source` (as passed in the stage request); `storage` (a `Storage`)
+    reads archive and post files from S3 or a URL."""
     from ..contract import MASTODON_TOKEN_ENV, X_BEARER_TOKEN_ENV
     from ..errors import AuthenticationFailed, MalformedInput
     from .bluesky import BlueskySource
@@ -66,12 +94,12 @@ def open_source(source: dict, read, environ: dict[str, str] | None = None) -> So
             )
         return XApiSource(source["x"].get("apiUrl", "https://api.x.com"), token)
     if "xArchive" in source:
-        return XArchiveSource(source["xArchive"]["uri"], read)
+        return XArchiveSource(source["xArchive"]["uri"], storage.stream)
     if "mastodon" in source:
         return MastodonSource(source["mastodon"]["instanceUrl"], env.get(MASTODON_TOKEN_ENV, ""))
     if "bluesky" in source:
         return BlueskySource(source["bluesky"].get("appViewUrl", "https://public.api.bsky.app"))
     if "file" in source:
-        return FileSource(source["file"]["uri"], read)
+        return FileSource(source["file"]["uri"], storage.read)
     raise MalformedInput(f"no known source in {sorted(source)}: expected x, xArchive, mastodon, bluesky or file")
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..errors import PrivateAccount, StageError, UnknownHandle
-from . import Post, Timeline
-from .http import HttpClient
+from . import Pages, Post, Timeline
+from .http import HttpClient, host_of
 
 PAGE_SIZE = 100
 REPOST = "app.bsky.feed.defs#reasonRepost"
@@ -21,11 +21,12 @@ class BlueskySource:
         params = {"actor": handle, "limit": PAGE_SIZE}
         posts: list[Post] = []
         display_name = ""
+        pages = Pages(f"{host_of(self.app_view_url)} for {handle}")
         while len(posts) < limit:
             response = self.http.get(f"{self.app_view_url}/xrpc/app.bsky.feed.getAuthorFeed", params)
             if response.status_code == 400:
                 error = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
-                message = str(error.get("message", ""))
+                message = str(error.get("message", ""))[:200]  # the server's text, into the bot's status
                 if error.get("error") in ("BlockedActor", "BlockedByActor") or "takedown" in message.lower():
                     raise PrivateAccount(f"{handle}'s feed is not visible on Bluesky ({error.get('error')})")
                 raise UnknownHandle(f"{handle} does not exist on Bluesky ({message or 'invalid actor'})")
@@ -41,5 +42,6 @@ class BlueskySource:
                 posts.append(Post(post.get("uri", ""), record.get("text", ""), reposted, record.get("createdAt", "")))
             if not page.get("cursor") or not page.get("feed"):
                 break
+            pages.follow(len(page["feed"]), page["cursor"])
             params["cursor"] = page["cursor"]
         return Timeline(handle, display_name, posts[:limit])

@@ -6,8 +6,8 @@ import html
 import re
 from html.parser import HTMLParser
 
-from ..errors import AuthenticationFailed, PrivateAccount, StageError, UnknownHandle
-from . import Post, Timeline
+from ..errors import AuthenticationFailed, PrivateAccount, StageError, UnknownHandle, redact_url
+from . import Pages, Post, Timeline
 from .http import HttpClient
 
 PAGE_SIZE = 40
@@ -46,25 +46,27 @@ class MastodonSource:
 
     def __init__(self, instance_url: str, access_token: str = "", **http_options):
         self.instance_url = instance_url.rstrip("/")
+        self.instance = redact_url(self.instance_url)  # for messages
         headers = {"Authorization": f"Bearer {access_token}"} if access_token else {}
         self.http = HttpClient(headers, **http_options)
 
     def _get(self, path: str, handle: str, params: dict):
         response = self.http.get(f"{self.instance_url}{path}", params)
         if response.status_code == 401:
-            raise AuthenticationFailed(f"{self.instance_url} refused the access token (401): check spec.source.mastodon.accessTokenSecretRef")
+            raise AuthenticationFailed(f"{self.instance} refused the access token (401): check spec.source.mastodon.accessTokenSecretRef")
         if response.status_code in (403, 410):
-            raise PrivateAccount(f"{handle} on {self.instance_url} is not visible ({response.status_code}): suspended or limited")
+            raise PrivateAccount(f"{handle} on {self.instance} is not visible ({response.status_code}): suspended or limited")
         if response.status_code == 404:
-            raise UnknownHandle(f"{handle} does not exist on {self.instance_url}")
+            raise UnknownHandle(f"{handle} does not exist on {self.instance}")
         if response.status_code != 200:
-            raise StageError(f"{self.instance_url} answered {response.status_code} for {handle}")
+            raise StageError(f"{self.instance} answered {response.status_code} for {handle}")
         return response
 
     def fetch(self, handle: str, limit: int) -> Timeline:
         account = self._get("/api/v1/accounts/lookup", handle, {"acct": handle}).json()
         params = {"limit": PAGE_SIZE}
         posts: list[Post] = []
+        pages = Pages(f"{self.instance} for {handle}")
         while len(posts) < limit:
             response = self._get(f"/api/v1/accounts/{account['id']}/statuses", handle, params)
             statuses = response.json()
@@ -75,5 +77,6 @@ class MastodonSource:
             match = _NEXT_MAX_ID.search(response.headers.get("Link", ""))
             if not statuses or not match:
                 break
+            pages.follow(len(statuses), match.group(1))
             params["max_id"] = match.group(1)
         return Timeline(handle, account.get("display_name", ""), posts[:limit])

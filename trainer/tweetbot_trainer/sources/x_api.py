@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import AuthenticationFailed, PrivateAccount, StageError, UnknownHandle
-from . import Post, Timeline
+from . import Pages, Post, Timeline
 from .http import HttpClient
 
 TIMELINE_CAP = 3200  # the API never returns older posts than the newest 3,200
@@ -44,16 +44,19 @@ class XApiSource:
         if self.since_id:
             params["since_id"] = self.since_id
         posts: list[Post] = []
+        pages = Pages(f"the X API for @{handle}")
         while len(posts) < limit:
             page = self._get(f"/2/users/{user_id}/tweets", handle, params)
             if "data" not in page and page.get("errors"):
                 raise PrivateAccount(f"@{handle}'s posts are not visible to this token: the account is protected")
-            for tweet in page.get("data", []):
+            tweets = page.get("data") or []
+            for tweet in tweets:
                 text = (tweet.get("note_tweet") or {}).get("text") or tweet.get("text", "")
                 reposted = any(ref.get("type") == "retweeted" for ref in tweet.get("referenced_tweets") or [])
                 posts.append(Post(tweet["id"], text, reposted, tweet.get("created_at", "")))
             next_token = (page.get("meta") or {}).get("next_token")
             if not next_token:
                 break
+            pages.follow(len(tweets), next_token)
             params["pagination_token"] = next_token
         return Timeline(handle, user["data"].get("name", ""), posts[:limit])

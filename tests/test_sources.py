@@ -28,7 +28,8 @@ from tweetbot_trainer.errors import (
     redact_url,
     redact_urls,
 )
-from tweetbot_trainer.sources import MAX_EMPTY_PAGES, open_source
+from tweetbot_trainer import sources
+from tweetbot_trainer.sources import MAX_EMPTY_PAGES, Pages, open_source
 from tweetbot_trainer.sources.bluesky import BlueskySource
 from tweetbot_trainer.sources.http import MAX_RATE_LIMITED, MIN_RATE_LIMIT_WAIT
 from tweetbot_trainer.sources.mastodon import MastodonSource
@@ -358,6 +359,21 @@ def test_a_timeline_that_never_ends_is_cut_off():
     with Scripted(mastodon) as server:
         with pytest.raises(StageError, match="the same cursor twice"):
             MastodonSource(server.url, **FAST).fetch("a", 10_000)
+
+
+def test_paging_bounds(monkeypatch):
+    pages = Pages("the X API for @a")
+    for number in range(MAX_EMPTY_PAGES - 1):
+        pages.follow(0, f"empty-{number}")
+    pages.follow(1, "with-a-post")  # a page with posts starts the count again
+    with pytest.raises(StageError, match="the X API for @a returned the same cursor twice"):
+        pages.follow(1, "with-a-post")
+    monkeypatch.setattr(sources, "MAX_PAGES", 3)
+    pages = Pages("x")
+    pages.follow(1, "a")
+    pages.follow(1, "b")
+    with pytest.raises(StageError, match="more than 3 pages"):
+        pages.follow(1, "c")
 
 
 def test_a_timeline_cannot_take_longer_than_the_time_budget(server):

@@ -7,6 +7,8 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..errors import StageError
+
 # X's own limit. Each name travels in the 4 KiB termination message and onto the public model card.
 MAX_DISPLAY_NAME = 50
 # Bidi embeddings, overrides, isolates and marks: they make a name display as other text.
@@ -55,8 +57,6 @@ class Pages:
 
     def follow(self, posts: int, cursor: str) -> None:
         """A page of `posts` posts pointing on to `cursor`; StageError if following it could never end."""
-        from ..errors import StageError
-
         self.pages += 1
         self.empty = 0 if posts else self.empty + 1
         if cursor in self.cursors:

@@ -39,3 +39,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   resources: [events]
   verbs: [create, patch]
 {{- end -}}
+
+{{/* Cluster DNS, allowed to every pod a NetworkPolicy guards: without it no allowed host can be resolved. */}}
+{{- define "tweetbot.dnsEgress" -}}
+- to: [{namespaceSelector: {}, podSelector: {matchLabels: {k8s-app: kube-dns}}}]
+  ports: [{port: 53, protocol: UDP}, {port: 53, protocol: TCP}]
+{{- end -}}

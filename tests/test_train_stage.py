@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import boto3
@@ -57,10 +58,10 @@ def put_dataset(s3, bucket, layout: S3Layout, count: int):
     s3.put_object(Bucket=bucket, Key=layout.key("data", "manifest.json"), Body=b"{}")
 
 
-def start_train(dev_env, request: StageRequest, tmp_path: Path) -> subprocess.Popen:
+def start_train(dev_env, request: StageRequest, tmp_path: Path, **env_overrides) -> subprocess.Popen:
     env = {**os.environ, "TWEETBOT_REQUEST": request.to_json(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2",
            "AWS_ACCESS_KEY_ID": dev_env.s3_access_key, "AWS_SECRET_ACCESS_KEY": dev_env.s3_secret_key,
-           "TWEETBOT_TERMINATION_MESSAGE_PATH": str(tmp_path / "termination-log")}
+           "TWEETBOT_TERMINATION_MESSAGE_PATH": str(tmp_path / "termination-log"), **env_overrides}
     return subprocess.Popen([sys.executable, "-m", "tweetbot_trainer.cli", "train"], env=env,
                             stdout=open(tmp_path / "train.log", "wb"), stderr=subprocess.STDOUT)
 
@@ -188,3 +189,66 @@ def test_one_cpu_process_starts_deepspeed_without_a_compiler(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert not list(tmp_path.iterdir())  # nothing was compiled
+
+
+def local_checkpoints(tmp: Path) -> dict[int, int]:
+    """Step -> bytes of the checkpoints the stage holds under its TMPDIR (its workdir is a mkdtemp there)."""
+    found = {}
+    for directory in tmp.glob("tweetbot-train-*/checkpoints/checkpoint-*"):
+        try:
+            found[int(directory.name.split("-")[-1])] = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+        except (FileNotFoundError, ValueError):
+            pass  # deleted while we looked
+    return found
+
+
+def test_local_checkpoints_go_once_uploaded_and_stay_within_keep(world, tmp_path):
+    dev_env, s3, bucket = world
+    request = request_for(bucket, dev_env.s3_endpoint, "run-f", epochs=2,
+                          checkpoint={"everySteps": 1, "everyMinutes": 60, "keep": 2})
+    put_dataset(s3, bucket, request.s3, 300)
+    (tmp_path / "tmp").mkdir()
+    process = start_train(dev_env, request, tmp_path, TMPDIR=str(tmp_path / "tmp"))
+    most, most_bytes, seen = 0, 0, set()
+    while process.poll() is None:
+        local = local_checkpoints(tmp_path / "tmp")
+        most, most_bytes, seen = max(most, len(local)), max(most_bytes, sum(local.values())), seen | set(local)
+        time.sleep(0.02)
+    assert process.returncode == 0, (tmp_path / "train.log").read_text()[-5000:]
+    total_steps = 2 * -(-54 // 8)
+    assert len(seen) > total_steps // 2, "the checkpoints were saved and seen on disk"
+    assert most <= 2, f"{most} checkpoints ({most_bytes} bytes) on local disk at once, keep is 2"
+    assert checkpoint_steps(s3, bucket, request.s3) == [total_steps - 1, total_steps]
+
+
+def credentials_without_checkpoint_writes(dev_env, bucket: str, layout: S3Layout) -> dict:
+    """Temporary credentials (MinIO's STS) that may do anything in the bucket but write checkpoints."""
+    sts = boto3.client("sts", endpoint_url=dev_env.s3_endpoint, aws_access_key_id=dev_env.s3_access_key,
+                       aws_secret_access_key=dev_env.s3_secret_key, region_name="us-east-1")
+    policy = {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": ["s3:*"], "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]},
+        {"Effect": "Deny", "Action": ["s3:PutObject"], "Resource": [f"arn:aws:s3:::{bucket}/{layout.checkpoints}*"]},
+    ]}
+    credentials = sts.assume_role(RoleArn="arn:minio:iam:::role/no-checkpoints", RoleSessionName="no-checkpoints",
+                                  Policy=json.dumps(policy), DurationSeconds=900)["Credentials"]
+    return {"AWS_ACCESS_KEY_ID": credentials["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": credentials["SecretAccessKey"],
+            "AWS_SESSION_TOKEN": credentials["SessionToken"]}
+
+
+def test_a_refused_checkpoint_upload_stops_training_at_the_next_step(world, tmp_path):
+    dev_env, s3, bucket = world
+    request = request_for(bucket, dev_env.s3_endpoint, "run-g", epochs=10,
+                          checkpoint={"everySteps": 1, "everyMinutes": 60, "keep": 2})
+    put_dataset(s3, bucket, request.s3, 300)
+    credentials = credentials_without_checkpoint_writes(dev_env, bucket, request.s3)
+    (tmp_path / "tmp").mkdir()
+    process = start_train(dev_env, request, tmp_path, TMPDIR=str(tmp_path / "tmp"), **credentials)
+    assert process.wait(timeout=600) == 23, (tmp_path / "train.log").read_text()[-5000:]
+    error = StageResult.from_termination_message((tmp_path / "termination-log").read_text()).error
+    assert error.startswith(f"CheckpointUploadFailed: saving checkpoint 1 to S3: upload to s3://{bucket}/{request.s3.checkpoints}checkpoint-1/")
+    assert error.endswith(" failed: AccessDenied")
+    assert "?" not in error and not any(secret in error for secret in credentials.values())
+    # Stopped at the next step or two, of 70; the checkpoint that is not in S3 is still on disk.
+    local = local_checkpoints(tmp_path / "tmp")
+    assert 1 in local and max(local) <= 3, sorted(local)
+    assert checkpoint_steps(s3, bucket, request.s3) == []

@@ -427,7 +427,10 @@ def test_a_result_is_read_before_a_zero_ttl_removes_its_job(operator, apis, name
     custom, batch, core = apis
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot(ttlSecondsAfterFinished=0))
     scrape = wait_job(batch, namespace, "scrape")
-    succeed(core, scrape, data=SCRAPE_STATS)
+    operator.kill()
+    succeed(core, scrape, data=SCRAPE_STATS)  # finished while no operator runs: only a Job TTL could act now
+    time.sleep(5)
+    operator.start()
     wait_job(batch, namespace, "train")
     bot = wait_phase(custom, namespace, "Training")
     assert bot["status"]["data"][0]["handle"] == "purefulsoul"

@@ -42,9 +42,9 @@ def trained(dev_env, tmp_path_factory):
     return dev_env, s3, layout
 
 
-def publish(dev_env, layout: S3Layout, tmp_path, hub=None, extra_env=None):
+def publish(dev_env, layout: S3Layout, tmp_path, hub=None, extra_env=None, handles=("purefulsoul", "turtlebreezee")):
     request = StageRequest(stage="publish", run_id=layout.run_id, namespace="bots", bot="cyborg",
-                           handles=["purefulsoul", "turtlebreezee"], s3=layout, hub=hub, model={"name": "gpt2"})
+                           handles=list(handles), s3=layout, hub=hub, model={"name": "gpt2"})
     env = {**os.environ, "TWEETBOT_REQUEST": request.to_json(), "AWS_ACCESS_KEY_ID": dev_env.s3_access_key,
            "AWS_SECRET_ACCESS_KEY": dev_env.s3_secret_key, "TWEETBOT_TERMINATION_MESSAGE_PATH": str(tmp_path / "log"),
            **(extra_env or {})}
@@ -121,3 +121,12 @@ def test_hub_failures_say_what_to_fix_and_keep_the_model_in_s3(trained, tmp_path
     assert result.error.startswith(message)
     assert token not in result.error + finished.stderr
     assert s3.head_object(Bucket=layout.bucket, Key=layout.final_model + "model.safetensors")
+
+
+def test_mastodon_handles_publish_to_a_valid_default_repo(trained, tmp_path, hub):
+    dev_env, s3, layout = trained
+    finished, result = publish(dev_env, layout, tmp_path, hub={"private": False, "endpoint": hub.url},
+                               extra_env={"HF_TOKEN": "hf_good"}, handles=["gargron@mastodon.social"])
+    assert finished.returncode == 0, finished.stderr
+    assert result.artifacts["hubUrl"] == f"{hub.url}/alice/gargron-at-mastodon.social"
+    assert "README.md" in hub.repos["alice/gargron-at-mastodon.social"].head.files

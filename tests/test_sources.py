@@ -298,7 +298,8 @@ def test_archive_parts_end_at_a_403_or_404_after_the_first():
 
 
 def test_archive_parts_end_at_access_denied_from_s3(monkeypatch):
-    """S3 answers AccessDenied for a missing key when the reader may not list the bucket."""
+    """AWS S3 answers AccessDenied for a missing key when the reader may not list the bucket (MinIO answers
+    NoSuchKey even then), so a local server speaks S3's error here."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "reader")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "reader-secret")
     files = {"/archives/a/tweets.js": tweets_js(timeline(100)),

@@ -83,12 +83,12 @@ class S3Layout:
     @property
     def bot_prefix(self) -> str:
         """Every run of the bot is under it. The operator allows only one segment for the prefix, and names
-        have no '/', so no two bots' prefixes nest."""
-        return f"{self.prefix}/{self.namespace}/{self.bot}"
+        have no '/', so no two bots' prefixes nest (a run by hand may leave the names out)."""
+        return "/".join(part for part in (self.prefix, self.namespace, self.bot) if part)
 
     @property
     def run_prefix(self) -> str:
-        return f"{self.bot_prefix}/{self.run_id}"
+        return "/".join(part for part in (self.bot_prefix, self.run_id) if part)
 
     def key(self, *parts: str) -> str:
         return "/".join((self.run_prefix, *parts))

@@ -343,11 +343,15 @@ def test_deletion_policy_delete_removes_exactly_this_bots_runs(operator, apis, n
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot("kept", output=output))
     for name in ("doomed", "kept"):
         wait_job(batch, namespace, "scrape", bot=name)
-    run = wait_phase(custom, namespace, "Scraping", name="doomed")["status"]["runId"]
-    # This bot's run; an earlier bot of the same name (deletionPolicy Retain, run "0ld0ne"); a bot whose name
-    # shares the prefix; another bot.
+    first = wait_phase(custom, namespace, "Scraping", name="doomed")["status"]["runId"]
+    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "doomed", {"spec": {"training": {"epochs": 2}}})
+    run = wait_for(lambda: get_bot(custom, namespace, "doomed")["status"]["runId"] != first
+                   and get_bot(custom, namespace, "doomed")["status"]["runId"], what="the edit's new run")
+    assert wait_for(lambda: get_bot(custom, namespace, "doomed")["status"].get("runs"), what="the runs") == [first, run]
+    # This bot's two runs; an earlier bot of the same name (deletionPolicy Retain, run "0ld0ne"); a bot whose
+    # name shares the prefix; another bot.
     keys = [f"tweetbot/{namespace}/{bot}/{run_id}/data/dataset.jsonl"
-            for bot, run_id in (("doomed", run), ("doomed", "0ld0ne"), ("doomed2", run), ("kept", run))]
+            for bot, run_id in (("doomed", first), ("doomed", run), ("doomed", "0ld0ne"), ("doomed2", run), ("kept", run))]
     for key in keys:
         s3.put_object(Bucket=bucket, Key=key, Body=b"{}")
     assert wait_for(lambda: get_bot(custom, namespace, "doomed")["metadata"].get("finalizers")) == ["huggingtweets.dev/artifacts"]
@@ -361,9 +365,9 @@ def test_deletion_policy_delete_removes_exactly_this_bots_runs(operator, apis, n
 
     wait_for(all_gone, timeout=60, what="both bots to be deleted")
     left = sorted(item["Key"] for item in s3.list_objects_v2(Bucket=bucket)["Contents"])
-    assert left == sorted(keys[1:])
+    assert left == sorted(keys[2:])
     messages = {event.reason: event.message for event in core.list_namespaced_event(namespace).items}
-    assert messages["ArtifactsDeleted"] == f"deleted 1 objects of 1 run(s) under s3://{bucket}/tweetbot/{namespace}/doomed/"
+    assert messages["ArtifactsDeleted"] == f"deleted 2 objects of 2 run(s) under s3://{bucket}/tweetbot/{namespace}/doomed/"
 
 
 def test_a_bot_whose_artifacts_cannot_be_deleted_stays_until_they_are_or_its_policy_says_retain(

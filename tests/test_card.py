@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from html.parser import HTMLParser
 
 import pytest
@@ -105,3 +106,19 @@ def test_display_names_cannot_add_links_images_html_or_headings():
     assert "://evil" not in card and "www.evil" not in card and "@evil" not in card
     # The names still read as they were written, on one line.
     assert list(parse_table(card)) == [" ".join(hostile.split()), other]
+
+
+def test_samples_cannot_add_links_images_html_or_headings():
+    samples = ["[click](https://evil.example) and <https://evil.example/auto>",
+               "![pic](https://evil.example/x.png) <img src=x onerror=alert(1)> <script>x</script>",
+               "# Heading\n## Another\nwww.evil.example me@evil.example",
+               "<a href='https://evil.example'>a</a> [ref]\n\n[ref]: https://evil.example"]
+    card = render_card(facts([HandleStats("a", 10, 1, 2, 7)], samples=samples))
+    tags = _Tags(MarkdownIt("commonmark").enable("table").render(card))
+    assert set(tags.hrefs) <= OUR_LINKS
+    assert not {"img", "script"} & set(tags.tags)
+    assert not ({"Heading", "Another"} & set(tags.headings))
+    assert "://evil" not in card and "www.evil" not in card and "@evil" not in card
+    # Each sample stays one quoted line under its heading, reading as it was generated.
+    quoted = [line[2:] for line in card.split("## Samples\n", 1)[1].split("\n## ", 1)[0].splitlines() if line.startswith("> ")]
+    assert [html.unescape(line) for line in quoted] == [" ".join(sample.split()) for sample in samples]

@@ -2,7 +2,8 @@
 
 Everything a person or network supplied (display names, handles, samples) is escaped for where it lands:
 YAML front matter through a YAML dumper, HTML through html.escape, Markdown table cells with `|` escaped.
-Display names, chosen by the scraped people themselves, get the strictest form (`inline`).
+Display names, chosen by the scraped people themselves, and samples, generated from their posts, get the
+strictest form (`inline`): neither can add a link, image, HTML or heading to a public page.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def render_card(facts: CardFacts) -> str:
             lines.append(f"- {key}: {facts.metrics[key]}")
     if facts.samples:
         lines += ["", "## Samples", ""]
-        lines += [f"> {cell(sample)}" + "\n" for sample in facts.samples]
+        lines += [f"> {inline(sample)}" + "\n" for sample in facts.samples]
     lines += [
         "",
         "## How to use",

@@ -90,3 +90,7 @@ class OutOfMemory(StageError):
 
 class HubForbidden(StageError):
     exit_code, reason = 22, "HubForbidden"
+
+
+class CheckpointUploadFailed(StageError):
+    exit_code, reason = 23, "CheckpointUploadFailed"

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .contract import DEEPSPEED_CONFIG_PATH, Progress, S3Layout, StageRequest, StageResult
-from .errors import BaseModelUnavailable, DatasetTooSmall, MissingInput, OutOfMemory, StageError
+from .errors import BaseModelUnavailable, CheckpointUploadFailed, DatasetTooSmall, MissingInput, OutOfMemory, StageError
 from .storage import S3Failure, Storage
 
 log = logging.getLogger("tweetbot.train")
@@ -285,10 +285,6 @@ class PhaseTimes:
 
 
 # --- checkpoints and progress in S3 ---------------------------------------------------------------------
-
-
-class CheckpointUploadFailed(StageError):
-    exit_code, reason = 23, "CheckpointUploadFailed"
 
 
 def checkpoint_step(name: str) -> int:

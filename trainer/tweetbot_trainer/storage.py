@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import queue
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -57,19 +60,105 @@ def _told_as_s3_failure(action: str, bucket: str, key: str):
         raise S3Failure(action, bucket, key, s3_error_code(error)) from None
 
 
-def _response_chunks(response: requests.Response, chunk_size: int, shown: str) -> Iterator[bytes]:
+READ_DEADLINE_SECONDS = 600.0  # one network read: socket timeouts bound each silence, not a byte a minute
+
+
+def _http_chunks(uri: str, chunk_size: int, shown: str) -> Iterator[bytes]:
     try:
-        yield from response.iter_content(chunk_size)
+        response = requests.get(uri, timeout=60, stream=True)
     except requests.RequestException as error:
-        raise NetworkFailure(f"reading {shown} failed ({type(error).__name__})") from None
-    finally:
-        response.close()
+        raise NetworkFailure(f"cannot fetch {shown} ({type(error).__name__})") from None
+    with response:
+        if response.status_code in (404, 410):
+            raise FileNotFoundError(shown)
+        if response.status_code in (401, 403):
+            raise PermissionError(f"{shown} ({response.status_code})")
+        if response.status_code != 200:
+            raise NetworkFailure(f"{shown} answered {response.status_code}")
+        try:
+            yield from response.iter_content(chunk_size)
+        except requests.RequestException as error:
+            raise NetworkFailure(f"reading {shown} failed ({type(error).__name__})") from None
+
+
+def _s3_chunks(s3, uri: str, chunk_size: int, shown: str) -> Iterator[bytes]:
+    bucket, key = split_s3_uri(uri)
+    try:
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"]
+    except ClientError as error:
+        code = error.response["Error"]["Code"]
+        if code in ("NoSuchKey", "404"):
+            raise FileNotFoundError(shown) from None
+        if code in ("AccessDenied", "403"):
+            raise PermissionError(f"{shown} ({code})") from None
+        raise
+    with body:
+        yield from body.iter_chunks(chunk_size)
 
 
 def _file_chunks(file, chunk_size: int) -> Iterator[bytes]:
     with file:
         while chunk := file.read(chunk_size):
             yield chunk
+
+
+_END = object()
+
+
+class _ReadBeforeDeadline:
+    """The chunks of a network read, read in a thread of its own and handed over through a queue of two, so the
+    reader waits for the server until the deadline and no longer: a socket timeout bounds only each silence,
+    and within one chunk (and the headers) a server sending a byte a minute goes on for ever. The thread,
+    left behind at the deadline, ends at its next byte or socket timeout and closes the response then."""
+
+    def __init__(self, chunks: Iterator[bytes], seconds: float, where: str):
+        self._chunks, self._seconds, self._where = chunks, seconds, where
+        self._deadline = time.monotonic() + seconds
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._gone = threading.Event()  # the reader stopped: the thread hands nothing more over
+        threading.Thread(target=self._read, name=f"read {where}", daemon=True).start()
+        self._first = self._take()  # the request's answer: FileNotFoundError and the like are raised here
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            chunk = self._first
+            while chunk is not _END:
+                yield chunk
+                chunk = self._take()
+        finally:
+            self._gone.set()
+
+    def _read(self) -> None:
+        try:
+            for chunk in self._chunks:
+                if not self._hand_over(chunk):
+                    return
+            self._hand_over(_END)
+        except BaseException as error:  # raised again in the reader's thread
+            self._hand_over(error)
+        finally:
+            self._chunks.close()
+
+    def _hand_over(self, item) -> bool:
+        while not self._gone.is_set():
+            try:
+                self._queue.put(item, timeout=1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _take(self):
+        try:
+            item = self._queue.get(timeout=max(0.0, self._deadline - time.monotonic()))
+        except queue.Empty:
+            self._gone.set()
+            raise NetworkFailure(f"reading from {self._where} took more than {self._seconds:g}s, the most one read "
+                                 "may wait for a server (storage.READ_DEADLINE_SECONDS)") from None
+        if isinstance(item, BaseException):
+            self._gone.set()
+            raise item
+        return item
 
 
 class Storage:
@@ -87,34 +176,17 @@ class Storage:
         """The bytes at an s3:// URI, an http(s):// URL or a local path, chunk by chunk, so a large file is
         never whole in memory. The request is made at once: FileNotFoundError if there is no such file,
         PermissionError if this identity may not read it (also S3's answer for a missing key to a reader
-        that may not list the bucket). Messages name the URL without userinfo or query."""
+        that may not list the bucket). NetworkFailure once the read has waited READ_DEADLINE_SECONDS in all
+        for the server. Messages name the URL without userinfo or query."""
         shown = redact_url(uri)
         if uri.startswith("s3://"):
-            bucket, key = split_s3_uri(uri)
-            try:
-                body = self.s3.get_object(Bucket=bucket, Key=key)["Body"]
-            except ClientError as error:
-                code = error.response["Error"]["Code"]
-                if code in ("NoSuchKey", "404"):
-                    raise FileNotFoundError(shown) from None
-                if code in ("AccessDenied", "403"):
-                    raise PermissionError(f"{shown} ({code})") from None
-                raise
-            return body.iter_chunks(chunk_size)
-        if uri.startswith(("http://", "https://")):
-            try:
-                response = requests.get(uri, timeout=60, stream=True)
-            except requests.RequestException as error:
-                raise NetworkFailure(f"cannot fetch {shown} ({type(error).__name__})") from None
-            if response.status_code != 200:
-                response.close()
-                if response.status_code in (404, 410):
-                    raise FileNotFoundError(shown)
-                if response.status_code in (401, 403):
-                    raise PermissionError(f"{shown} ({response.status_code})")
-                raise NetworkFailure(f"{shown} answered {response.status_code}")
-            return _response_chunks(response, chunk_size, shown)
-        return _file_chunks(open(uri, "rb"), chunk_size)
+            chunks = _s3_chunks(self.s3, uri, chunk_size, shown)
+        elif uri.startswith(("http://", "https://")):
+            chunks = _http_chunks(uri, chunk_size, shown)
+        else:
+            return _file_chunks(open(uri, "rb"), chunk_size)
+        where = "{0.scheme}://{0.netloc}".format(urlsplit(shown))  # the host alone: a path can carry a token
+        return iter(_ReadBeforeDeadline(chunks, READ_DEADLINE_SECONDS, where))
 
     def put(self, bucket: str, key: str, data: bytes) -> None:
         self.s3.put_object(Bucket=bucket, Key=key, Body=data)

@@ -30,7 +30,9 @@ from tweetbot_trainer.errors import (
 )
 from tweetbot_trainer import sources
 from tweetbot_trainer.sources import MAX_EMPTY_PAGES, Pages, open_source
+from tweetbot_trainer.sources import files
 from tweetbot_trainer.sources.bluesky import BlueskySource
+from tweetbot_trainer.sources.files import FileSource, read_posts_file
 from tweetbot_trainer.sources.http import MAX_RATE_LIMITED, MIN_RATE_LIMIT_WAIT
 from tweetbot_trainer.sources.mastodon import MastodonSource
 from tweetbot_trainer.sources.x_api import XApiSource
@@ -321,6 +323,81 @@ def test_endless_archive_parts_are_cut_off():
         with pytest.raises(MalformedInput, match=f"more than {MAX_ARCHIVE_PARTS} parts"):
             XArchiveSource(f"{server.url}/a/tweets.js", Storage().stream).fetch("a", 10)
         assert len(server.requests) == MAX_ARCHIVE_PARTS + 1
+
+
+def posts_jsonl(rows: int, handles=("alice", "bob")) -> str:
+    return "".join(json.dumps({"handle": handles[i % len(handles)], "id": str(i), "text": f"post {i} says a & b <3",
+                               "is_repost": i % 10 == 3}) + "\n" for i in range(rows))
+
+
+def test_posts_files_are_parsed_across_any_chunk_boundaries():
+    jsonl = ("\ufeff" + json.dumps({"id": "1", "text": "ünïcode 🤖 \"quoted\""}, ensure_ascii=False) + "\r\n\n"
+             + json.dumps({"id": "2", "text": "raw separators \u2028 \u2029 \x0b \x0c \x1c inside"}, ensure_ascii=False))
+    csv_text = '\ufeffid,text\n1,"a post\nover two lines, with ""quotes"" 🤖"\n2,plain\n'
+    for text, name in ((jsonl, "posts.jsonl"), (csv_text, "posts.csv")):
+        whole = list(read_posts_file([text.encode()], name))
+        assert [row["id"] for row in whole] == ["1", "2"], name
+        data = text.encode()
+        for size in (1, 7, 4096):
+            assert list(read_posts_file((data[i:i + size] for i in range(0, len(data), size)), name)) == whole, (name, size)
+    assert list(read_posts_file([jsonl.encode()], "posts.jsonl"))[1]["text"] == "raw separators \u2028 \u2029 \x0b \x0c \x1c inside"
+    assert list(read_posts_file([csv_text.encode()], "posts.csv"))[0]["text"] == 'a post\nover two lines, with "quotes" 🤖'
+
+
+@pytest.mark.parametrize("body, name, error", [
+    ('{"text": "a"}\n{"text": "b", "id": ' + "9" * 5000 + "}\n", "posts.jsonl", "posts.jsonl line 2 is not JSON"),
+    ("[" * 100_000 + "]" * 100_000 + "\n", "posts.jsonl", "posts.jsonl line 1 is not JSON"),
+    ('{"text": "a"}\n[1, 2]\n', "posts.jsonl", "posts.jsonl record 2 has no text field"),
+    (b'{"text": "caf\xe9"}\n', "posts.jsonl", "posts.jsonl is not UTF-8"),
+    ('id,text\n1,"' + "x" * 200_000 + '"\n', "posts.csv", "posts.csv record 1 is not CSV"),
+    ("id,text\n1,ok\n2,\"never closed\n" + "more\n" * 50_000, "posts.csv", "posts.csv record 2 is not CSV"),
+])
+def test_a_broken_posts_file_gets_a_clear_error(body, name, error):
+    with Scripted(lambda path, query: (200, {}, body)) as server:
+        with pytest.raises(MalformedInput, match=error):
+            open_source({"file": {"uri": f"{server.url}/{name}"}}, Storage(), {}).fetch("a", 10)
+
+
+def test_a_posts_file_is_named_without_its_query():
+    served = {"/posts.csv": "id,text\n1,a post\n", "/broken.jsonl": '{"text": "ok"}\nnot json\n'}
+    with Scripted(lambda path, query: (200, {}, served[path]) if path in served else (404, {}, "no such file")) as server:
+        got = open_source({"file": {"uri": f"{server.url}/posts.csv?sig=secret"}}, Storage(), {}).fetch("a", 10)
+        assert [p.text for p in got.posts] == ["a post"]  # read as CSV: the name ends before the query
+        with pytest.raises(MalformedInput, match=r"^broken\.jsonl line 2 is not JSON$"):
+            open_source({"file": {"uri": f"{server.url}/broken.jsonl?sig=secret"}}, Storage(), {}).fetch("a", 10)
+        with pytest.raises(MissingInput, match=r"no posts file at http://127\.0\.0\.1:\d+/gone\.jsonl, or") as failed:
+            open_source({"file": {"uri": f"{server.url}/gone.jsonl?sig=secret"}}, Storage(), {}).fetch("a", 10)
+        assert "secret" not in str(failed.value)
+
+
+def test_a_posts_file_beyond_the_byte_cap_fails_naming_the_cap(monkeypatch):
+    with Scripted(lambda path, query: (200, {}, posts_jsonl(40_000))) as server:  # about 3 MB
+        with pytest.raises(MalformedInput, match=r"posts\.jsonl is larger than 1,048,576 bytes.*files\.MAX_FILE_BYTES"):
+            FileSource(f"{server.url}/posts.jsonl", Storage().stream, max_bytes=2**20).fetch("alice", 10)
+    monkeypatch.setattr(files, "MAX_LINE_CHARACTERS", 1000)
+    with Scripted(lambda path, query: (200, {}, '{"text": "' + "x" * 5000 + '"}\n')) as server:
+        with pytest.raises(MalformedInput, match=r"posts\.jsonl line 1 is longer than 1,000 characters"):
+            FileSource(f"{server.url}/posts.jsonl", Storage().stream).fetch("alice", 10)
+
+
+@pytest.mark.parametrize("name", ["posts.jsonl", "posts.csv"])
+def test_a_large_posts_file_is_read_in_little_memory(tmp_path, name):
+    path = tmp_path / name
+    if name.endswith(".csv"):
+        path.write_text("handle,id,text\n" + "".join(f"{('alice', 'bob')[i % 2]},{i},post {i} says a & b <3 {'w' * 60}\n"
+                                                   for i in range(100_000)))
+    else:
+        path.write_text(posts_jsonl(100_000))
+    size, storage = path.stat().st_size, Storage()
+    tracemalloc.start()
+    try:
+        got = FileSource(str(path), lambda uri: storage.stream(uri, chunk_size=64 * 1024)).fetch("bob", 100)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [p.id for p in got.posts[:2]] == ["1", "3"] and len(got.posts) == 100
+    # A few chunks and the handle's first 100 posts, not the file.
+    assert peak < size / 10, f"peak {peak:,} bytes for a {size:,}-byte file"
 
 
 def x_user_then(timeline_answer):

@@ -11,7 +11,7 @@ import boto3
 import pytest
 
 from tweetbot_dev.tiny_model import build_tiny_gpt2
-from tweetbot_trainer.card import parse_table
+from tweetbot_trainer.card import inline, parse_table
 from tweetbot_trainer.contract import S3Layout, StageRequest, StageResult
 
 pytestmark = pytest.mark.s3
@@ -62,7 +62,7 @@ def test_without_a_hub_the_card_is_written_beside_the_model(trained, tmp_path):
     table = parse_table(card)
     assert table["Pureful | Soul 🍂"] == {"Tweets downloaded": 256, "Retweets": 4, "Short tweets": 42, "Tweets kept": 210}
     assert table["🐢"]["Tweets kept"] == 2905
-    assert "- evalLoss: 3.1" in card and "ZeRO stage 2" in card and "&lt;b&gt;bold&lt;/b&gt; \\| free" in card
+    assert "- evalLoss: 3.1" in card and "ZeRO stage 2" in card and inline("My dream is <b>bold</b> | free") in card
 
 
 def test_without_a_trained_model_it_says_so(trained, tmp_path):

@@ -100,6 +100,6 @@ def open_source(source: dict, storage, environ: dict[str, str] | None = None) ->
     if "bluesky" in source:
         return BlueskySource(source["bluesky"].get("appViewUrl", "https://public.api.bsky.app"))
     if "file" in source:
-        return FileSource(source["file"]["uri"], storage.read)
+        return FileSource(source["file"]["uri"], storage.stream)
     raise MalformedInput(f"no known source in {sorted(source)}: expected x, xArchive, mastodon, bluesky or file")
 

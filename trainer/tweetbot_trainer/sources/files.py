@@ -89,8 +89,7 @@ class FileSource:
     network = "file"
 
     def __init__(self, uri: str, stream, max_bytes: int = MAX_FILE_BYTES):
-        """`stream(uri)` gives the file's bytes in chunks (`Storage.stream`); bytes given whole (`Storage.read`)
-        are read as one chunk, with no bound on memory."""
+        """`stream(uri)` gives the file's bytes in chunks (`Storage.stream`)."""
         self.uri, self.stream, self.max_bytes = uri, stream, max_bytes
 
     def fetch(self, handle: str, limit: int) -> Timeline:
@@ -100,8 +99,6 @@ class FileSource:
             chunks = self.stream(self.uri)
         except (FileNotFoundError, PermissionError):
             raise MissingInput(f"no posts file at {shown}, or these credentials may not read it") from None
-        if isinstance(chunks, bytes):
-            chunks = [chunks]
         posts, matched = [], 0
         # Read to the end whatever the limit, so that a broken file fails every handle alike.
         for row in read_posts_file(_capped(chunks, self.max_bytes, name), name):

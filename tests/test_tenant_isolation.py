@@ -242,3 +242,46 @@ def test_the_secret_cache_is_bounded(monkeypatch):
         assert handlers.SecretKeys(f"ns-{number}")["x-api"].keys == {"token"}
     assert len(handlers.SecretKeys._shared) <= 100
     assert ("ns-999", "x-api") in handlers.SecretKeys._shared  # the newest stay
+
+
+# --- 4. deletion checks every key -----------------------------------------------------------------
+
+@pytest.mark.s3
+def test_a_key_s3_would_not_delete_fails_the_deletion_naming_it(dev_env, monkeypatch):
+    """MinIO's STS gives credentials that may delete everything but one key; a batch delete then answers 200
+    with that key in its Errors, which both the operator's deletion and the stages' must not take as done."""
+    import json
+
+    import boto3
+
+    from tweetbot_operator import artifacts
+    from tweetbot_trainer.storage import S3Failure, Storage
+
+    admin = dict(endpoint_url=dev_env.s3_endpoint, aws_access_key_id=dev_env.s3_access_key,
+                 aws_secret_access_key=dev_env.s3_secret_key, region_name="us-east-1")
+    s3 = boto3.client("s3", **admin)
+    bucket = "per-key-errors"
+    s3.create_bucket(Bucket=bucket)
+    layout = S3Layout(bucket, "tweetbot", "ns", "bot", "run1", endpoint=dev_env.s3_endpoint)
+    kept = layout.key("data", "dataset.jsonl")
+    for key in (kept, layout.key("data", "stats.json")):
+        s3.put_object(Bucket=bucket, Key=key, Body=b"{}")
+    policy = {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": ["s3:*"], "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]},
+        {"Effect": "Deny", "Action": ["s3:DeleteObject"], "Resource": [f"arn:aws:s3:::{bucket}/{kept}"]},
+    ]}
+    credentials = boto3.client("sts", **admin).assume_role(
+        RoleArn="arn:minio:iam:::role/no-delete", RoleSessionName="no-delete", Policy=json.dumps(policy), DurationSeconds=900)["Credentials"]
+    limited = boto3.client("s3", endpoint_url=dev_env.s3_endpoint, region_name="us-east-1",
+                           aws_access_key_id=credentials["AccessKeyId"], aws_secret_access_key=credentials["SecretAccessKey"],
+                           aws_session_token=credentials["SessionToken"])
+    monkeypatch.setattr(artifacts, "s3_client", lambda layout, credentials: limited)
+
+    with pytest.raises(RuntimeError, match=f"S3 did not delete 1 of 2 objects \\(first: {kept}: AccessDenied\\)"):
+        artifacts.delete_artifacts([layout], None, deadline_seconds=60)
+    storage = Storage(dev_env.s3_endpoint)
+    storage.s3 = limited
+    s3.put_object(Bucket=bucket, Key=layout.key("data", "stats.json"), Body=b"{}")
+    with pytest.raises(S3Failure, match=f"delete s3://{bucket}/{kept} failed: AccessDenied"):
+        storage.delete_prefix(bucket, layout.run_prefix + "/")
+    assert [item["Key"] for item in s3.list_objects_v2(Bucket=bucket)["Contents"]] == [kept]

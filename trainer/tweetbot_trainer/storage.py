@@ -201,7 +201,11 @@ class Storage:
         with _told_as_s3_failure("delete", bucket, prefix):
             keys = self.list_keys(bucket, prefix)
             for start in range(0, len(keys), 1000):
-                self.s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[start:start + 1000]], "Quiet": True})
+                answer = self.s3.delete_objects(
+                    Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[start:start + 1000]], "Quiet": True})
+                # A batch delete answers 200 with the keys it could not delete listed in Errors.
+                for error in (answer.get("Errors") or [])[:1]:
+                    raise S3Failure("delete", bucket, error.get("Key", prefix), error.get("Code", "Error"))
 
     def download_prefix(self, bucket: str, prefix: str, local: Path) -> int:
         keys = self.list_keys(bucket, prefix)

@@ -267,16 +267,20 @@ def test_archive_entries_are_parsed_across_any_chunk_boundaries():
         list(read_tweets_js([b"window.YTD.tweets.part0 = [\xff]"]))
 
 
+def traced_peak(call):
+    """`call()`'s result and the most memory Python allocated at once while it ran."""
+    tracemalloc.start()
+    try:
+        return call(), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_a_large_archive_is_read_in_little_memory(tmp_path):
     path = tmp_path / "tweets.js"
     path.write_text(tweets_js(timeline(60_000)))
     size, storage = path.stat().st_size, Storage()
-    tracemalloc.start()
-    try:
-        got = XArchiveSource(str(path), lambda uri: storage.stream(uri, chunk_size=64 * 1024)).fetch("alice", 100)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    got, peak = traced_peak(lambda: XArchiveSource(str(path), lambda uri: storage.stream(uri, chunk_size=64 * 1024)).fetch("alice", 100))
     assert [p.id for p in got.posts[:2]] == ["100000", "99999"] and len(got.posts) == 100
     # A few chunks and the newest 100 posts, not the archive (reading it whole took 5x its size).
     assert peak < size / 10, f"peak {peak:,} bytes for a {size:,}-byte archive"
@@ -389,12 +393,7 @@ def test_a_large_posts_file_is_read_in_little_memory(tmp_path, name):
     else:
         path.write_text(posts_jsonl(100_000))
     size, storage = path.stat().st_size, Storage()
-    tracemalloc.start()
-    try:
-        got = FileSource(str(path), lambda uri: storage.stream(uri, chunk_size=64 * 1024)).fetch("bob", 100)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    got, peak = traced_peak(lambda: FileSource(str(path), lambda uri: storage.stream(uri, chunk_size=64 * 1024)).fetch("bob", 100))
     assert [p.id for p in got.posts[:2]] == ["1", "3"] and len(got.posts) == 100
     # A few chunks and the handle's first 100 posts, not the file.
     assert peak < size / 10, f"peak {peak:,} bytes for a {size:,}-byte file"

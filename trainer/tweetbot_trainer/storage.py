@@ -164,9 +164,10 @@ class _ReadBeforeDeadline:
 class Storage:
     def __init__(self, endpoint: str = "", region: str = "us-east-1"):
         # Credentials come from the environment (AWS_ACCESS_KEY_ID/..., filled from the bot's Secret) or the
-        # pod's own identity; AWS_ENDPOINT_URL works too when no endpoint is given.
-        self.s3 = boto3.client("s3", endpoint_url=endpoint or None, region_name=region,
-                               config=Config(retries={"max_attempts": 5, "mode": "standard"}))
+        # pod's own identity; AWS_ENDPOINT_URL works too when no endpoint is given. A session of its own: boto3's
+        # default one keeps the credentials it resolved first, whatever the environment says later.
+        self.s3 = boto3.session.Session().client("s3", endpoint_url=endpoint or None, region_name=region,
+                                                 config=Config(retries={"max_attempts": 5, "mode": "standard"}))
 
     def read(self, uri: str) -> bytes:
         """All bytes at an s3:// URI, an http(s):// URL or a local path (errors as `stream`)."""

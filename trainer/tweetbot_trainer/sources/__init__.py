@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import unicodedata
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterable, Iterator, Protocol
 
-from ..errors import StageError
+from ..errors import MalformedInput, StageError
 
 # X's own limit. Each name travels in the 4 KiB termination message and onto the public model card.
 MAX_DISPLAY_NAME = 50
@@ -22,6 +22,22 @@ def clean_display_name(raw: str) -> str:
                    if char not in _BIDI_CONTROLS and (char.isspace() or unicodedata.category(char) != "Cc"))
     name = " ".join(kept.split())  # newlines, tabs, line and paragraph separators: one space
     return name if len(name) <= MAX_DISPLAY_NAME else name[: MAX_DISPLAY_NAME - 1].rstrip() + "…"
+
+
+class ByteCap:
+    """Counts the bytes read of one input, over one stream or several (an archive's parts), and stops at
+    `cap`; the message names the input and the setting (`where`) that holds the cap."""
+
+    def __init__(self, cap: int, what: str, where: str):
+        self.cap, self.what, self.where, self.read = cap, what, where, 0
+
+    def count(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            self.read += len(chunk)
+            if self.read > self.cap:
+                raise MalformedInput(
+                    f"{self.what} is larger than {self.cap:,} bytes, the most a scrape reads ({self.where})")
+            yield chunk
 
 
 @dataclass(frozen=True)
@@ -78,7 +94,7 @@ def open_source(source: dict, storage, environ: dict[str, str] | None = None) ->
     """The client for a TweetBot's `spec.source` (as passed in the stage request); `storage` (a `Storage`)
     reads archive and post files from S3 or a URL."""
     from ..contract import MASTODON_TOKEN_ENV, X_BEARER_TOKEN_ENV
-    from ..errors import AuthenticationFailed, MalformedInput
+    from ..errors import AuthenticationFailed
     from .bluesky import BlueskySource
     from .files import FileSource
     from .mastodon import MastodonSource

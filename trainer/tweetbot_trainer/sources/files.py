@@ -13,7 +13,7 @@ import json
 from typing import Iterable, Iterator
 
 from ..errors import MalformedInput, MissingInput, redact_url
-from . import Post, Timeline
+from . import ByteCap, Post, Timeline
 
 MAX_FILE_BYTES = 512 * 2**20  # as much as an X archive (x_archive.MAX_ARCHIVE_BYTES); read again for each handle
 MAX_LINE_CHARACTERS = 4 * 2**20  # one line of the file; a real post's record is a few hundred characters
@@ -70,16 +70,6 @@ def _csv_rows(lines: Iterable[str], name: str) -> Iterator[dict]:
         raise MalformedInput(f"{name} record {number + 1} is not CSV ({error})") from None
 
 
-def _capped(chunks: Iterable[bytes], cap: int, name: str) -> Iterator[bytes]:
-    read = 0
-    for chunk in chunks:
-        read += len(chunk)
-        if read > cap:
-            raise MalformedInput(f"{name} is larger than {cap:,} bytes, the most a scrape reads of a posts file "
-                                 "(files.MAX_FILE_BYTES)")
-        yield chunk
-
-
 def _post(row: dict, index: int) -> Post:
     return Post(str(row.get("id", index)), row["text"], str(row.get("is_repost", "")).strip().lower() in TRUE,
                 str(row.get("created_at") or row.get("date") or ""))
@@ -101,7 +91,7 @@ class FileSource:
             raise MissingInput(f"no posts file at {shown}, or these credentials may not read it") from None
         posts, matched = [], 0
         # Read to the end whatever the limit, so that a broken file fails every handle alike.
-        for row in read_posts_file(_capped(chunks, self.max_bytes, name), name):
+        for row in read_posts_file(ByteCap(self.max_bytes, name, "files.MAX_FILE_BYTES").count(chunks), name):
             # A file with a handle column serves several handles; without one, every row is the handle's.
             if str(row.get("handle", handle)).lstrip("@").lower() != handle:
                 continue

@@ -14,7 +14,7 @@ import re
 from typing import Iterable, Iterator
 
 from ..errors import MalformedInput, MissingInput, redact_url
-from . import Post, Timeline
+from . import ByteCap, Post, Timeline
 
 MAX_ARCHIVE_BYTES = 512 * 2**20  # one handle's tweets.js and parts together: half the scrape pod's 1 GiB
 MAX_ARCHIVE_PARTS = 100  # tweets-part1.js ... beside tweets.js
@@ -106,22 +106,6 @@ def parse_tweets_js(content: str | bytes, name: str = "tweets.js") -> list[Post]
     return list(read_tweets_js([content.encode() if isinstance(content, str) else content], name))
 
 
-class _ByteCap:
-    """Counts the bytes read of one handle's archive, parts included, and stops at the cap."""
-
-    def __init__(self, cap: int, handle: str):
-        self.cap, self.handle, self.read = cap, handle, 0
-
-    def count(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
-        for chunk in chunks:
-            self.read += len(chunk)
-            if self.read > self.cap:
-                raise MalformedInput(
-                    f"{self.handle}'s X archive is larger than {self.cap:,} bytes, the most a scrape reads "
-                    "(x_archive.MAX_ARCHIVE_BYTES)")
-            yield chunk
-
-
 def _newest_first(post: Post) -> int:
     return int(post.id) if post.id.isdigit() else 0
 
@@ -136,10 +120,10 @@ class XArchiveSource:
     def fetch(self, handle: str, limit: int) -> Timeline:
         uri = self.uri.replace("{handle}", handle)
         # heapq.nlargest holds only `limit` posts at a time, and equals a stable sort's first `limit`.
-        posts = heapq.nlargest(limit, self._posts(uri, _ByteCap(self.max_bytes, handle)), key=_newest_first)
+        posts = heapq.nlargest(limit, self._posts(uri, ByteCap(self.max_bytes, f"{handle}'s X archive", "x_archive.MAX_ARCHIVE_BYTES")), key=_newest_first)
         return Timeline(handle, "", posts)
 
-    def _posts(self, uri: str, cap: _ByteCap) -> Iterator[Post]:
+    def _posts(self, uri: str, cap: ByteCap) -> Iterator[Post]:
         try:
             chunks = self.stream(uri)
         except (FileNotFoundError, PermissionError):

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from ..errors import NetworkFailure, RateLimited
+from ..errors import NetworkFailure, RateLimited, redact_url
 
 MIN_RATE_LIMIT_WAIT = 1.0  # a server answering 429 with `Retry-After: 0` is not asked again at once
 MAX_RATE_LIMITED = 10  # 429s in a row for one request: a real limit opens after one wait
@@ -22,7 +22,7 @@ TIME_BUDGET = 3 * 3600.0
 
 def host_of(url: str) -> str:
     """host[:port] of a URL, without the userinfo a URL may carry."""
-    return urlsplit(url).netloc.rpartition("@")[2]
+    return urlsplit(redact_url(url)).netloc
 
 
 class HttpClient:

@@ -395,9 +395,11 @@ def _reconcile(namespace: str, name: str, fresh: bool) -> None:
 def _requeue(key: Key, seconds: float) -> None:
     """Reconcile the bot again in `seconds`, unless an earlier pass is already due: finished bots get no
     resync, and a finished Job's TTL must still be applied."""
-    due = time.monotonic() + seconds
-    if _requeues.get(key, float("inf")) <= due and _requeues[key] > time.monotonic():
+    now = time.monotonic()
+    previous = _requeues.get(key)
+    if previous is not None and now < previous <= now + seconds:
         return
+    due = now + seconds
     _requeues[key] = due
     timer = threading.Timer(seconds, _queue.add, (key, Request()))
     timer.daemon = True
@@ -429,9 +431,12 @@ def _recent_rejections(namespace: str, jobs: list[dict]) -> dict[str, str]:
     """Refusals of the last resync interval, for Jobs that still do not exist."""
     existing = {job["metadata"]["name"] for job in jobs}
     now = time.monotonic()
-    for key in [key for key, (at, _) in _rejections.items() if now - at > SETTINGS.timer_seconds * 0.9]:
-        del _rejections[key]
-    return {name: message for (ns, name), (_, message) in _rejections.items() if ns == namespace and name not in existing}
+    rejections = list(_rejections.items())  # a copy: other workers add and remove entries meanwhile
+    for key, (at, _) in rejections:
+        if now - at > SETTINGS.timer_seconds * 0.9:
+            _rejections.pop(key, None)
+    return {name: message for (ns, name), (at, message) in rejections
+            if ns == namespace and name not in existing and now - at <= SETTINGS.timer_seconds * 0.9}
 
 
 def _progress(namespace: str, bot: dict, jobs: list[dict]) -> Progress | None:

@@ -38,6 +38,82 @@ S3_ACCESS_KEY_ENV = "AWS_ACCESS_KEY_ID"
 S3_SECRET_KEY_ENV = "AWS_SECRET_ACCESS_KEY"
 
 
+@dataclass(frozen=True)
+class SecretUse:
+    """A Secret key a stage reads: the spec's `...SecretRef` field that names it, and the variable it fills."""
+
+    field: str
+    env: str
+
+
+# Every post source: spec.source.<key>, and the Secret its scrape reads (None: public). The CRD's source
+# list, the operator's Secret needs and the trainer's clients follow this table (tests hold them to it).
+SOURCES: dict[str, SecretUse | None] = {
+    "x": SecretUse("bearerTokenSecretRef", X_BEARER_TOKEN_ENV),
+    "xArchive": None,
+    "mastodon": SecretUse("accessTokenSecretRef", MASTODON_TOKEN_ENV),
+    "bluesky": None,
+    "file": None,
+}
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """The defaults inside one object of a TweetBot's spec, as the CRD's `default:` values give them.
+    `always`: the CRD defaults the object itself to {}, so its fields' defaults apply when it is left out."""
+
+    fields: dict[str, Any]
+    always: bool = False
+
+    def apply(self, value: dict | None) -> dict | None:
+        """`value` with every default the API server would fill in; None stays None unless `always`."""
+        if value is None and not self.always:
+            return None
+        filled = dict(value or {})
+        for key, default in self.fields.items():
+            if isinstance(default, Defaults):
+                child = default.apply(filled.get(key))
+                if child is not None:
+                    filled[key] = child
+            elif filled.get(key) is None:
+                filled[key] = default
+        return filled
+
+
+_SECRET_KEY = Defaults({"key": "token"})
+# The one place the spec's defaults are written; `tests/test_crd.py` holds the CRD's `default:` values to it.
+SPEC_DEFAULTS = Defaults({
+    "source": Defaults({
+        "x": Defaults({"bearerTokenSecretRef": _SECRET_KEY, "apiUrl": "https://api.x.com"}),
+        "mastodon": Defaults({"accessTokenSecretRef": _SECRET_KEY}),
+        "bluesky": Defaults({"appViewUrl": "https://public.api.bsky.app"}),
+        "maxPostsPerHandle": 3200,
+    }),
+    "data": Defaults({"dropRetweets": True, "dropShortPosts": True, "keepReplies": True, "dedupe": False,
+                      "minWords": 3, "validationFraction": 0.1, "balanceHandles": False}, always=True),
+    "model": Defaults({"name": "gpt2", "revision": "main"}, always=True),
+    "training": Defaults({
+        "epochs": 4, "learningRate": 1.372e-4, "lrScheduler": "cosine", "batchSize": 4, "blockSize": 512,
+        "seed": 42, "precision": "auto",
+        "deepspeed": Defaults({"configMapRef": Defaults({"key": "ds_config.json"})}, always=True),
+        "checkpoint": Defaults({"everyMinutes": 10, "keep": 2}, always=True),
+    }, always=True),
+    "resources": Defaults({"gpus": 1, "cpu": "4", "memory": "16Gi"}, always=True),
+    "output": Defaults({
+        "s3": Defaults({"prefix": "tweetbot", "region": "us-east-1"}),
+        "hub": Defaults({"private": False, "tokenSecretRef": _SECRET_KEY}),
+    }),
+    "deletionPolicy": "Retain",
+    "suspend": False,
+    "backoffLimit": 2,
+}, always=True)
+
+
+def section_defaults(section: str, value: dict | None) -> dict:
+    """One top-level section of a spec (`data`, `training`, ...) with its defaults filled in."""
+    return SPEC_DEFAULTS.fields[section].apply(value) or {}
+
+
 class ContractError(ValueError):
     """A request or result that this side of the contract cannot accept."""
 

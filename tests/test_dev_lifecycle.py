@@ -1,4 +1,4 @@
-"""`tweetbot dev up/env/down` and the reaper: a dev environment never outlives its owner."""
+"""`tweetbot-dev up/env/down` and the reaper: a dev environment never outlives its owner."""
 
 from __future__ import annotations
 
@@ -26,17 +26,17 @@ def home():
     runs.mkdir(parents=True, exist_ok=True)
     home = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-lifecycle-", dir=runs))
     yield home
-    shutil.rmtree(home, ignore_errors=True)  # `dev down` removes it; a failed test may not get that far
+    shutil.rmtree(home, ignore_errors=True)  # `tweetbot-dev down` removes it; a failed test may not get that far
 
 
-def tweetbot(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def tweetbot_dev(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "tweetbot_operator.cli", *args], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, "-m", "tweetbot_dev.cli", *args], capture_output=True, text=True, env=env, timeout=600
     )
 
 
 def test_dev_up_env_down_from_the_command_line(home):
-    up = tweetbot("dev", "up", "--home", str(home))
+    up = tweetbot_dev("up", "--home", str(home))
     assert up.returncode == 0, up.stderr
     state = json.loads((home / "state.json").read_text())
     pids = [state["s3_pid"], *(int(p.read_text()) for p in (home / "kwok/clusters/tweetbot/pids").glob("*.pid")),
@@ -45,7 +45,7 @@ def test_dev_up_env_down_from_the_command_line(home):
     assert len(pids) == 10 and all(is_running(pid) for pid in pids)
     assert oct((home / "state.json").stat().st_mode & 0o777) == "0o600"
 
-    exports = tweetbot("dev", "env", "--home", str(home))
+    exports = tweetbot_dev("env", "--home", str(home))
     assert exports.returncode == 0, exports.stderr
     # What a person does next: eval the exports, then use the pinned kubectl and boto3's variables.
     shell = subprocess.run(
@@ -57,11 +57,11 @@ def test_dev_up_env_down_from_the_command_line(home):
     assert f"S3=http://{NODE_IP}:{state['s3_port']}" in shell.stdout
     assert shell.stdout.strip().endswith("/helm") and "/tweetbot/bin/" in shell.stdout
 
-    down = tweetbot("dev", "down", "--home", str(home))
+    down = tweetbot_dev("down", "--home", str(home))
     assert down.returncode == 0, down.stderr
     wait_for(lambda: not any(is_running(pid) for pid in pids), timeout=30, what="every component to stop")
     assert not home.exists()
-    assert tweetbot("dev", "env", "--home", str(home)).returncode == 1
+    assert tweetbot_dev("env", "--home", str(home)).returncode == 1
 
 
 def test_killed_owner_leaves_no_processes_behind(home):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from tweetbot_dev import binaries
@@ -100,3 +103,27 @@ def test_benchmark_results_become_the_readme_table():
     assert "| N=1000: API server cores | 1.1 | 0.9 |  | until all first Jobs; every process: 2.00 vs 1.40 of 2 |" in table
     assert "| N=1000: minimal controller (s) | 11.0 | 10.0 | 1.1x the time | watch + one Job create per bot, nothing else: p50 110.0 ms, p99 250.0 ms |" in table
     assert table.count("\n| N=1000") == len(rows) == 9
+
+
+def test_the_product_command_line_imports_no_tooling_and_offers_none():
+    imported = subprocess.run(
+        [sys.executable, "-c", "import sys, tweetbot_operator.cli; "
+                               "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tweetbot_dev'))"],
+        capture_output=True, text=True, check=True,
+    )
+    assert imported.stdout.strip() == "[]"
+    repo = Path(__file__).resolve().parents[1]
+    for source in [*(repo / "operator").rglob("*.py"), *(repo / "trainer").rglob("*.py")]:  # nor lazily
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not [name for name in modules if name.split(".")[0] == "tweetbot_dev"], source
+    usage = subprocess.run([Path(sys.executable).with_name("tweetbot"), "--help"], capture_output=True, text=True, check=True)
+    assert usage.stdout.startswith("usage: tweetbot [-h] {operator} ...")
+
+
+def test_tweetbot_dev_carries_the_tooling_verbs():
+    usage = subprocess.run(
+        [Path(sys.executable).with_name("tweetbot-dev"), "--help"], capture_output=True, text=True, check=True
+    )
+    assert usage.stdout.startswith("usage: tweetbot-dev [-h] {build,up,env,down,demo,bench} ...")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import configparser
+import os
 import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -82,3 +85,48 @@ def test_deepspeed_builds_after_torch_without_build_isolation():
     text = (REPO / "Dockerfile.trainer").read_text()
     first = text.index("grep -v '^deepspeed==' /src/requirements/trainer.lock")
     assert first < text.index("--no-build-isolation -r /src/requirements/trainer.lock")
+
+
+def _build_stage(dockerfile: Path) -> list[tuple[str, str]]:
+    """(instruction, arguments) of the first stage, continuation lines joined, comments left out."""
+    stages = dockerfile.read_text().replace("\\\n", " ").split("\nFROM ")
+    lines = (line.strip() for line in stages[1].splitlines()[1:])
+    return [tuple(line.split(None, 1)) for line in lines if line and not line.startswith("#")]
+
+
+def _project_wheel(dockerfile: Path, scratch: Path) -> Path:
+    """The project's wheel as the build stage makes it: the files its COPY lines take from the repository
+    into /src, then its `pip wheel` RUN line, with this venv's pip and setuptools (the lock's version)."""
+    src, wheels = scratch / "src", scratch / "wheels"
+    for instruction, arguments in _build_stage(dockerfile):
+        if instruction == "COPY":
+            *sources, destination = arguments.split()
+            for source in sources:
+                target = Path(str(src) + destination.removeprefix("/src"))
+                if (REPO / source).is_dir():
+                    shutil.copytree(REPO / source, target, ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    target = target / Path(source).name if destination.endswith("/") else target
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(REPO / source, target)
+        elif instruction == "RUN" and "pip wheel" in arguments:
+            command = arguments.replace("/src", str(src)).replace("/wheels", str(wheels))
+            path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+            subprocess.run(["bash", "-c", command], check=True, capture_output=True, env={**os.environ, "PATH": path})
+    (wheel,) = wheels.glob("tweetbot-*.whl")
+    return wheel
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.operator", "Dockerfile.trainer"])
+def test_the_image_wheel_carries_no_development_tooling(dockerfile, tmp_path):
+    with zipfile.ZipFile(_project_wheel(REPO / dockerfile, tmp_path)) as wheel:
+        names = wheel.namelist()
+        (entry_points,) = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
+        parser = configparser.ConfigParser(delimiters=("=",))
+        parser.read_string(wheel.read(entry_points).decode())
+    assert not [name for name in names if name.startswith("tweetbot_dev/")]
+    assert "tweetbot_operator/cli.py" in names and "tweetbot_trainer/cli.py" in names
+    scripts = dict(parser["console_scripts"])
+    assert sorted(scripts) == ["tweetbot", "tweetbot-trainer"]
+    for target in scripts.values():  # no script that points at a module the image lacks
+        assert target.split(":")[0].replace(".", "/") + ".py" in names, target

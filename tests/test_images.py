@@ -157,6 +157,10 @@ def test_the_built_image_is_non_root_with_home_in_tmp(built, name, user, entrypo
     assert images.ensure_image(name) == image  # cached: no build
 
 
+# Neither image carries the development tooling, nor a console script for it.
+NO_TOOLING = "! command -v tweetbot-dev && python3 -c 'import importlib.util as u; assert not u.find_spec(\"tweetbot_dev\")'"
+
+
 @pytest.mark.timeout(3600)
 @pytest.mark.parametrize(
     "name, command",
@@ -174,7 +178,7 @@ def test_the_image_runs_as_its_non_root_user(built, name, command):
         user = "65532:65532" if name == "operator" else "1000:1000"
         result = subprocess.run(
             ["buildah", "run", "--network", "none", "--user", user, "--env", "DS_ACCELERATOR=cpu", container,
-             "--", "sh", "-c", f"id -u && {command} && touch /opt/venv/x"],
+             "--", "sh", "-c", f"id -u && {command} && {NO_TOOLING} && touch /opt/venv/x"],
             capture_output=True, text=True, timeout=600,
         )
     finally:

@@ -1,4 +1,4 @@
-"""Benchmarks (`tweetbot bench ...`), never tests: every figure is printed beside a baseline measured in
+"""Benchmarks (`tweetbot-dev bench ...`), never tests: every figure is printed beside a baseline measured in
 the same run on the same machine, as a ratio."""
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def print_table(rows: list[tuple[str, str, str, str, str]]) -> None:
 
 def markdown_table(results: dict, rows: list[tuple[str, str, str, str, str]]) -> str:
     """The table as the README carries it."""
-    lines = [f"`tweetbot bench`, {results['date']}, {results['machine']}, {results['seconds']} s in all.", "",
+    lines = [f"`tweetbot-dev bench`, {results['date']}, {results['machine']}, {results['seconds']} s in all.", "",
              "| benchmark | ours | baseline | ratio | baseline is |", "| --- | ---: | ---: | --- | --- |"]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
@@ -144,7 +144,7 @@ def main(argv_json: str | None = None, only: tuple[str, ...] = (), markdown: str
     results["seconds"] = round(time.monotonic() - started)
     rows = scrape_rows(results["scrape"]) if "scrape" in results else []
     rows += trainer_rows(results) + (operator_rows(results["operator"]) if "operator" in results else [])
-    print(f"tweetbot bench, {results['date']}, {results['machine']}, {results['seconds']} s")
+    print(f"tweetbot-dev bench, {results['date']}, {results['machine']}, {results['seconds']} s")
     print_table(rows)
     if argv_json:
         with open(argv_json, "w") as file:

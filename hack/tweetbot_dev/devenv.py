@@ -1,7 +1,7 @@
 """The local development environment: one control plane and one S3 server, started and stopped together.
 
 Its state (kubeconfig, S3 endpoint and throw-away credentials, pids) lives in a single directory, so
-`tweetbot dev up`, `dev env` and `dev down` can run as separate commands, and a test session can own a
+`tweetbot-dev up`, `env` and `down` can run as separate commands, and a test session can own a
 private environment that a reaper process tears down if the session dies without cleaning up.
 """
 

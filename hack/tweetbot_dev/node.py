@@ -281,7 +281,7 @@ class RealNode:
             owner = None
         if owner and owner["home"] != str(self.home) and any(is_running(pid) for pid in owner["pids"].values()):
             raise RuntimeError(f"this machine's real node belongs to the environment in {owner['home']}: "
-                               f"stop it first (tweetbot dev down --home {owner['home']})")
+                               f"stop it first (tweetbot-dev down --home {owner['home']})")
         RUN.mkdir(parents=True, exist_ok=True)
         self._save_owner()
 

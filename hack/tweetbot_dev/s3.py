@@ -60,7 +60,7 @@ class S3Server:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                start_new_session=True,  # outlives `tweetbot dev up`; `dev down` or the reaper stops it
+                start_new_session=True,  # outlives `tweetbot-dev up`; `tweetbot-dev down` or the reaper stops it
             )
         self.pid = process.pid
         deadline = time.monotonic() + timeout

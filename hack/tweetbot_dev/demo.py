@@ -1,4 +1,4 @@
-"""`tweetbot demo`: the whole product on one machine, offline.
+"""`tweetbot-dev demo`: the whole product on one machine, offline.
 
 Local control plane and S3, both images built from the repository's Dockerfiles, the chart installed with
 Helm as a user would, the operator and every stage Job run as containers on the real node (kubelet,
@@ -247,8 +247,8 @@ def main(keep: bool = False) -> int:
         print_pods(demo.stage_pods("demo-dreamer"))
         print(f"\ndone in {time.monotonic() - started:.0f}s")
         if keep:
-            print(f"\nthe cluster stays up: eval \"$(tweetbot dev env --home {home})\" then kubectl get tweetbots;"
-                  f" tweetbot dev down --home {home} when done")
+            print(f"\nthe cluster stays up: eval \"$(tweetbot-dev env --home {home})\" then kubectl get tweetbots;"
+                  f" tweetbot-dev down --home {home} when done")
         return 0
     finally:
         if not keep:

@@ -1,5 +1,5 @@
 """The documentation: docs/api-reference.md is what tweetbot_dev.apidocs generates from the CRD, and every
-relative link in README.md and docs/*.md leads to a file that exists."""
+relative link in README.md, CHANGELOG.md and docs/*.md leads to a file that exists."""
 
 from __future__ import annotations
 
@@ -9,19 +9,23 @@ from pathlib import Path
 from tweetbot_dev import apidocs
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCS = [REPO / "README.md", REPO / "CHANGELOG.md", *sorted((REPO / "docs").glob("*.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 CODE = re.compile(r"```.*?```|`[^`\n]*`", re.DOTALL)  # no links in code
 
 
+def _generated() -> str:
+    return apidocs.render(apidocs.load(REPO / apidocs.CRD))
+
+
 def test_api_reference_is_generated_from_the_crd():
     committed = (REPO / "docs" / "api-reference.md").read_text()
-    assert committed == apidocs.render(apidocs.load(REPO / apidocs.CRD)), (
+    assert committed == _generated(), (
         "docs/api-reference.md is stale: run `python -m tweetbot_dev.apidocs`")
 
 
 def test_api_reference_shows_fields_with_their_defaults_and_bounds():
-    text = apidocs.render(apidocs.load(REPO / apidocs.CRD))
+    text = _generated()
     rows = {line.split(" | ")[0].strip("| `"): line for line in text.splitlines() if line.startswith("| `")}
     assert "3200" in rows["spec.source.maxPostsPerHandle"] and "max 1000000" in rows["spec.source.maxPostsPerHandle"]
     assert '"tweetbot"' in rows["spec.output.s3.prefix"] and "required" in rows["spec.output.s3.bucket"]

@@ -37,6 +37,11 @@ def _code(value, quoted: bool = False) -> str:
     return "`" + text.replace("|", "\\|") + "`"
 
 
+def _rules(schema: dict) -> list[str]:
+    """The schema's CEL rules, by their messages."""
+    return [_cell(rule["message"]) for rule in schema.get("x-kubernetes-validations") or []]
+
+
 def _anchor(path: str) -> str:
     """GitHub's anchor for a heading `path`: lower case, punctuation other than '-' and '_' dropped."""
     return "".join(c for c in path.lower() if c.isalnum() or c in "-_")
@@ -72,7 +77,7 @@ def _constraints(schema: dict, required: bool) -> list[str]:
         found.append(f"pattern {_code(schema['pattern'])}")
     if "x-kubernetes-list-map-keys" in schema:
         found.append("a list keyed by " + ", ".join(_code(key) for key in schema["x-kubernetes-list-map-keys"]))
-    found += [_cell(rule["message"]) for rule in schema.get("x-kubernetes-validations") or []]
+    found += _rules(schema)
     return found
 
 
@@ -135,7 +140,7 @@ def render(crd: dict) -> str:
             + ". " + _cell(schema.get("description", "")),
             "",
         ]
-        rules = [_cell(rule["message"]) for rule in schema.get("x-kubernetes-validations") or []]
+        rules = _rules(schema)
         if rules:
             lines += ["Rules on the whole object:", "", *(f"- {rule}" for rule in rules), ""]
         columns = version.get("additionalPrinterColumns") or []

@@ -19,7 +19,8 @@ from tweetbot_dev.cluster import service_account_kubeconfig
 from tweetbot_dev.devenv import DevEnvironment
 from tweetbot_dev.operator_process import OperatorProcess, play_container
 from tweetbot_dev.polling import wait_for
-from tweetbot_operator.reconcile import SECRET_OPT_IN_LABEL, desired_job
+from tweetbot_operator.spec import SECRET_OPT_IN_LABEL
+from tweetbot_operator.stages import desired_job
 from tweetbot_operator.settings import Settings
 from tweetbot_trainer.contract import RUN_LABEL, STAGE_LABEL, HandleStats, StageResult
 

@@ -17,7 +17,7 @@ from kubernetes import client
 
 from tweetbot_dev.operator_process import OperatorProcess, play_container
 from tweetbot_dev.polling import wait_for
-from tweetbot_operator.reconcile import SECRET_OPT_IN_LABEL
+from tweetbot_operator.spec import SECRET_OPT_IN_LABEL
 from tweetbot_trainer.contract import (BOT_LABEL, RUN_LABEL, S3_ACCESS_KEY_ENV, S3_SECRET_KEY_ENV, STAGE_LABEL, HandleStats,
                                        Progress, S3Layout, StageResult)
 

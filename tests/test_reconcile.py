@@ -4,26 +4,17 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tweetbot_operator.reconcile import (
-    KUEUE_QUEUE_LABEL,
-    InvalidSpec,
-    Observed,
-    SecretView,
-    desired_job,
-    job_fingerprint,
-    job_name,
-    job_state,
-    normalize_handles,
-    plan,
-    run_id_for,
-    status_patch,
-)
+from tweetbot_operator.jobs import job_fingerprint, job_state
+from tweetbot_operator.plan import Observed, plan, status_patch
+from tweetbot_operator.spec import InvalidSpec, SecretView, normalize_handles, run_id_for
+from tweetbot_operator.stages import KUEUE_QUEUE_LABEL, desired_job, job_name
 from tweetbot_operator.settings import Settings
 from tweetbot_trainer.contract import (
     MAX_HANDLES,
@@ -86,9 +77,27 @@ def result(bot, stage, **fields):
     return StageResult(stage=stage, run_id=run_id_for(bot), **fields)
 
 
+def settle(bot, observed, settings=SETTINGS, now=NOW):
+    """Plan as the controller does: what the plan asks for and the test did not give reads as nothing there
+    (no result, no report, no other training, no such Secret)."""
+    for _ in range(5):
+        decided = plan(bot, observed, settings, now)
+        if not decided.needs:
+            return decided
+        needs = decided.needs
+        observed = replace(
+            observed,
+            results={**dict.fromkeys(needs.results), **observed.results},
+            secrets={**dict.fromkeys(needs.secrets), **observed.secrets},
+            progress=None if needs.progress else observed.progress,
+            other_active_trainings=0 if needs.training_slots else observed.other_active_trainings,
+        )
+    raise AssertionError(f"the plan keeps asking for {decided.needs}")
+
+
 def step(bot, observed):
     """Apply a plan's status to the bot, as the API server would."""
-    decided = plan(bot, observed, SETTINGS, NOW)
+    decided = settle(bot, observed)
     bot = copy.deepcopy(bot)
     bot["status"] = {k: v for k, v in decided.status.items() if v is not None}
     return decided, bot
@@ -385,9 +394,9 @@ def test_finished_jobs_are_deleted_after_their_ttl_only_once_their_result_is_in_
     decided, bot = step(bot, Observed(jobs=[scrape], results=results, secrets=ALL_SECRETS))
     assert decided.delete == [] and decided.requeue_after == 20  # recorded by this pass, due in 20 s
     train = job(bot, "train", "Running")
-    decided = plan(bot, Observed(jobs=[scrape, train], secrets=ALL_SECRETS), SETTINGS, NOW + timedelta(seconds=20))
+    decided = settle(bot, Observed(jobs=[scrape, train], secrets=ALL_SECRETS), now=NOW + timedelta(seconds=20))
     assert decided.delete == [scrape["metadata"]["name"]] and decided.requeue_after is None
-    decided = plan(bot, Observed(jobs=[train], secrets=ALL_SECRETS), SETTINGS, NOW + timedelta(seconds=21))
+    decided = settle(bot, Observed(jobs=[train], secrets=ALL_SECRETS), now=NOW + timedelta(seconds=21))
     assert decided.create == [] and decided.status["stages"]["scrape"]["state"] == "Succeeded"
 
 
@@ -406,7 +415,7 @@ def test_a_failed_stage_stays_failed_after_its_job_is_removed():
 
 
 def test_an_oom_killed_stage_says_so_instead_of_showing_its_log_as_a_result():
-    from tweetbot_operator.reconcile import stage_result_from_pod
+    from tweetbot_operator.jobs import stage_result_from_pod
 
     def pod(**terminated):
         return {"status": {"containerStatuses": [{"state": {"terminated": {"exitCode": 137, **terminated}}}]}}

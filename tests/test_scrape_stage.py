@@ -12,7 +12,7 @@ import boto3
 import pytest
 
 from tweetbot_dev.fakes import FakeAccount, FakePost, FakeSocialServer, tweets_js
-from tweetbot_operator.reconcile import desired_job
+from tweetbot_operator.stages import desired_job
 from tweetbot_operator.settings import Settings
 from tweetbot_trainer.contract import TERMINATION_MESSAGE_LIMIT, HandleStats, StageResult
 from tweetbot_trainer.sources import MAX_DISPLAY_NAME

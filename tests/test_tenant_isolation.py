@@ -12,20 +12,19 @@ import pytest
 from kubernetes.client.rest import ApiException
 
 from tweetbot_operator.kube import Kube, path
-from tweetbot_operator.reconcile import (
+from tweetbot_operator.jobs import occupies_training_slot
+from tweetbot_operator.plan import Observed, plan
+from tweetbot_operator.spec import (
     BOT_IDENTITY,
     OPERATOR_IDENTITY,
     SECRET_OPT_IN_LABEL,
     InvalidSpec,
-    Observed,
     SecretView,
-    job_name,
-    occupies_training_slot,
-    plan,
     run_id_for,
     s3_identity,
     validate_spec,
 )
+from tweetbot_operator.stages import job_name
 from tweetbot_operator.settings import Settings
 from tweetbot_trainer.contract import GROUP, STAGE_LABEL, S3Layout
 
@@ -232,16 +231,19 @@ def test_a_job_the_api_server_refuses_stalls_the_bot_with_its_message():
 
 # --- 14. the operator's Secret cache --------------------------------------------------------------
 
-def test_the_secret_cache_is_bounded(monkeypatch):
-    from tweetbot_operator import handlers
+def test_the_secret_cache_is_bounded():
+    from tweetbot_operator.controller import SecretCache
 
-    monkeypatch.setattr(handlers.SecretKeys, "_shared", {})
-    monkeypatch.setattr(handlers.SecretKeys, "MAX_SHARED", 100)
-    monkeypatch.setattr(handlers.SecretKeys, "_read", lambda self, name: SecretView(frozenset({"token"}), True))
+    class Secrets:
+        def get(self, path):
+            return {"metadata": {"labels": {SECRET_OPT_IN_LABEL: "true"}}, "data": {"token": "c2VjcmV0"}}
+
+    cache = SecretCache(Secrets(), clock=iter(range(10_000)).__next__)
+    cache.MAX_SHARED = 100
     for number in range(1000):
-        assert handlers.SecretKeys(f"ns-{number}")["x-api"].keys == {"token"}
-    assert len(handlers.SecretKeys._shared) <= 100
-    assert ("ns-999", "x-api") in handlers.SecretKeys._shared  # the newest stay
+        assert cache.view(f"ns-{number}", "x-api").keys == {"token"}
+    assert len(cache) <= 100
+    assert ("ns-999", "x-api") in cache._shared  # the newest stay
 
 
 # --- 4. deletion checks every key -----------------------------------------------------------------

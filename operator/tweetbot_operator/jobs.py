@@ -1,0 +1,69 @@
+"""What a stage Job says: its state, whether it is worth a pass, whether it holds a training slot, and the
+result its pod reported."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from tweetbot_trainer.contract import GROUP, STAGE_LABEL, ContractError, StageResult
+
+from .names import KIND, JobState
+
+
+def job_state(job: dict) -> JobState:
+    status = job.get("status") or {}
+    conditions = {c["type"]: c for c in status.get("conditions") or [] if c.get("status") == "True"}
+    if "Complete" in conditions:
+        return JobState.SUCCEEDED
+    if "Failed" in conditions:
+        return JobState.FAILED
+    if job.get("spec", {}).get("suspend"):
+        return JobState.QUEUED
+    # Started and not finished is running, also between pods (a retry's back-off, a pod counted as done
+    # before the Job's condition is set).
+    if status.get("active") or status.get("ready") or status.get("startTime"):
+        return JobState.RUNNING
+    return JobState.PENDING
+
+
+def job_fingerprint(job: dict) -> tuple:
+    """What of a Job is worth a reconcile: its state, its pods' outcomes and times. Other changes (ready and
+    active counts, the Job controller's pod bookkeeping) are left for the next pass to pick up."""
+    status = job.get("status") or {}
+    return (job_state(job), status.get("succeeded", 0), status.get("failed", 0),
+            status.get("startTime"), status.get("completionTime"))
+
+
+def ended_at(job: dict) -> datetime | None:
+    status = job.get("status") or {}
+    ended = status.get("completionTime") or next(
+        (c.get("lastTransitionTime") for c in status.get("conditions") or [] if c.get("type") == "Failed"), None)
+    return datetime.strptime(ended, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc) if ended else None
+
+
+def occupies_training_slot(job: dict) -> bool:
+    """An admitted, unfinished train Job that a TweetBot controls. A Job that merely carries the label, or
+    waits suspended in a Kueue queue, holds none of the operator's training slots."""
+    metadata = job["metadata"]
+    controlled = any(owner.get("controller") and owner.get("kind") == KIND
+                     and owner.get("apiVersion", "").startswith(f"{GROUP}/")
+                     for owner in metadata.get("ownerReferences") or [])
+    return (controlled and (metadata.get("labels") or {}).get(STAGE_LABEL) == "train"
+            and job_state(job) in (JobState.PENDING, JobState.RUNNING))
+
+
+def stage_result_from_pod(pod: dict, stage: str) -> StageResult | None:
+    """What a finished stage pod reported in its termination message, or why it could not: a container the
+    kernel killed for its memory wrote none (the kubelet would put its log's tail there instead)."""
+    for container in (pod.get("status") or {}).get("containerStatuses") or []:
+        terminated = (container.get("state") or {}).get("terminated") or {}
+        if terminated.get("reason") == "OOMKilled":
+            limit = "spec.resources.memory" if stage == "train" else f"the chart's trainer.{stage}.memory"
+            return StageResult(stage=stage, run_id="", ok=False,
+                               error=f"the {stage} container ran out of memory (OOMKilled); raise {limit}")
+        if terminated.get("message"):
+            try:
+                return StageResult.from_termination_message(terminated["message"])
+            except ContractError as error:
+                return StageResult(stage=stage, run_id="", ok=False, error=str(error))
+    return None

@@ -1,0 +1,138 @@
+"""A TweetBot's spec: what the operator checks beyond the schema, the run it names, where its artifacts go
+and whose S3 identity the operator may use for it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+
+from tweetbot_trainer.contract import GROUP, MAX_HANDLES, SPEC_DEFAULTS, S3Layout
+
+from .settings import Settings
+
+# A Secret a TweetBot may name carries this label: without the opt-in, anyone allowed to create TweetBots
+# could send any Secret of the namespace to a host of their choosing.
+SECRET_OPT_IN_LABEL = f"{GROUP}/usable-by-tweetbots"
+
+# What the API server accepts, checked again here because the CRD in the cluster may be older than the operator.
+DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+CONFIG_KEY = re.compile(r"[-._a-zA-Z0-9]+")
+BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9!_.*'()-]{0,127}")  # one key segment: the layout stays injective
+REGION = re.compile(r"[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?")
+
+
+class InvalidSpec(ValueError):
+    """Input the schema cannot catch; the message says what to fix."""
+
+
+def with_defaults(bot: dict) -> dict:
+    """The bot's spec with the CRD's defaults filled in, for a cluster whose CRD is older than the operator."""
+    return SPEC_DEFAULTS.apply(bot["spec"])
+
+
+def normalize_handles(handles: list[str]) -> list[str]:
+    normalized = [handle.strip().removeprefix("@").lower() for handle in handles]
+    if not 1 <= len(normalized) <= MAX_HANDLES:
+        raise InvalidSpec(f"spec.handles must list 1 to {MAX_HANDLES} handles, got {len(normalized)}")
+    duplicates = sorted({h for h in normalized if normalized.count(h) > 1})
+    if duplicates:
+        raise InvalidSpec(f"spec.handles lists {', '.join(duplicates)} more than once")
+    return normalized
+
+
+def _object_refs(value, where: str):
+    """Every (path, ref) of a Secret or ConfigMap reference in a spec."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key.endswith(("SecretRef", "configMapRef")) and isinstance(item, dict):
+                yield f"{where}.{key}", item
+            else:
+                yield from _object_refs(item, f"{where}.{key}")
+
+
+def validate_spec(bot: dict, settings: Settings) -> None:
+    """What the schema cannot know (the operator's settings) or a cluster's older CRD may not check."""
+    spec = with_defaults(bot)
+    normalize_handles(spec["handles"])
+    for where, ref in _object_refs(spec, "spec"):
+        name, key = ref.get("name", ""), ref.get("key")  # credentialsSecretRef names no key: it uses two
+        if len(name) > 253 or not DNS_SUBDOMAIN.fullmatch(name):
+            raise InvalidSpec(f"{where}.name {name!r} is not a Kubernetes object name (a DNS subdomain)")
+        if key is not None and (not isinstance(key, str) or len(key) > 253 or not CONFIG_KEY.fullmatch(key)):
+            raise InvalidSpec(f"{where}.key {key!r} is not a Secret or ConfigMap key")
+    s3 = spec["output"]["s3"]
+    checks = (("bucket", s3["bucket"], BUCKET, "an S3 bucket name"),
+              ("prefix", s3["prefix"], PREFIX, "one key segment (letters, digits, !_.*'()-; no '/')"),
+              ("region", s3["region"], REGION, "a region name (lower-case letters, digits, '-')"))
+    for field_name, value, pattern, what in checks:
+        if not isinstance(value, str) or not pattern.fullmatch(value) or ".." in value:
+            raise InvalidSpec(f"spec.output.s3.{field_name} {value!r} must be {what}")
+    endpoint = s3.get("endpoint", "")
+    if endpoint and endpoint.rstrip("/") not in settings.s3_endpoints:
+        allowed = ", ".join(settings.s3_endpoints) or "none: only AWS S3"
+        raise InvalidSpec(f"spec.output.s3.endpoint {endpoint!r} is not an S3 endpoint this operator may use "
+                          f"(allowed: {allowed}; the chart's s3.endpoints)")
+    if spec["deletionPolicy"] == "Delete" and s3_identity(bot, settings) is None:
+        raise InvalidSpec("deletionPolicy Delete needs spec.output.s3.credentialsSecretRef: the operator deletes "
+                          "with the bot's own credentials, and with its own identity only in the chart's "
+                          "s3.operatorBuckets")
+    priority_class = spec["resources"].get("priorityClassName")
+    if priority_class is not None and not DNS_SUBDOMAIN.fullmatch(priority_class):
+        raise InvalidSpec(f"spec.resources.priorityClassName {priority_class!r} is not a DNS subdomain")
+
+
+BOT_IDENTITY, OPERATOR_IDENTITY = "bot", "operator"
+
+
+def s3_identity(bot: dict, settings: Settings) -> str | None:
+    """Whose credentials sign the operator's own S3 requests for a bot (progress reads, deletion): the bot's
+    Secret; the operator's identity only for buckets the admin listed, never for a bucket a tenant merely
+    names; otherwise none, and the operator does not touch the bot's S3."""
+    s3 = bot["spec"]["output"]["s3"]
+    if s3.get("credentialsSecretRef"):
+        return BOT_IDENTITY
+    return OPERATOR_IDENTITY if s3["bucket"] in settings.s3_operator_buckets else None
+
+
+def run_id_for(bot: dict) -> str:
+    """The current run: stable across operator restarts and suspend/resume, new on any other spec edit.
+
+    While the generation is the one already observed, the recorded run stands (so a CRD upgrade that adds
+    defaulted fields does not retrain every bot); after an edit, the run is named by a digest of the spec
+    as written (without `suspend`).
+    """
+    status = bot.get("status") or {}
+    if status.get("runId") and status.get("observedGeneration") == bot["metadata"].get("generation"):
+        return status["runId"]
+    spec = {key: value for key, value in bot["spec"].items() if key != "suspend"}
+    digest = hashlib.sha256((bot["metadata"]["uid"] + json.dumps(spec, sort_keys=True)).encode())
+    return digest.hexdigest()[:6]
+
+
+def s3_layout(bot: dict, run_id: str) -> S3Layout:
+    s3 = with_defaults(bot)["output"]["s3"]
+    return S3Layout(
+        bucket=s3["bucket"],
+        prefix=s3["prefix"],
+        namespace=bot["metadata"]["namespace"],
+        bot=bot["metadata"]["name"],
+        run_id=run_id,
+        endpoint=s3.get("endpoint", ""),
+        region=s3["region"],
+    )
+
+
+@dataclass(frozen=True)
+class SecretView:
+    """What the operator may know of a Secret: its keys and whether it opted in, never its values."""
+
+    keys: frozenset[str]
+    opted_in: bool
+
+
+def secret_view(secret: dict) -> SecretView:
+    return SecretView(frozenset(secret.get("data") or {}),
+                      (secret["metadata"].get("labels") or {}).get(SECRET_OPT_IN_LABEL) == "true")

@@ -1,0 +1,228 @@
+"""The stages of a run, one registry entry each, and the Job that runs a stage (spec -> Jobs).
+
+A stage is its phase, its condition, the Secrets it reads and its pod's own part (resources, command,
+scheduling); everything else about its Job is common. Adding a stage is an entry here and its name in the
+contract's `STAGES` (the order runs follow); `tests/test_reconcile.py` holds the two equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tweetbot_trainer.contract import (
+    BOT_LABEL,
+    DEEPSPEED_CONFIG_PATH,
+    HUB_TOKEN_ENV,
+    REQUEST_ENV,
+    RUN_LABEL,
+    S3_ACCESS_KEY_ENV,
+    S3_SECRET_KEY_ENV,
+    SOURCES,
+    STAGE_LABEL,
+    TERMINATION_MESSAGE_PATH,
+    StageRequest,
+)
+
+from .names import Phase
+from .settings import Settings, StageResources
+from .spec import normalize_handles, s3_layout, with_defaults
+
+GPU_RESOURCE = "nvidia.com/gpu"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
+
+@dataclass(frozen=True)
+class SecretNeed:
+    env: str
+    name: str
+    key: str
+    field: str  # where the spec names it, for error messages
+
+
+@dataclass
+class PodParts:
+    """What is a stage's own in its pod."""
+
+    command: list[str]
+    resources: dict
+    env: list[dict] = field(default_factory=list)
+    volumes: list[dict] = field(default_factory=list)
+    mounts: list[dict] = field(default_factory=list)
+    scheduling: dict = field(default_factory=dict)  # tolerations, nodeSelector
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    phase: Phase  # the bot's phase while this stage runs
+    condition: str  # the status condition that turns True when it succeeded
+    secrets: Callable[[dict], list[SecretNeed]]  # defaulted spec -> the Secret keys only this stage reads
+    pod: Callable[[dict, Settings], PodParts]  # defaulted spec, settings -> its pod's own part
+    gpus: Callable[[dict], int] = lambda spec: 0
+
+
+def _ref_need(env: str, ref: dict, where: str) -> SecretNeed:
+    return SecretNeed(env, ref["name"], ref["key"], where)
+
+
+def _source_secrets(spec: dict) -> list[SecretNeed]:
+    needs = []
+    for key, use in SOURCES.items():
+        ref = (spec["source"].get(key) or {}).get(use.field) if use else None
+        if ref:
+            needs.append(_ref_need(use.env, ref, f"spec.source.{key}.{use.field}"))
+    return needs
+
+
+def _hub_secrets(spec: dict) -> list[SecretNeed]:
+    hub = spec["output"].get("hub")
+    return [_ref_need(HUB_TOKEN_ENV, hub["tokenSecretRef"], "spec.output.hub.tokenSecretRef")] if hub else []
+
+
+def _cpu_stage(resources: Callable[[Settings], StageResources], stage: str) -> Callable[[dict, Settings], PodParts]:
+    def pod(spec: dict, settings: Settings) -> PodParts:
+        chosen = resources(settings)
+        return PodParts(command=["tweetbot-trainer", stage], resources={
+            "requests": {"cpu": chosen.cpu, "memory": chosen.memory}, "limits": {"memory": chosen.memory}})
+    return pod
+
+
+def _train_pod(spec: dict, settings: Settings) -> PodParts:
+    wanted = spec["resources"]
+    gpus, cpu, memory = wanted["gpus"], wanted["cpu"], wanted["memory"]
+    # One process per GPU; torch's default of one thread per core per process oversubscribes the CPUs.
+    threads = max(1, int(float(cpu.rstrip("m")) / (1000 if cpu.endswith("m") else 1)) // max(gpus, 1))
+    parts = PodParts(command=["tweetbot-trainer", "train"],
+                     resources={"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory}},
+                     env=[{"name": "OMP_NUM_THREADS", "value": str(threads)}])
+    if gpus > 1:
+        parts.command = ["torchrun", "--standalone", f"--nproc_per_node={gpus}", "-m", "tweetbot_trainer.cli", "train"]
+    if gpus == 0:
+        parts.env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
+    config_map = spec["training"]["deepspeed"].get("configMapRef")
+    if config_map:
+        parts.volumes.append({"name": "deepspeed-config", "configMap": {
+            "name": config_map["name"], "items": [{"key": config_map["key"], "path": "ds_config.json"}]}})
+        parts.mounts.append({"name": "deepspeed-config", "mountPath": DEEPSPEED_CONFIG_PATH.rsplit("/", 1)[0],
+                             "readOnly": True})
+    tolerations = list(wanted.get("tolerations", []))
+    if gpus:
+        for limits in (parts.resources["requests"], parts.resources["limits"]):
+            limits[GPU_RESOURCE] = str(gpus)
+        # GPU nodes carry this taint; tolerating it is what lets the pod land there.
+        tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+    if tolerations:
+        parts.scheduling["tolerations"] = tolerations
+    if wanted.get("nodeSelector"):
+        parts.scheduling["nodeSelector"] = dict(wanted["nodeSelector"])
+    # NCCL and DataLoader workers use shared memory; the container default of 64 MiB is too small.
+    parts.volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+    parts.mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    return parts
+
+
+REGISTRY: dict[str, Stage] = {stage.name: stage for stage in (
+    Stage("scrape", Phase.SCRAPING, "DataReady", _source_secrets,
+          _cpu_stage(lambda settings: settings.scrape_resources, "scrape")),
+    Stage("train", Phase.TRAINING, "Trained", lambda spec: [], _train_pod, gpus=lambda spec: spec["resources"]["gpus"]),
+    Stage("publish", Phase.PUBLISHING, "Published", _hub_secrets,
+          _cpu_stage(lambda settings: settings.publish_resources, "publish")),
+)}
+
+
+def job_name(bot_name: str, run_id: str, stage: str) -> str:
+    return f"{bot_name}-{run_id[:5]}-{stage}"
+
+
+def secret_needs(bot: dict, stage: str) -> list[SecretNeed]:
+    """The Secret keys a stage needs, each only in the stage that uses it (S3's in every stage)."""
+    spec = with_defaults(bot)
+    needs = REGISTRY[stage].secrets(spec)
+    credentials = spec["output"]["s3"].get("credentialsSecretRef")
+    if credentials:
+        needs += [SecretNeed(env, credentials["name"], env, "spec.output.s3.credentialsSecretRef")
+                  for env in (S3_ACCESS_KEY_ENV, S3_SECRET_KEY_ENV)]
+    return needs
+
+
+def stage_request(bot: dict, run_id: str, stage: str) -> StageRequest:
+    spec = with_defaults(bot)
+    hub = spec["output"].get("hub")
+    return StageRequest(
+        stage=stage,
+        run_id=run_id,
+        namespace=bot["metadata"]["namespace"],
+        bot=bot["metadata"]["name"],
+        handles=normalize_handles(spec["handles"]),
+        s3=s3_layout(bot, run_id),
+        # Secret references stay out of the request: the values arrive as environment variables.
+        source={key: _without_secret_refs(value) for key, value in spec["source"].items()},
+        data=spec["data"],
+        model=spec["model"],
+        training=spec["training"],
+        hub=None if hub is None else _without_secret_refs(hub),
+        gpus=REGISTRY[stage].gpus(spec),
+    )
+
+
+def _without_secret_refs(value):
+    if isinstance(value, dict):
+        return {key: _without_secret_refs(item) for key, item in value.items() if not key.endswith("SecretRef")}
+    return value
+
+
+def desired_job(bot: dict, run_id: str, stage: str, settings: Settings) -> dict:
+    """The Job manifest of one stage of one run (owner reference added by the caller with kopf.adopt)."""
+    spec = with_defaults(bot)
+    name = bot["metadata"]["name"]
+    wanted = spec["resources"]
+    labels = {
+        "app.kubernetes.io/name": "tweetbot",
+        "app.kubernetes.io/component": stage,
+        "app.kubernetes.io/managed-by": "tweetbot-operator",
+        BOT_LABEL: name,
+        RUN_LABEL: run_id,
+        STAGE_LABEL: stage,
+    }
+    if wanted.get("queueName"):
+        labels[KUEUE_QUEUE_LABEL] = wanted["queueName"]
+    parts = REGISTRY[stage].pod(spec, settings)
+    env = [{"name": REQUEST_ENV, "value": stage_request(bot, run_id, stage).to_json()}]
+    env += [{"name": need.env, "valueFrom": {"secretKeyRef": {"name": need.name, "key": need.key}}}
+            for need in secret_needs(bot, stage)]
+    pod_spec: dict = {"restartPolicy": "Never", "automountServiceAccountToken": False, **parts.scheduling}
+    if wanted.get("priorityClassName"):
+        pod_spec["priorityClassName"] = wanted["priorityClassName"]
+    if settings.trainer_service_account:
+        pod_spec["serviceAccountName"] = settings.trainer_service_account
+    pod_spec.update(
+        securityContext={"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+        volumes=[{"name": "tmp", "emptyDir": {}}, *parts.volumes],
+        containers=[{
+            "name": stage,
+            "image": settings.trainer_image,
+            "imagePullPolicy": settings.image_pull_policy,
+            "command": parts.command,
+            "env": env + parts.env,
+            "resources": parts.resources,
+            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, *parts.mounts],
+            "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+            "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                "capabilities": {"drop": ["ALL"]}},
+        }],
+    )
+    job_spec: dict = {"backoffLimit": spec["backoffLimit"], "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec}}
+    if wanted.get("queueName"):
+        job_spec["suspend"] = True  # Kueue admits it by unsuspending, as its webhook would have done
+    # ttlSecondsAfterFinished is applied by the operator (`plan`), only once a Job's result is in the status:
+    # the Job controller would delete it on time whether or not its result had been read.
+    if spec.get("activeDeadlineSeconds") is not None:
+        job_spec["activeDeadlineSeconds"] = spec["activeDeadlineSeconds"]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": job_name(name, run_id, stage), "namespace": bot["metadata"]["namespace"], "labels": labels},
+        "spec": job_spec,
+    }

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tweetbot_trainer.contract import SPEC_DEFAULTS
+
 pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,6 +143,8 @@ def test_defaults_are_filled_by_the_api_server(kubectl, namespace):
     assert spec["source"]["x"]["bearerTokenSecretRef"]["key"] == "token"
     assert spec["model"] == {"name": "gpt2", "revision": "main"}
     assert spec["deletionPolicy"] == "Retain" and spec["suspend"] is False
+    # The operator fills in the same defaults where a cluster's CRD is older than it.
+    assert spec == SPEC_DEFAULTS.apply(bot(handles=["@PurefulSoul"])["spec"])
 
 
 def test_printer_columns_and_short_name(kubectl, namespace):

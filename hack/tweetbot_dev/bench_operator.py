@@ -24,7 +24,8 @@ from pathlib import Path
 import yaml
 from kubernetes import client, config, watch
 
-from tweetbot_operator.reconcile import SECRET_OPT_IN_LABEL, desired_job, run_id_for
+from tweetbot_operator.spec import SECRET_OPT_IN_LABEL, run_id_for
+from tweetbot_operator.stages import desired_job
 from tweetbot_operator.settings import Settings
 from tweetbot_trainer.contract import BOT_LABEL, GROUP
 

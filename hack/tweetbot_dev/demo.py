@@ -17,7 +17,7 @@ from pathlib import Path
 
 import boto3
 
-from tweetbot_operator.reconcile import SECRET_OPT_IN_LABEL
+from tweetbot_operator.spec import SECRET_OPT_IN_LABEL
 
 from .binaries import cache_root
 from .devenv import DevEnvironment

@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import kopf
 from kubernetes import client, config, watch
 
-from tweetbot_operator.reconcile import desired_job, run_id_for
+from tweetbot_operator.spec import run_id_for
+from tweetbot_operator.stages import desired_job
 from tweetbot_operator.settings import Settings
 from tweetbot_trainer.contract import GROUP
 

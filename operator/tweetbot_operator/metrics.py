@@ -9,9 +9,9 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from tweetbot_trainer.contract import STAGES
 
-PHASES = ("Pending", "Queued", "Scraping", "Training", "Publishing", "Succeeded", "Failed", "Suspended")
+from .names import JobState, Phase
 
-BOTS = Gauge("tweetbot_bots", "TweetBots by phase", ["phase"])
+BOTS_BY_PHASE = Gauge("tweetbot_bots", "TweetBots by phase", ["phase"])
 STAGE_SECONDS = Histogram(
     "tweetbot_stage_duration_seconds", "Wall time of succeeded stage Jobs", ["stage"],
     buckets=(30, 60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400),
@@ -30,12 +30,12 @@ def serve(port: int) -> None:
 
 def observe(namespace: str, name: str, old_status: dict, new_status: dict) -> None:
     with _lock:
-        _phases[(namespace, name)] = new_status.get("phase", "Pending")
+        _phases[(namespace, name)] = new_status.get("phase", Phase.PENDING)
         _publish_phases()
     old_stages = old_status.get("stages") or {}
     for stage in STAGES:
         new = (new_status.get("stages") or {}).get(stage) or {}
-        if new.get("state") == "Succeeded" and (old_stages.get(stage) or {}).get("state") != "Succeeded":
+        if new.get("state") == JobState.SUCCEEDED and (old_stages.get(stage) or {}).get("state") != JobState.SUCCEEDED:
             if new.get("startTime") and new.get("completionTime"):
                 STAGE_SECONDS.labels(stage).observe((_parse(new["completionTime"]) - _parse(new["startTime"])).total_seconds())
 
@@ -47,8 +47,8 @@ def forget(namespace: str, name: str) -> None:
 
 
 def _publish_phases() -> None:
-    for phase in PHASES:
-        BOTS.labels(phase).set(sum(1 for value in _phases.values() if value == phase))
+    for phase in Phase:
+        BOTS_BY_PHASE.labels(phase).set(sum(1 for value in _phases.values() if value == phase))
 
 
 def _parse(timestamp: str) -> datetime:

@@ -56,3 +56,38 @@ def test_the_crds_defaults_are_the_codes():
 def test_every_stage_of_the_contract_has_one_registry_entry_in_run_order():
     assert tuple(REGISTRY) == STAGES
     assert len({stage.condition for stage in REGISTRY.values()}) == len(STAGES)
+
+
+def unknown_fields(value, schema: dict, where: str = "status") -> list[str]:
+    """The paths in `value` the CRD's structural schema would prune without a word."""
+    if isinstance(value, dict) and "properties" in schema:
+        return [path for key, item in value.items() if item is not None
+                for path in ([f"{where}.{key}"] if key not in schema["properties"]
+                             else unknown_fields(item, schema["properties"][key], f"{where}.{key}"))]
+    if isinstance(value, list) and "items" in schema:
+        return [path for item in value for path in unknown_fields(item, schema["items"], f"{where}[]")]
+    return []
+
+
+def test_every_status_field_the_plan_writes_is_in_the_crd():
+    """A status field missing from the CRD is dropped by the API server silently: adding one to the plan
+    without the schema fails here."""
+    from test_reconcile import ALL_SECRETS, job, make_bot, result, step
+
+    from tweetbot_operator.plan import Observed
+    from tweetbot_trainer.contract import HandleStats, Progress
+
+    bot = make_bot()
+    stats = [HandleStats("purefulsoul", 10, 1, 2, 7, displayName="Pureful")]
+    jobs, results, written = [], {}, []
+    for stage in STAGES:
+        jobs.append(job(bot, stage, "Running"))
+        decided, bot = step(bot, Observed(jobs=jobs, results=results, secrets=ALL_SECRETS, progress=Progress(5, 10, 2.0, 100.0, 60)))
+        written.append(decided.status)
+        jobs[-1] = job(bot, stage, "Succeeded")
+        results[jobs[-1]["metadata"]["name"]] = result(bot, stage, data=stats, metrics={"trainLoss": 2.0},
+                                                       artifacts={"modelUri": "s3://bots/model/"})
+    decided, bot = step(bot, Observed(jobs=jobs, results=results, secrets=ALL_SECRETS))
+    assert decided.status["phase"] == "Succeeded"
+    for status in [*written, decided.status]:
+        assert unknown_fields(status, SCHEMA["status"]) == []

@@ -1,6 +1,6 @@
 """JSON requests to the API server over the kubernetes client's own connection pool, TLS and credentials, without
 its generated API classes: those validate every argument with pydantic and build model objects, which was
-a third of the operator's CPU with a thousand bots (measured with `tweetbot bench`)."""
+a third of the operator's CPU with a thousand bots (measured with `tweetbot-dev bench`)."""
 
 from __future__ import annotations
 

@@ -18,6 +18,8 @@ from tweetbot_operator.spec import SECRET_OPT_IN_LABEL
 from tweetbot_operator.workqueue import Request
 from tweetbot_trainer.contract import BOT_LABEL
 
+from test_crd import merge  # JSON merge patch, as the API server applies it
+
 NS = "bots"
 SETTINGS = Settings(trainer_image="trainer:test", workers=1)
 BOT_PATH = f"/apis/huggingtweets.dev/v1alpha1/namespaces/{NS}/tweetbots/cyborg"
@@ -87,9 +89,9 @@ class FakeKube:
             raise ApiException(status=409, reason="Conflict")
         patched = copy.deepcopy(current)
         if status:
-            patched["status"] = _merge(patched.get("status") or {}, body["status"])
+            patched["status"] = merge(patched.get("status") or {}, body["status"])
         else:
-            patched["metadata"] = _merge(patched["metadata"], {k: v for k, v in body["metadata"].items() if k != "resourceVersion"})
+            patched["metadata"] = merge(patched["metadata"], {k: v for k, v in body["metadata"].items() if k != "resourceVersion"})
         written = self.put(plural, patched)
         if patched["metadata"].get("deletionTimestamp") and not patched["metadata"].get("finalizers"):
             del self.objects[(plural, namespace, name)]
@@ -101,18 +103,6 @@ class FakeKube:
         if self.objects.pop((plural, namespace, name), None) is None:
             raise ApiException(status=404, reason="Not Found")
         return {}
-
-
-def _merge(old: dict, patch: dict) -> dict:
-    merged = dict(old)
-    for key, value in patch.items():
-        if value is None:
-            merged.pop(key, None)
-        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 class FakeArtifacts:

@@ -11,7 +11,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError
 
 from tweetbot_trainer.storage import S3Failure, s3_error_code
 from tweetbot_trainer.errors import CheckpointUploadFailed
-from tweetbot_trainer.train import CheckpointUploads, checkpoint_step, uploaded_local_checkpoints
+from tweetbot_trainer.checkpoints import CheckpointUploads, checkpoint_step, uploaded_local_checkpoints
 
 
 def client_error(code: str) -> ClientError:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from tweetbot_trainer.train import PhaseTimes, last_eval_loss, seconds_since_process_start
+from tweetbot_trainer.timing import PhaseTimes, seconds_since_process_start
+from tweetbot_trainer.train import last_eval_loss
 
 
 class FakeClock:
@@ -58,3 +59,42 @@ def test_the_final_eval_loss_comes_from_the_last_epochs_evaluation_only():
     assert last_eval_loss(history, 20) == 1.9
     assert last_eval_loss(history, 25) is None  # not evaluated at the final step: the stage evaluates again
     assert last_eval_loss([], 1) is None
+
+
+def test_trainer_train_splits_into_engine_set_up_the_phases_timed_inside_and_the_loop():
+    clock = FakeClock()
+    times = PhaseTimes(clock=clock)
+    ready = []
+    with times.training(engine_ready=lambda: ready[0] if ready else None):
+        clock.now += 2.0
+        ready.append(clock.now)  # on_train_begin
+        clock.now += 5.0
+        with times.phase("eval"):
+            clock.now += 1.0
+        clock.now += 3.0
+    assert times.seconds == {"engineInit": 2.0, "eval": 1.0, "trainingSteps": 8.0}
+
+
+def test_a_checkpoint_save_is_timed_from_the_step_end_less_the_evaluation_before_it():
+    from transformers import TrainerControl, TrainerState
+
+    from tweetbot_trainer.hooks import TrainTimes
+
+    clock = FakeClock()
+    times = PhaseTimes(clock=clock)
+    hooks, state, control = TrainTimes(times), TrainerState(), TrainerControl()
+    hooks.on_train_begin(None, state, control)
+    assert hooks.engine_ready == 100.0
+    clock.now += 4.0  # a step
+    hooks.on_step_end(None, state, control)
+    clock.now += 0.5  # the loss gathered for logging: the loop's
+    hooks.on_log(None, state, control, logs={})
+    with times.phase("eval"):
+        clock.now += 2.0
+    clock.now += 1.5  # the save
+    hooks.on_save(None, state, control)
+    clock.now += 1.0
+    hooks.on_step_end(None, state, control)
+    clock.now += 0.25  # a save right after a step
+    hooks.on_save(None, state, control)
+    assert times.seconds == {"eval": 2.0, "checkpointSave": 1.75}

@@ -94,7 +94,7 @@ def _stage_env(request, s3_server, work: Path, threads: int) -> dict:
 def _run_stage(request, s3_server, work: Path, threads: int) -> dict:
     """`tweetbot-trainer train` as the Job runs it, in a fresh process; its timings back from its log."""
     from tweetbot_trainer.contract import StageResult
-    from tweetbot_trainer.train import timings_from_log
+    from tweetbot_trainer.timing import timings_from_log
 
     log_path = work / f"train-{request.run_id}.log"
     started = time.perf_counter()

@@ -15,7 +15,7 @@ import boto3
 import pytest
 
 from tweetbot_dev.fakes import FakeAccount, FakePost, FakeSocialServer, tweets_js
-from tweetbot_trainer.contract import S3Layout, StageRequest, StageResult
+from tweetbot_trainer.contract import SOURCES, S3Layout, StageRequest, StageResult
 from tweetbot_trainer.errors import (
     AuthenticationFailed,
     MalformedInput,
@@ -118,6 +118,17 @@ def test_x_api_errors_say_what_is_wrong(server):
         open_source({"x": {"apiUrl": server.url}}, storage=None, environ={})
     with pytest.raises(NetworkFailure, match="cannot reach 127.0.0.1:9"):
         XApiSource("http://127.0.0.1:9", "t", **FAST).fetch("alice", 10)
+
+
+def test_every_source_of_the_contract_has_a_client_and_no_other():
+    assert sources.CLIENTS.keys() == SOURCES.keys()
+
+
+def test_open_source_fills_the_spec_defaults_and_names_the_sources_it_knows():
+    assert open_source({"bluesky": {}}, storage=None, environ={}).app_view_url == "https://public.api.bsky.app"
+    assert open_source({"x": {}}, storage=None, environ={"X_BEARER_TOKEN": "t"}).api_url == "https://api.x.com"
+    with pytest.raises(MalformedInput, match=r"no known source in \['rss'\]: expected x, xArchive, mastodon, bluesky or file"):
+        open_source({"rss": {}}, storage=None, environ={})
 
 
 # --- Mastodon and Bluesky -------------------------------------------------------------------------------

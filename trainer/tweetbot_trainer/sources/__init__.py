@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import unicodedata
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
+from ..contract import SOURCES, section_defaults
 from ..errors import MalformedInput, StageError
 
 # X's own limit. Each name travels in the 4 KiB termination message and onto the public model card.
@@ -90,32 +91,59 @@ class Source(Protocol):
     def fetch(self, handle: str, limit: int) -> Timeline: ...
 
 
-def open_source(source: dict, storage, environ: dict[str, str] | None = None) -> Source:
-    """The client for a TweetBot's `spec.source` (as passed in the stage request); `storage` (a `Storage`)
-    reads archive and post files from S3 or a URL."""
-    from ..contract import MASTODON_TOKEN_ENV, X_BEARER_TOKEN_ENV
+def _x_api(settings: dict, storage, env: Mapping[str, str]) -> Source:
     from ..errors import AuthenticationFailed
-    from .bluesky import BlueskySource
-    from .files import FileSource
-    from .mastodon import MastodonSource
     from .x_api import XApiSource
+
+    secret = SOURCES["x"]
+    token = env.get(secret.env, "")
+    if not token:
+        raise AuthenticationFailed(f"no X API bearer token: {secret.env} is empty (check spec.source.x.{secret.field})")
+    return XApiSource(settings["apiUrl"], token)
+
+
+def _x_archive(settings: dict, storage, env: Mapping[str, str]) -> Source:
     from .x_archive import XArchiveSource
 
-    env = os.environ if environ is None else environ
-    if "x" in source:
-        token = env.get(X_BEARER_TOKEN_ENV, "")
-        if not token:
-            raise AuthenticationFailed(
-                f"no X API bearer token: {X_BEARER_TOKEN_ENV} is empty (check spec.source.x.bearerTokenSecretRef)"
-            )
-        return XApiSource(source["x"].get("apiUrl", "https://api.x.com"), token)
-    if "xArchive" in source:
-        return XArchiveSource(source["xArchive"]["uri"], storage.stream)
-    if "mastodon" in source:
-        return MastodonSource(source["mastodon"]["instanceUrl"], env.get(MASTODON_TOKEN_ENV, ""))
-    if "bluesky" in source:
-        return BlueskySource(source["bluesky"].get("appViewUrl", "https://public.api.bsky.app"))
-    if "file" in source:
-        return FileSource(source["file"]["uri"], storage.stream)
-    raise MalformedInput(f"no known source in {sorted(source)}: expected x, xArchive, mastodon, bluesky or file")
+    return XArchiveSource(settings["uri"], storage.stream)
 
+
+def _mastodon(settings: dict, storage, env: Mapping[str, str]) -> Source:
+    from .mastodon import MastodonSource
+
+    return MastodonSource(settings["instanceUrl"], env.get(SOURCES["mastodon"].env, ""))
+
+
+def _bluesky(settings: dict, storage, env: Mapping[str, str]) -> Source:
+    from .bluesky import BlueskySource
+
+    return BlueskySource(settings["appViewUrl"])
+
+
+def _file(settings: dict, storage, env: Mapping[str, str]) -> Source:
+    from .files import FileSource
+
+    return FileSource(settings["uri"], storage.stream)
+
+
+# The client of each source in `contract.SOURCES`, by its spec.source key, tried in this order. Each builder
+# imports its client when called: the clients import Post, Timeline and Pages from this package.
+CLIENTS: dict[str, Callable[[dict, Any, Mapping[str, str]], Source]] = {
+    "x": _x_api,
+    "xArchive": _x_archive,
+    "mastodon": _mastodon,
+    "bluesky": _bluesky,
+    "file": _file,
+}
+
+
+def open_source(source: dict, storage, environ: Mapping[str, str] | None = None) -> Source:
+    """The client for a TweetBot's `spec.source` (as passed in the stage request), its defaults filled in;
+    `storage` (a `Storage`) reads archive and post files from S3 or a URL."""
+    settings = section_defaults("source", source)
+    env = os.environ if environ is None else environ
+    for key, client in CLIENTS.items():
+        if key in settings:
+            return client(settings[key], storage, env)
+    keys = list(CLIENTS)
+    raise MalformedInput(f"no known source in {sorted(source)}: expected {', '.join(keys[:-1])} or {keys[-1]}")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from .contract import HandleStats
+from .contract import HandleStats, section_defaults
 
 KNOWN_LICENSES = {name: "mit" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2",
                                             "openai-community/gpt2")}
@@ -28,7 +28,7 @@ class CardFacts:
     handles: list[HandleStats]
     network: str
     collected_at: str
-    base_model: str = "gpt2"
+    base_model: str = section_defaults("model", None)["name"]
     hyperparameters: dict = field(default_factory=dict)
     deepspeed: str = ""
     metrics: dict = field(default_factory=dict)
@@ -54,10 +54,19 @@ def display(stats: HandleStats) -> str:
 
 
 def render_card(facts: CardFacts) -> str:
-    handles = facts.handles  # HandleStats cannot exist with counts that do not add up
-    cyborg = len(handles) > 1
-    names = " &amp; ".join(display(s) for s in handles)
-    on_hub = not facts.base_model.startswith(("s3://", "/", "."))  # an S3 or local base has no Hub page
+    """The card: front matter, then huggingtweets' sections. The counts need no check here: a HandleStats
+    cannot exist with counts that do not add up."""
+    names = " &amp; ".join(display(s) for s in facts.handles)
+    sections = (_front_matter(facts), _header(facts, names), _training_data(facts, names), _training_procedure(facts, names),
+                _samples(facts), _usage(facts))
+    return "\n".join(line for section in sections for line in section)
+
+
+def _on_hub(base_model: str) -> bool:
+    return not base_model.startswith(("s3://", "/", "."))  # an S3 or local base has no Hub page
+
+
+def _front_matter(facts: CardFacts) -> list[str]:
     license_ = facts.license or KNOWN_LICENSES.get(facts.base_model, "")
     front_matter = {
         "language": "en",
@@ -66,18 +75,19 @@ def render_card(facts: CardFacts) -> str:
         "widget": [{"text": "My dream is"}],
         "pipeline_tag": "text-generation",
         "library_name": "transformers",
-        **({"base_model": facts.base_model} if on_hub else {}),
+        **({"base_model": facts.base_model} if _on_hub(facts.base_model) else {}),
         **({"license": license_} if license_ else {}),
     }
-    lines = [
-        "---",
-        yaml.safe_dump(front_matter, sort_keys=False, allow_unicode=True).rstrip(),
-        "---",
-        "",
+    return ["---", yaml.safe_dump(front_matter, sort_keys=False, allow_unicode=True).rstrip(), "---", ""]
+
+
+def _header(facts: CardFacts, names: str) -> list[str]:
+    kind = "CYBORG" if len(facts.handles) > 1 else "BOT"
+    return [
         '<div class="inline-flex flex-col" style="line-height: 1.5;">',
-        f'    <div style="text-align: center; margin-top: 3px; font-size: 16px; font-weight: 800">🤖 AI {"CYBORG" if cyborg else "BOT"} 🤖</div>',
+        f'    <div style="text-align: center; margin-top: 3px; font-size: 16px; font-weight: 800">🤖 AI {kind} 🤖</div>',
         f'    <div style="text-align: center; font-size: 16px; font-weight: 800">{names}</div>',
-        f'    <div style="text-align: center; font-size: 14px;">{html.escape(" ".join("@" + s.handle for s in handles))}</div>',
+        f'    <div style="text-align: center; font-size: 14px;">{html.escape(" ".join("@" + s.handle for s in facts.handles))}</div>',
         "</div>",
         "",
         "I was made with [huggingtweets](https://github.com/borisdayma/huggingtweets) as a platform service: "
@@ -87,35 +97,41 @@ def render_card(facts: CardFacts) -> str:
         "",
         "Posts are collected and cleaned, GPT-2 is fine-tuned on them, and the model is published here.",
         "",
+    ]
+
+
+def _training_data(facts: CardFacts, names: str) -> list[str]:
+    handles = facts.handles
+    return [
         "## Training data",
         "",
         f"The model was trained on posts from {names} ({cell(facts.network)}, collected {cell(facts.collected_at)}).",
         "",
         "| Data | " + " | ".join(display(s) for s in handles) + " |",
         "| --- |" + " --- |" * len(handles),
+        *(f"| {label} | " + " | ".join(str(getattr(s, attribute)) for s in handles) + " |" for label, attribute in TABLE_ROWS),
     ]
-    for label, attribute in TABLE_ROWS:
-        lines.append(f"| {label} | " + " | ".join(str(getattr(s, attribute)) for s in handles) + " |")
-    lines += [
-        "",
-        "## Training procedure",
-        "",
-        "The model is based on a pre-trained "
-        + (f"[{cell(facts.base_model)}](https://huggingface.co/{facts.base_model})" if on_hub else f"`{cell(facts.base_model)}`")
-        + f" which is fine-tuned on {names}'s posts.",
-        "",
-    ]
-    for key, value in facts.hyperparameters.items():
-        lines.append(f"- {cell(key)}: {cell(value)}")
+
+
+def _training_procedure(facts: CardFacts, names: str) -> list[str]:
+    base = (f"[{cell(facts.base_model)}](https://huggingface.co/{facts.base_model})" if _on_hub(facts.base_model)
+            else f"`{cell(facts.base_model)}`")
+    lines = ["", "## Training procedure", "", f"The model is based on a pre-trained {base} which is fine-tuned on {names}'s posts.", ""]
+    lines += [f"- {cell(key)}: {cell(value)}" for key, value in facts.hyperparameters.items()]
     if facts.deepspeed:
         lines.append(f"- DeepSpeed: {cell(facts.deepspeed)}")
-    for key in ("evalLoss", "perplexity", "trainLoss", "steps", "tokens"):
-        if key in facts.metrics:
-            lines.append(f"- {key}: {facts.metrics[key]}")
-    if facts.samples:
-        lines += ["", "## Samples", ""]
-        lines += [f"> {inline(sample)}" + "\n" for sample in facts.samples]
-    lines += [
+    lines += [f"- {key}: {facts.metrics[key]}" for key in ("evalLoss", "perplexity", "trainLoss", "steps", "tokens") if key in facts.metrics]
+    return lines
+
+
+def _samples(facts: CardFacts) -> list[str]:
+    if not facts.samples:
+        return []
+    return ["", "## Samples", "", *(f"> {inline(sample)}" + "\n" for sample in facts.samples)]
+
+
+def _usage(facts: CardFacts) -> list[str]:
+    return [
         "",
         "## How to use",
         "",
@@ -135,7 +151,6 @@ def render_card(facts: CardFacts) -> str:
         "In addition, the data present in the user's posts further affects the text generated by the model.",
         "",
     ]
-    return "\n".join(lines)
 
 
 def parse_table(card: str) -> dict[str, dict[str, int]]:

@@ -12,7 +12,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from .contract import HandleStats
+from .contract import HandleStats, section_defaults
 from .sources import Post
 
 # Per handle, on its kept posts joined with <|endoftext|>, as huggingtweets checked.
@@ -22,25 +22,24 @@ SEPARATOR = "<|endoftext|>"
 
 _URL = re.compile(r"https?:\S+")
 _BORING_MARKERS = ("http", "@", "#")
+_DATA = section_defaults("data", None)
 
 
 @dataclass(frozen=True)
 class CleaningOptions:
-    drop_retweets: bool = True
-    drop_short: bool = True
-    keep_replies: bool = True
-    dedupe: bool = False
-    min_words: int = 3
+    """spec.data's cleaning rules, with the spec's defaults."""
+
+    drop_retweets: bool = _DATA["dropRetweets"]
+    drop_short: bool = _DATA["dropShortPosts"]
+    keep_replies: bool = _DATA["keepReplies"]
+    dedupe: bool = _DATA["dedupe"]
+    min_words: int = _DATA["minWords"]
 
     @classmethod
     def from_spec(cls, data: dict) -> CleaningOptions:
-        return cls(
-            drop_retweets=data.get("dropRetweets", True),
-            drop_short=data.get("dropShortPosts", True),
-            keep_replies=data.get("keepReplies", True),
-            dedupe=data.get("dedupe", False),
-            min_words=data.get("minWords", 3),
-        )
+        data = section_defaults("data", data)
+        return cls(drop_retweets=data["dropRetweets"], drop_short=data["dropShortPosts"], keep_replies=data["keepReplies"],
+                   dedupe=data["dedupe"], min_words=data["minWords"])
 
 
 def fix_text(text: str) -> str:
@@ -52,7 +51,7 @@ def clean_text(text: str) -> str:
     return " ".join(_URL.sub("", fix_text(text)).split())
 
 
-def is_short(cleaned: str, min_words: int = 3) -> bool:
+def is_short(cleaned: str, min_words: int = _DATA["minWords"]) -> bool:
     """Fewer than `min_words` words that contain none of http, @ and # (huggingtweets' "boring" test)."""
     plain_words = sum(1 for word in cleaned.split() if not any(marker in word.lower() for marker in _BORING_MARKERS))
     return plain_words < min_words

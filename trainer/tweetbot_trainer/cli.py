@@ -14,16 +14,18 @@ import sys
 from dataclasses import replace
 from urllib.parse import urlsplit
 
-from .contract import REQUEST_ENV, TERMINATION_MESSAGE_PATH, ContractError, S3Layout, StageRequest, StageResult
+from .contract import (REQUEST_ENV, TERMINATION_MESSAGE_PATH, ContractError, S3Layout, StageRequest, StageResult,
+                       section_defaults)
 from .errors import ContractMismatch, StageError, redact_urls
 
 log = logging.getLogger("tweetbot.trainer")
 
+# --source's choices -> spec.source; what a flag leaves out, section_defaults("source", ...) fills in.
 SOURCES = {
-    "x": lambda a: {"x": {"apiUrl": a.api_url or "https://api.x.com"}},
+    "x": lambda a: {"x": {"apiUrl": a.api_url} if a.api_url else {}},
     "x-archive": lambda a: {"xArchive": {"uri": a.archive}},
     "mastodon": lambda a: {"mastodon": {"instanceUrl": a.instance_url}},
-    "bluesky": lambda a: {"bluesky": {"appViewUrl": a.api_url or "https://public.api.bsky.app"}},
+    "bluesky": lambda a: {"bluesky": {"appViewUrl": a.api_url} if a.api_url else {}},
     "file": lambda a: {"file": {"uri": a.archive}},
 }
 
@@ -32,8 +34,7 @@ def request_from_flags(args: argparse.Namespace) -> StageRequest:
     out = urlsplit(args.out)
     if out.scheme != "s3" or not out.netloc:
         raise ContractMismatch(f"--out must be s3://bucket/prefix/, got {args.out!r}")
-    source = SOURCES[args.source](args)
-    source["maxPostsPerHandle"] = args.max_posts
+    source = section_defaults("source", {**SOURCES[args.source](args), "maxPostsPerHandle": args.max_posts})
     return StageRequest(
         stage=args.stage,
         run_id="manual",
@@ -121,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-url", help="by hand: X API or Bluesky AppView base URL")
     parser.add_argument("--instance-url", help="by hand: Mastodon instance URL")
     parser.add_argument("--out", help="by hand: s3://bucket/prefix/ to write to")
-    parser.add_argument("--max-posts", type=int, default=3200)
+    parser.add_argument("--max-posts", type=int, default=section_defaults("source", {})["maxPostsPerHandle"])
     parser.add_argument("--balance", action="store_true", help="oversample smaller handles to the largest one's size")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=section_defaults("training", None)["seed"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from .card import CardFacts, render_card
-from .contract import HUB_TOKEN_ENV, HandleStats, StageRequest, StageResult
+from .contract import HUB_TOKEN_ENV, HandleStats, StageRequest, StageResult, section_defaults
 from .errors import AuthenticationFailed, HubForbidden, MissingInput, NetworkFailure, StageError
 from .storage import Storage
 
@@ -77,7 +77,7 @@ def run_publish(request: StageRequest, storage: Storage, environ: dict[str, str]
         repo_id=repo_id or "-".join(sorted(request.handles)),
         handles=[HandleStats(**item) for item in stats["handles"]],
         network=stats.get("network", ""), collected_at=stats.get("collectedAt", "")[:10],
-        base_model=training.get("baseModel") or request.model.get("name", "gpt2"),
+        base_model=training.get("baseModel") or section_defaults("model", request.model)["name"],
         hyperparameters=training.get("hyperparameters", {}), deepspeed=training.get("deepspeed", ""),
         metrics=training.get("metrics", {}), samples=samples,
     ))

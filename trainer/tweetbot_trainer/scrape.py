@@ -8,7 +8,7 @@ import os
 from datetime import datetime, timezone
 
 from .cleaning import MIN_CHARACTERS, WARN_CHARACTERS, CleaningOptions, CuratedHandle, balance, curate
-from .contract import S3Layout, StageRequest, StageResult
+from .contract import S3Layout, StageRequest, StageResult, section_defaults
 from .errors import EmptyTimeline, NotEnoughText
 from .sources import open_source
 from .storage import Storage
@@ -20,7 +20,7 @@ def run_scrape(request: StageRequest, storage: Storage, environ: dict[str, str] 
     environ = os.environ if environ is None else environ
     source = open_source(request.source, storage, environ)
     options = CleaningOptions.from_spec(request.data)
-    limit = int(request.source.get("maxPostsPerHandle", 3200))
+    limit = int(section_defaults("source", request.source)["maxPostsPerHandle"])
 
     curated: dict[str, CuratedHandle] = {}
     for handle in sorted(request.handles):  # as huggingtweets: lower-cased and sorted
@@ -41,8 +41,8 @@ def run_scrape(request: StageRequest, storage: Storage, environ: dict[str, str] 
                         handle, c.joined_length, WARN_CHARACTERS)
     characters = sum(c.characters for c in curated.values())
 
-    seed = int(request.training.get("seed", 42))
-    balanced = bool(request.data.get("balanceHandles")) and len(curated) > 1
+    seed = int(section_defaults("training", request.training)["seed"])
+    balanced = bool(section_defaults("data", request.data)["balanceHandles"]) and len(curated) > 1
     texts = balance(curated, seed) if balanced else {handle: c.kept for handle, c in curated.items()}
     if balanced:
         log.info("balanced handles by character count with seed %d", seed)

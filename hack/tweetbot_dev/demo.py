@@ -174,7 +174,7 @@ class Demo:
         """Each stage of the bot's run: its pod's node and image, and where the pod's time went, from the Job's and
         the pod's own timestamps (whole seconds, as the API server keeps them)."""
         from kubernetes import client
-        from tweetbot_trainer.train import timings_from_log
+        from tweetbot_trainer.timing import timings_from_log
 
         batch, core = client.BatchV1Api(self.api), client.CoreV1Api(self.api)
         rows = []

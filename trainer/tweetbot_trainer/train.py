@@ -22,7 +22,6 @@ from .contract import DEEPSPEED_CONFIG_PATH, S3Layout, StageRequest, StageResult
 from .errors import BaseModelUnavailable, DatasetTooSmall, MissingInput, OutOfMemory, StageError
 from .storage import Storage
 from .timing import TIMINGS_LOG_PREFIX, PhaseTimes, seconds_since_process_start
-from .timing import timings_from_log  # noqa: F401  (hack/tweetbot_dev/demo.py imports it from here)
 
 log = logging.getLogger("tweetbot.train")
 EOS = "<|endoftext|>"

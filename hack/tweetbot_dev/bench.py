@@ -113,7 +113,7 @@ def print_table(rows: list[tuple[str, str, str, str, str]]) -> None:
 
 
 def markdown_table(results: dict, rows: list[tuple[str, str, str, str, str]]) -> str:
-    """The table as the README carries it."""
+    """The table as docs/benchmarks.md carries it."""
     lines = [f"`tweetbot-dev bench`, {results['date']}, {results['machine']}, {results['seconds']} s in all.", "",
              "| benchmark | ours | baseline | ratio | baseline is |", "| --- | ---: | ---: | --- | --- |"]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]

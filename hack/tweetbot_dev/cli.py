@@ -109,9 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmarks, each against a baseline measured in the same run")
     bench.add_argument("--json", help="also write the results to this file")
-    bench.add_argument("--markdown", help="also write the table to this file, as the README carries it")
+    bench.add_argument("--markdown", help="also write the table to this file, as docs/benchmarks.md carries it")
     bench.add_argument("--only", action="append", default=[], choices=["scrape", "train", "s3", "operator"],
-                               help="run only this benchmark (repeatable)")
+                       help="run only this benchmark (repeatable)")
     bench.set_defaults(handler=run_bench)
     return parser
 

@@ -313,7 +313,8 @@ class Controller:
             self.cache.forget_job(next(job for job in jobs if job["metadata"]["name"] == name))
 
     def _create_jobs(self, bot: dict, manifests: list[dict], defer: bool) -> bool:
-        """Create the Jobs; False if the API server refused one for good (the plan must say so)."""
+        """Create the Jobs; False if the pass must plan again and write the status: the API server refused a
+        Job for good (the plan says so), or a new bot's first Job was already there."""
         namespace = bot["metadata"]["namespace"]
         for manifest in manifests:
             manifest["metadata"]["ownerReferences"] = [owner_reference(bot)]

@@ -217,13 +217,16 @@ def skip_shared_memory_comm(world_size: int, cuda: bool) -> None:
 
 
 def precision_flags(precision: str) -> dict:
+    """`auto`: bf16 where the GPU computes in it (compute capability 8.0, Ampere, and newer), fp16 on older
+    GPUs, fp32 on CPU. torch's `is_bf16_supported()` also counts bf16 emulated in fp32 (T4, V100), which is
+    slower than fp16 there."""
     import torch
 
     if precision == "auto":
         if not torch.cuda.is_available():
             precision = "fp32"
         else:
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            precision = "bf16" if torch.cuda.get_device_capability() >= (8, 0) else "fp16"
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 

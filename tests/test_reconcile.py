@@ -187,6 +187,20 @@ def test_each_stage_gets_only_its_secrets_and_the_request_holds_none():
     assert env_of["scrape"]["X_BEARER_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "x-api", "key": "token"}}
     assert "HF_TOKEN" not in env_of["scrape"] and "X_BEARER_TOKEN" not in env_of["train"]
     assert env_of["publish"]["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf"
+    assert "HF_TOKEN" not in env_of["train"]  # no gated base model named
+
+
+def test_a_gated_base_models_token_reaches_the_train_stage_only():
+    bot = make_bot(model={"name": "meta-llama/Llama-3.2-1B", "tokenSecretRef": {"name": "hf-read"}})
+    env_of = {stage: {item["name"]: item for item in desired_job(bot, run_id_for(bot), stage, SETTINGS)
+                      ["spec"]["template"]["spec"]["containers"][0]["env"]} for stage in ("scrape", "train", "publish")}
+    assert env_of["train"]["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf-read", "key": "token"}}
+    assert env_of["publish"]["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf"
+    assert "HF_TOKEN" not in env_of["scrape"]
+    assert "tokenSecretRef" not in env_of["train"]["TWEETBOT_REQUEST"]["value"]
+    decided, _ = step(bot, Observed(secrets=ALL_SECRETS, jobs=[job(bot, "scrape", "Succeeded")],
+                                    results={job_name("cyborg", run_id_for(bot), "scrape"): result(bot, "scrape")}))
+    assert "Secret 'hf-read' (named by spec.model.tokenSecretRef) does not exist" in decided.status["lastError"]
     assert all("AWS_SECRET_ACCESS_KEY" in env for env in env_of.values())
 
 

@@ -80,6 +80,12 @@ def _hub_secrets(spec: dict) -> list[SecretNeed]:
     return [_ref_need(HUB_TOKEN_ENV, hub["tokenSecretRef"], "spec.output.hub.tokenSecretRef")] if hub else []
 
 
+def _base_model_secrets(spec: dict) -> list[SecretNeed]:
+    """A gated base model's read token: huggingface_hub and transformers take it from HF_TOKEN."""
+    ref = spec["model"].get("tokenSecretRef")
+    return [_ref_need(HUB_TOKEN_ENV, ref, "spec.model.tokenSecretRef")] if ref else []
+
+
 def _cpu_stage(resources: Callable[[Settings], StageResources], stage: str) -> Callable[[dict, Settings], PodParts]:
     def pod(spec: dict, settings: Settings) -> PodParts:
         chosen = resources(settings)
@@ -125,7 +131,7 @@ def _train_pod(spec: dict, settings: Settings) -> PodParts:
 REGISTRY: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("scrape", Phase.SCRAPING, "DataReady", _source_secrets,
           _cpu_stage(lambda settings: settings.scrape_resources, "scrape")),
-    Stage("train", Phase.TRAINING, "Trained", lambda spec: [], _train_pod, gpus=lambda spec: spec["resources"]["gpus"]),
+    Stage("train", Phase.TRAINING, "Trained", _base_model_secrets, _train_pod, gpus=lambda spec: spec["resources"]["gpus"]),
     Stage("publish", Phase.PUBLISHING, "Published", _hub_secrets,
           _cpu_stage(lambda settings: settings.publish_resources, "publish")),
 )}
@@ -159,7 +165,7 @@ def stage_request(bot: dict, run_id: str, stage: str) -> StageRequest:
         # Secret references stay out of the request: the values arrive as environment variables.
         source={key: _without_secret_refs(value) for key, value in spec["source"].items()},
         data=spec["data"],
-        model=spec["model"],
+        model=_without_secret_refs(spec["model"]),
         training=spec["training"],
         hub=None if hub is None else _without_secret_refs(hub),
         gpus=REGISTRY[stage].gpus(spec),

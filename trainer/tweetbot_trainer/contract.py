@@ -91,7 +91,7 @@ SPEC_DEFAULTS = Defaults({
     }),
     "data": Defaults({"dropRetweets": True, "dropShortPosts": True, "keepReplies": True, "dedupe": False,
                       "minWords": 3, "validationFraction": 0.1, "balanceHandles": False}, always=True),
-    "model": Defaults({"name": "gpt2", "revision": "main"}, always=True),
+    "model": Defaults({"name": "gpt2", "revision": "main", "tokenSecretRef": _SECRET_KEY}, always=True),
     "training": Defaults({
         "epochs": 4, "learningRate": 1.372e-4, "lrScheduler": "cosine", "batchSize": 4, "blockSize": 512,
         "seed": 42, "precision": "auto",

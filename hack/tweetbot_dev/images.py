@@ -86,7 +86,6 @@ SPECS = {
             "DS_ACCELERATOR": "cpu",
             "DS_BUILD_FUSED_ADAM": "0",
             "DS_BUILD_CPU_ADAM": "0",
-            "DS_BUILD_UTILS": "0",
         },
         two_bases=True,
     ),

@@ -16,7 +16,8 @@ from tweetbot_trainer.contract import ContractError, HandleStats
 def facts(handles, **changes) -> CardFacts:
     values = dict(repo_id="org/" + "-".join(sorted(h.handle for h in handles)), handles=handles, network="X",
                   collected_at="2026-11-22", hyperparameters={"epochs": 4, "learning rate": 1.372e-4},
-                  deepspeed="ZeRO-2", metrics={"evalLoss": 3.1, "perplexity": 22.2}, samples=["My dream is a | b"])
+                  deepspeed="ZeRO-2", metrics={"evalLoss": 3.1, "perplexity": 22.2}, samples=["My dream is a | b"],
+                  architecture="GPT2LMHeadModel", model_type="gpt2")
     values.update(changes)
     return CardFacts(**values)
 
@@ -31,6 +32,9 @@ def test_a_one_handle_card():
     assert "huggingtweets" in meta["tags"] and meta["widget"] == [{"text": "My dream is"}]
     assert meta["pipeline_tag"] == "text-generation" and meta["library_name"] == "transformers" and meta["base_model"] == "gpt2"
     assert meta["license"] == "mit"  # GPT-2's
+    assert meta["tags"] == ["huggingtweets", "text-generation", "gpt2"]
+    assert "GPT-2 is fine-tuned" in card and "[gpt2](https://huggingface.co/gpt2) (GPT2LMHeadModel) which is fine-tuned" in card
+    assert "[the same limitations and bias as GPT-2](https://huggingface.co/gpt2#limitations-and-bias)" in card
     assert "AI BOT" in card and "AI CYBORG" not in card
     assert parse_table(card) == {"Liza Soberano": {"Tweets downloaded": 3094, "Retweets": 1102, "Short tweets": 308, "Tweets kept": 1684}}
     assert "model='org/lizasoberano'" in card and 'generator("My dream is", num_return_sequences=5)' in card
@@ -63,6 +67,35 @@ def test_a_base_model_from_s3_is_named_but_not_linked():
     card = render_card(facts([HandleStats("a", 10, 1, 2, 7)], base_model="s3://models/tiny/"))
     assert "base_model" not in front_matter(card) and "license" not in front_matter(card)
     assert "`s3://models/tiny/`" in card
+
+
+def test_another_base_model_is_named_with_its_architecture_and_never_called_gpt2():
+    card = render_card(facts([HandleStats("a", 10, 1, 2, 7)], base_model="meta-llama/Llama-3.2-1B",
+                             architecture="LlamaForCausalLM", model_type="llama"))
+    meta = front_matter(card)
+    assert meta["base_model"] == "meta-llama/Llama-3.2-1B" and "license" not in meta
+    assert meta["tags"] == ["huggingtweets", "text-generation", "llama"]
+    assert "GPT-2" not in card and "gpt2" not in card
+    link = "[meta-llama/Llama-3.2-1B](https://huggingface.co/meta-llama/Llama-3.2-1B)"
+    assert f"Posts are collected and cleaned, {link} is fine-tuned on them" in card
+    assert f"based on a pre-trained {link} (LlamaForCausalLM) which is fine-tuned" in card
+    assert f"the same limitations and bias as its base model, {link}." in card
+    assert parse_table(card) == {"a": {"Tweets downloaded": 10, "Retweets": 1, "Short tweets": 2, "Tweets kept": 7}}
+
+
+def test_eval_loss_and_perplexity_are_model_index_results_the_hub_reads():
+    from huggingface_hub import ModelCard
+
+    handles = [HandleStats("a", 10, 1, 2, 7), HandleStats("b", 20, 0, 5, 15)]
+    card = render_card(facts(handles, metrics={"evalLoss": 3.1, "perplexity": 22.2, "trainLoss": 2.9}))
+    data = ModelCard(card).data
+    assert data.model_name == "org/a-b"
+    assert [(r.task_type, r.dataset_name, r.dataset_split, r.metric_type, r.metric_name, r.metric_value) for r in data.eval_results] == [
+        ("text-generation", "held-out posts of @a, @b", "validation", "loss", "Eval loss", 3.1),
+        ("text-generation", "held-out posts of @a, @b", "validation", "perplexity", "Perplexity", 22.2)]
+    assert "- evalLoss: 3.1" in card  # and still in the training procedure's list
+    # A run without held-out posts has no evaluation to report.
+    assert "model-index" not in front_matter(render_card(facts(handles, metrics={"trainLoss": 2.9})))
 
 
 def test_counts_that_do_not_add_up_never_reach_a_card():

@@ -9,6 +9,7 @@ import sys
 
 import boto3
 import pytest
+import yaml
 
 from tweetbot_dev.tiny_model import build_tiny_gpt2
 from tweetbot_trainer.card import inline, parse_table
@@ -63,6 +64,10 @@ def test_without_a_hub_the_card_is_written_beside_the_model(trained, tmp_path):
     assert table["Pureful | Soul 🍂"] == {"Tweets downloaded": 256, "Retweets": 4, "Short tweets": 42, "Tweets kept": 210}
     assert table["🐢"]["Tweets kept"] == 2905
     assert "- evalLoss: 3.1" in card and "ZeRO stage 2" in card and inline("My dream is <b>bold</b> | free") in card
+    # The architecture comes from the model's config.json, the results from training.json.
+    assert "[gpt2](https://huggingface.co/gpt2) (GPT2LMHeadModel)" in card
+    metrics = yaml.safe_load(card.split("---\n")[1])["model-index"][0]["results"][0]["metrics"]
+    assert [(metric["type"], metric["value"]) for metric in metrics] == [("loss", 3.1), ("perplexity", 22.2)]
 
 
 def test_without_a_trained_model_it_says_so(trained, tmp_path):

@@ -20,6 +20,8 @@ KNOWN_LICENSES = {name: "mit" for name in ("gpt2", "gpt2-medium", "gpt2-large", 
                                             "openai-community/gpt2")}
 TABLE_ROWS = (("Tweets downloaded", "downloaded"), ("Retweets", "retweets"), ("Short tweets", "short"),
               ("Tweets kept", "kept"))
+# training.json's metrics published as model-index results: (key, the Hub's metric type, its name).
+EVAL_RESULTS = (("evalLoss", "loss", "Eval loss"), ("perplexity", "perplexity", "Perplexity"))
 
 
 @dataclass
@@ -34,6 +36,8 @@ class CardFacts:
     metrics: dict = field(default_factory=dict)
     samples: list[str] = field(default_factory=list)
     license: str = ""  # the base model's, where known
+    architecture: str = ""  # the model's class, config.json's `architectures[0]`: LlamaForCausalLM, ...
+    model_type: str = ""  # config.json's `model_type`: gpt2, llama, qwen2, ...
 
 
 def cell(text: str) -> str:
@@ -66,17 +70,42 @@ def _on_hub(base_model: str) -> bool:
     return not base_model.startswith(("s3://", "/", "."))  # an S3 or local base has no Hub page
 
 
+def _base(facts: CardFacts) -> str:
+    """The base model by its name: a link to its Hub page, or code for an S3 or local one."""
+    if _on_hub(facts.base_model):
+        return f"[{cell(facts.base_model)}](https://huggingface.co/{facts.base_model})"
+    return f"`{cell(facts.base_model)}`"
+
+
+def _is_gpt2(facts: CardFacts) -> bool:
+    """Whether the card says GPT-2 as huggingtweets' cards do; any other or unknown architecture is named by its base."""
+    return facts.model_type == "gpt2"
+
+
+def _model_index(facts: CardFacts) -> dict:
+    """Eval loss and perplexity on the held-out posts, as the Hub reads results: `model-index` metadata."""
+    from huggingface_hub import EvalResult
+    from huggingface_hub.repocard_data import eval_results_to_model_index
+
+    handles = ", ".join("@" + stats.handle for stats in facts.handles)
+    results = [EvalResult(task_type="text-generation", dataset_type="posts", dataset_name=f"held-out posts of {handles}",
+                          dataset_split="validation", metric_type=type_, metric_name=name, metric_value=facts.metrics[key])
+               for key, type_, name in EVAL_RESULTS if key in facts.metrics]
+    return {"model-index": eval_results_to_model_index(facts.repo_id, results)} if results else {}
+
+
 def _front_matter(facts: CardFacts) -> list[str]:
     license_ = facts.license or KNOWN_LICENSES.get(facts.base_model, "")
     front_matter = {
         "language": "en",
         "thumbnail": "https://github.com/borisdayma/huggingtweets/blob/master/img/logo.png?raw=true",
-        "tags": ["huggingtweets", "text-generation", "gpt2"],
+        "tags": ["huggingtweets", "text-generation", *([facts.model_type] if facts.model_type else [])],
         "widget": [{"text": "My dream is"}],
         "pipeline_tag": "text-generation",
         "library_name": "transformers",
         **({"base_model": facts.base_model} if _on_hub(facts.base_model) else {}),
         **({"license": license_} if license_ else {}),
+        **_model_index(facts),
     }
     return ["---", yaml.safe_dump(front_matter, sort_keys=False, allow_unicode=True).rstrip(), "---", ""]
 
@@ -95,7 +124,8 @@ def _header(facts: CardFacts, names: str) -> list[str]:
         "",
         "## How does it work?",
         "",
-        "Posts are collected and cleaned, GPT-2 is fine-tuned on them, and the model is published here.",
+        f"Posts are collected and cleaned, {'GPT-2' if _is_gpt2(facts) else _base(facts)} is fine-tuned on them, "
+        "and the model is published here.",
         "",
     ]
 
@@ -114,9 +144,9 @@ def _training_data(facts: CardFacts, names: str) -> list[str]:
 
 
 def _training_procedure(facts: CardFacts, names: str) -> list[str]:
-    base = (f"[{cell(facts.base_model)}](https://huggingface.co/{facts.base_model})" if _on_hub(facts.base_model)
-            else f"`{cell(facts.base_model)}`")
-    lines = ["", "## Training procedure", "", f"The model is based on a pre-trained {base} which is fine-tuned on {names}'s posts.", ""]
+    architecture = f" ({inline(facts.architecture)})" if facts.architecture else ""
+    lines = ["", "## Training procedure", "",
+             f"The model is based on a pre-trained {_base(facts)}{architecture} which is fine-tuned on {names}'s posts.", ""]
     lines += [f"- {cell(key)}: {cell(value)}" for key, value in facts.hyperparameters.items()]
     if facts.deepspeed:
         lines.append(f"- DeepSpeed: {cell(facts.deepspeed)}")
@@ -146,7 +176,8 @@ def _usage(facts: CardFacts) -> list[str]:
         "",
         "## Limitations and bias",
         "",
-        "The model suffers from [the same limitations and bias as GPT-2](https://huggingface.co/gpt2#limitations-and-bias).",
+        "The model suffers from [the same limitations and bias as GPT-2](https://huggingface.co/gpt2#limitations-and-bias)."
+        if _is_gpt2(facts) else f"The model suffers from the same limitations and bias as its base model, {_base(facts)}.",
         "",
         "In addition, the data present in the user's posts further affects the text generated by the model.",
         "",

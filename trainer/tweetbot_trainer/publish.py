@@ -56,8 +56,8 @@ def run_publish(request: StageRequest, storage: Storage, environ: dict[str, str]
     workdir = Path(tempfile.mkdtemp(prefix="tweetbot-publish-"))
     model_dir = workdir / "model"
     storage.download_files(layout.bucket, manifest["files"], layout.final_model, model_dir)
-    training = json.loads((model_dir / "training.json").read_text()) if (model_dir / "training.json").exists() else {}
-    samples = json.loads((model_dir / "samples.json").read_text()) if (model_dir / "samples.json").exists() else []
+    training, samples, config = (_read_json(model_dir / name, empty) for name, empty in
+                                 (("training.json", {}), ("samples.json", []), ("config.json", {})))
     for name in NOT_ON_THE_HUB:
         (model_dir / name).unlink(missing_ok=True)
 
@@ -80,6 +80,7 @@ def run_publish(request: StageRequest, storage: Storage, environ: dict[str, str]
         base_model=training.get("baseModel") or section_defaults("model", request.model)["name"],
         hyperparameters=training.get("hyperparameters", {}), deepspeed=training.get("deepspeed", ""),
         metrics=training.get("metrics", {}), samples=samples,
+        architecture=(config.get("architectures") or [""])[0], model_type=config.get("model_type", ""),
     ))
     (model_dir / "README.md").write_text(card)
     storage.put(layout.bucket, layout.final_model + "README.md", card.encode())
@@ -96,6 +97,10 @@ def run_publish(request: StageRequest, storage: Storage, environ: dict[str, str]
         log.info("published %s at commit %s", repo_id, commit.oid)
     shutil.rmtree(workdir, ignore_errors=True)
     return StageResult(stage="publish", run_id=request.run_id, artifacts=artifacts)
+
+
+def _read_json(path: Path, missing):
+    return json.loads(path.read_text()) if path.exists() else missing
 
 
 def _call(action, what: str, attempts: int, backoff: float):

@@ -1,0 +1,108 @@
+"""A smoke run for a machine with a GPU: the train stage's defaults against huggingtweets' settings.
+
+    pip install -e '.[trainer]' && PYTHONPATH=hack python -m tweetbot_dev.gpu_smoke [--model gpt2] [--steps 300]
+
+Each setting trains `--model` (from the Hub or a local path) for `--steps` steps on generated posts, in a
+process of its own, and prints tokens/s and peak memory:
+- tweetbot: `TrainArguments`' defaults as the stage runs them (DeepSpeed ZeRO-2, batch 4, blocks of 512,
+  `precision: auto`);
+- huggingtweets: batch 1, blocks of the model's whole context, transformers' plain Trainer, fp32.
+Without a GPU it refuses, unless `--allow-cpu` (what the tests use, with a tiny model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+SETTINGS = ("tweetbot", "huggingtweets")
+WORDS = "my dream is to build a small robot that writes posts about cats and coffee every morning".split()
+
+
+def posts(count: int) -> list[str]:
+    return [" ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(6 + i % 20)) for i in range(count)]
+
+
+def run_one(setting: str, model_name: str, steps: int, count: int) -> dict:
+    """Train in this process; tokens/s over trainer.train() and the peak memory of the device it used."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from tweetbot_trainer.cli import single_process_group
+    from tweetbot_trainer.train import (BlockDataset, TrainArguments, load_model_and_tokenizer, make_blocks,
+                                        skip_shared_memory_comm, training_arguments)
+
+    cuda = torch.cuda.is_available()
+    single_process_group()  # as the stage does without torchrun: DeepSpeed wants a process group
+    skip_shared_memory_comm(1, cuda)
+    model, tokenizer = load_model_and_tokenizer(model_name, "main")
+    output_dir = tempfile.mkdtemp(prefix=f"tweetbot-gpu-smoke-{setting}-")
+    if setting == "tweetbot":
+        args = TrainArguments(model_name=model_name, validation_fraction=0.0)
+        blocks = make_blocks(posts(count), tokenizer, model, args)
+        kwargs = training_arguments(args, output_dir, len(blocks.train), False, 1, cuda=cuda)
+    else:
+        args = TrainArguments(model_name=model_name, batch_size=1, block_size=10**9, validation_fraction=0.0)
+        blocks = make_blocks(posts(count), tokenizer, model, args)
+        kwargs = dict(output_dir=output_dir, per_device_train_batch_size=1, learning_rate=args.learning_rate,
+                      lr_scheduler_type="linear", seed=args.seed, save_strategy="no", report_to=[], disable_tqdm=True,
+                      use_cpu=not cuda)
+    kwargs.update(max_steps=steps, save_strategy="no", logging_strategy="no")
+    trainer = Trainer(model=model, args=TrainingArguments(**kwargs), train_dataset=BlockDataset(blocks.train))
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tokens = trainer.state.global_step * args.batch_size * blocks.size * world
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"setting": setting, "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "precision": "bf16" if kwargs.get("bf16") else "fp16" if kwargs.get("fp16") else "fp32",
+            "batch": args.batch_size, "block": blocks.size, "steps": trainer.state.global_step,
+            "tokens_per_second": round(tokens / seconds, 1), "peak_memory_mb": round(peak / 2**20)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tweetbot_dev.gpu_smoke", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="gpt2")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--posts", type=int, default=20_000, help="generated posts to draw the blocks from")
+    parser.add_argument("--allow-cpu", action="store_true", help="run without a GPU (for tests, with a tiny model)")
+    parser.add_argument("--one", choices=SETTINGS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(args.one, args.model, args.steps, args.posts)))
+        return 0
+    import torch
+
+    if not torch.cuda.is_available() and not args.allow_cpu:
+        print("no GPU visible to torch: this smoke run is for a GPU machine (--allow-cpu to run anyway)", file=sys.stderr)
+        return 2
+    env = {**os.environ, **({} if torch.cuda.is_available() else {"DS_ACCELERATOR": "cpu"})}
+    results = []
+    for setting in SETTINGS:  # a process each: DeepSpeed's state and the peak memory start afresh
+        done = subprocess.run([sys.executable, "-m", "tweetbot_dev.gpu_smoke", "--one", setting, "--model", args.model,
+                               "--steps", str(args.steps), "--posts", str(args.posts)],
+                              env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(done.stderr[-3000:], file=sys.stderr)
+            return done.returncode
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(f"{'setting':14} {'device':24} {'precision':9} {'batch':>5} {'block':>5} {'steps':>5} {'tokens/s':>10} {'peak MB':>8}")
+    for r in results:
+        print(f"{r['setting']:14} {r['device'][:24]:24} {r['precision']:9} {r['batch']:>5} {r['block']:>5} {r['steps']:>5} "
+              f"{r['tokens_per_second']:>10,.0f} {r['peak_memory_mb']:>8,}")
+    ratio = results[0]["tokens_per_second"] / results[1]["tokens_per_second"]
+    print(f"tweetbot / huggingtweets tokens/s: {ratio:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

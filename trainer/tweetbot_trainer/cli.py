@@ -1,7 +1,8 @@
 """`tweetbot-trainer scrape|...`: what the stage Jobs run, and usable by hand outside Kubernetes.
 
 In a Job the operator's request arrives in TWEETBOT_REQUEST and the result leaves as the container's
-termination message. By hand, flags describe the same request and the result is printed.
+termination message. By hand, flags describe the same request and the result is printed. With
+--nproc-per-node N (a pod's N GPUs), the command starts the N ranks of the stage itself.
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from .contract import (REQUEST_ENV, TERMINATION_MESSAGE_PATH, ContractError, S3Layout, StageRequest, StageResult,
@@ -103,14 +107,63 @@ def termination_message(result: StageResult) -> str:
             result = replace(result, error=result.error[: len(result.error) // 2])
 
 
+# Set by `launch_ranks` for its ranks: the directory where each writes its termination message, named by its rank.
+RANK_MESSAGES_ENV = "TWEETBOT_RANK_MESSAGES"
+
+
 def write_termination_message(result: StageResult) -> None:
-    # The kubelet reads the pod's terminationMessagePath; the local node agent and tests may move it.
-    path = os.environ.get("TWEETBOT_TERMINATION_MESSAGE_PATH", TERMINATION_MESSAGE_PATH)
+    rank = os.environ.get("RANK", "0")
+    if RANK_MESSAGES_ENV in os.environ:
+        path = str(Path(os.environ[RANK_MESSAGES_ENV]) / rank)
+    elif rank != "0":
+        return  # under a plain torchrun, rank 0's message is the stage's
+    else:
+        # The kubelet reads the pod's terminationMessagePath; the local node agent and tests may move it.
+        path = os.environ.get("TWEETBOT_TERMINATION_MESSAGE_PATH", TERMINATION_MESSAGE_PATH)
     try:
         with open(path, "w") as file:
             file.write(termination_message(result))
     except OSError:
         pass  # not in a container: the printed result is the output
+
+
+def launch_ranks(argv: list[str], processes: int) -> int:
+    """`processes` ranks of `tweetbot-trainer <argv>` under torch.distributed.run, as `torchrun --standalone` starts
+    them, but with the pod's exit code and termination message those of one rank: torchrun itself exits 1 whatever
+    a rank's typed exit code, and every rank would write the message. Each rank writes its message to a file of
+    its own instead; `pod_outcome` chooses."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    messages = Path(tempfile.mkdtemp(prefix="tweetbot-rank-messages-"))
+    os.environ[RANK_MESSAGES_ENV] = str(messages)
+    exit_codes: dict[int, int] = {}
+    try:
+        run(parse_args(["--standalone", f"--nproc-per-node={processes}", "-m", "tweetbot_trainer.cli", *argv]))
+    except ChildFailedError as failed:
+        first = sorted(failed.failures.items(), key=lambda item: (item[1].timestamp, item[0]))
+        exit_codes = {rank: failure.exitcode for rank, failure in first}
+    message, code = pod_outcome(messages, exit_codes)
+    shutil.rmtree(messages, ignore_errors=True)
+    if message is not None:
+        path = os.environ.get("TWEETBOT_TERMINATION_MESSAGE_PATH", TERMINATION_MESSAGE_PATH)
+        try:
+            Path(path).write_text(message)
+        except OSError:
+            pass  # not in a container
+    return code
+
+
+def pod_outcome(messages: Path, exit_codes: dict[int, int]) -> tuple[str | None, int]:
+    """The termination message and exit code of the pod from its ranks': rank 0's, unless it wrote no message
+    (stopped by the launcher when another rank failed first), then the first failed rank's that wrote one.
+    `exit_codes`: the failed ranks' codes, first failure first (negative: killed by that signal)."""
+    written = {int(path.name): path.read_text() for path in messages.iterdir()}
+    rank = next((rank for rank in (0, *exit_codes) if rank in written), None)
+    if rank is not None:
+        return written[rank], exit_codes.get(rank, 0)
+    code = next(iter(exit_codes.values()), 0)
+    return None, code if code >= 0 else 128 - code  # a signal's number as a shell reports it
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-posts", type=int, default=section_defaults("source", {})["maxPostsPerHandle"])
     parser.add_argument("--balance", action="store_true", help="oversample smaller handles to the largest one's size")
     parser.add_argument("--seed", type=int, default=section_defaults("training", None)["seed"])
+    parser.add_argument("--nproc-per-node", type=int, default=1,
+                        help="train: ranks to start, one per GPU (what torchrun's flag of this name does)")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
@@ -141,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             if not (args.source and args.handles and args.out):
                 parser.error("by hand, --source, --handles and --out are required")
             request = request_from_flags(args)
+        if args.nproc_per_node > 1 and "RANK" not in os.environ:  # a rank itself runs the stage
+            return launch_ranks(argv, args.nproc_per_node)
         result = run_stage(request)
     except StageError as error:
         log.error("%s: %s", error.reason, error.message)

@@ -94,3 +94,7 @@ class HubForbidden(StageError):
 
 class CheckpointUploadFailed(StageError):
     exit_code, reason = 23, "CheckpointUploadFailed"
+
+
+class NoUsableGPU(StageError):
+    exit_code, reason = 24, "NoUsableGPU"

@@ -16,15 +16,15 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .checkpoints import S3CheckpointStore
 from .contract import DEEPSPEED_CONFIG_PATH, S3Layout, StageRequest, StageResult, section_defaults
-from .errors import BaseModelUnavailable, DatasetTooSmall, MissingInput, OutOfMemory, StageError
+from .errors import BaseModelUnavailable, DatasetTooSmall, MissingInput, NoUsableGPU, OutOfMemory, StageError
 from .storage import Storage
 from .timing import TIMINGS_LOG_PREFIX, PhaseTimes, seconds_since_process_start
 
 log = logging.getLogger("tweetbot.train")
-EOS = "<|endoftext|>"
 SAMPLE_PROMPT = "My dream is"
 # huggingtweets' generation settings, saved with the model so pipeline() uses them.
 GENERATION_DEFAULTS = {"do_sample": True, "top_p": 0.95, "temperature": 1.0, "min_length": 10, "max_length": 160}
@@ -105,8 +105,15 @@ def pack(token_ids: list[int], block_size: int) -> list[list[int]]:
 
 
 def tokenize_posts(tokenizer, posts: list[str]) -> list[int]:
-    """huggingtweets' format: <|endoftext|> before, between and after posts, so the model learns to stop."""
-    return tokenizer(EOS + EOS.join(posts) + EOS)["input_ids"] if posts else []
+    """huggingtweets' format: the tokenizer's own end-of-text token (GPT-2's <|endoftext|>, Llama 3's
+    <|end_of_text|>, ...) before, between and after posts, so the model learns to stop. Each post is tokenized
+    without special tokens and the EOS id put between them: a BOS the tokenizer would add to every text stays out."""
+    if not posts:
+        return []
+    ids = [tokenizer.eos_token_id]
+    for post in tokenizer(posts, add_special_tokens=False)["input_ids"]:
+        ids += post + [tokenizer.eos_token_id]
+    return ids
 
 
 @dataclass
@@ -118,9 +125,24 @@ class Blocks:
     size: int
 
 
+# The names configs give their context length: most (Llama, Qwen2, Mistral, GPT-2 through its attribute_map)
+# answer to the first; the others are what some configs call it instead.
+CONTEXT_LENGTH_NAMES = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model takes, None if its config does not say."""
+    config = config.get_text_config()  # a multimodal model's language half
+    for name in CONTEXT_LENGTH_NAMES:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def make_blocks(posts: list[str], tokenizer, model, args: TrainArguments) -> Blocks:
     """Split, tokenize and pack the posts; blocks no longer than the model's context."""
-    size = min(args.block_size, getattr(model.config, "n_positions", None) or args.block_size)
+    size = min(args.block_size, context_length(model.config) or args.block_size)
     train_posts, eval_posts = split_posts(posts, args.validation_fraction, args.seed)
     blocks = Blocks(pack(tokenize_posts(tokenizer, train_posts), size), pack(tokenize_posts(tokenizer, eval_posts), size), size)
     if not blocks.train:
@@ -131,7 +153,8 @@ def make_blocks(posts: list[str], tokenizer, model, args: TrainArguments) -> Blo
 
 
 class BlockDataset:
-    """labels = input_ids, every EOS included: a collator that pads with EOS would mask them all out."""
+    """labels = input_ids, every EOS included: a collator that pads with EOS (the pad of tokenizers without one)
+    would mask them all out."""
 
     def __init__(self, blocks: list[list[int]]):
         self.blocks = blocks
@@ -162,13 +185,21 @@ def resolve_model(storage: Storage, name: str, cache: Path) -> str:
 
 
 def load_model_and_tokenizer(source: str, revision: str):
+    """Any causal LM whose architecture transformers itself implements: code shipped in a model's repository is
+    never run (trust_remote_code=False). From the Hub, huggingface_hub sends the token in HF_TOKEN, which the
+    operator sets from the spec's Hub token, so gated and private base models load."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(source, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=False)
+        if tokenizer.eos_token is None:
+            raise BaseModelUnavailable(f"the base model {source!r} (revision {revision}) has no end-of-text token: its "
+                                       "tokenizer sets no eos_token, which separates the posts and ends generated text")
+        model = AutoModelForCausalLM.from_pretrained(source, revision=revision, trust_remote_code=False)
     except (OSError, ValueError) as error:
         raise BaseModelUnavailable(f"cannot load the base model {source!r} (revision {revision}): {str(error).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:  # as run_clm does: batched generation pads; the training blocks need no padding
+        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
@@ -207,13 +238,29 @@ def describe_deepspeed(config: dict) -> str:
 
 def skip_shared_memory_comm(world_size: int, cuda: bool) -> None:
     """On CPU, DeepSpeed compiles its shared-memory all-reduce op with g++ when the process group starts (minutes,
-    and the image has no compiler). A single process has no peer to share memory with: mark the op unavailable.
-    Seeding DeepSpeed's table of compatible ops also skips its compiler probes; `.get` is its only reader."""
-    if cuda or world_size > 1:
+    and the image has no compiler). Only its inference_all_reduce uses the op, so whatever `world_size`, training's
+    collectives go through the process group (gloo) with or without it: mark the op unavailable. Seeding
+    DeepSpeed's table of compatible ops also skips its compiler probes; `.get` is its only reader."""
+    if cuda:
         return
     import deepspeed.ops
 
     vars(deepspeed.ops).setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
+
+
+def require_gpus(gpus: int) -> None:
+    """A pod granted GPUs it cannot use would train on its CPUs for hours while holding them: fail before anything
+    heavy loads. The ranks of a pod each see all of its GPUs."""
+    if not gpus:
+        return
+    import torch
+
+    usable = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if usable < gpus:
+        raise NoUsableGPU(
+            f"spec.resources.gpus is {gpus} but CUDA sees {usable} GPU(s) in the pod: check the node's NVIDIA driver "
+            "(nvidia-smi on the node), that the NVIDIA device plugin runs there, and that the pod requests nvidia.com/gpu"
+        )
 
 
 def precision_flags(precision: str) -> dict:
@@ -253,6 +300,39 @@ def training_arguments(args: TrainArguments, output_dir: str, train_blocks: int,
         disable_tqdm=True,
         **precision_flags(args.precision),
     )
+
+
+# The settings of `training_arguments` that depend on the blocks. The blocks need the model (its context length)
+# and the model loads after TrainingArguments exists: run_train sets these on it once the blocks exist.
+BLOCK_SETTINGS = ("eval_strategy", "logging_steps")
+
+
+def work_directory(run_id: str) -> Path:
+    """One per launch, shared by the ranks of a pod: each rank's checkpoint shards meet there for rank 0 to upload,
+    and a resumed checkpoint is downloaded there once for all. torchrun's run id (a fresh uuid with --standalone)
+    names it, so no launch meets another's files; a process alone gets a fresh directory."""
+    launch = os.environ.get("TORCHELASTIC_RUN_ID")
+    if not launch:
+        return Path(tempfile.mkdtemp(prefix="tweetbot-train-"))
+    directory = Path(tempfile.gettempdir()) / f"tweetbot-train-{run_id}-{launch}"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    return directory
+
+
+def on_rank_zero(training_args, workdir: Path, name: str, download: Callable[[], str | int | None]):
+    """`download()` on rank 0 alone, into the directory the ranks share, and its result on every rank: ranks that
+    downloaded side by side would overwrite the files the others read. The result passes through that directory,
+    which needs nothing of the process group's backend but a barrier."""
+    result = workdir / f"{name}.json"
+    if training_args.process_index == 0:
+        result.write_text(json.dumps(download()))
+    training_args.distributed_state.wait_for_everyone()
+    return json.loads(result.read_text())
+
+
+def download_newest_checkpoint(store: S3CheckpointStore, output_dir: Path) -> int | None:
+    shutil.rmtree(output_dir, ignore_errors=True)  # a directory of an earlier launch that had the same run id
+    return store.download_newest(output_dir)
 
 
 def train_model(trainer, resume_from: Path | None, args: TrainArguments, block_size: int):
@@ -296,8 +376,9 @@ def save_for_generation(final_dir: Path, tokenizer) -> None:
     if not (final_dir / "model.safetensors").is_file():
         raise StageError("training finished but model.safetensors was not written")
     tokenizer.save_pretrained(final_dir)
-    GenerationConfig(prefix=EOS, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.eos_token_id, **GENERATION_DEFAULTS).save_pretrained(final_dir)
+    # Every post was trained as following an EOS: a text generated from nothing starts after one too.
+    GenerationConfig(prefix=tokenizer.eos_token, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id, **GENERATION_DEFAULTS).save_pretrained(final_dir)
 
 
 def sample_generations(model_dir: Path, seed: int, count: int = 3) -> list[str]:
@@ -307,7 +388,7 @@ def sample_generations(model_dir: Path, seed: int, count: int = 3) -> list[str]:
 
     unset_hf_deepspeed_config()  # else, after ZeRO-3, from_pretrained would load the weights partitioned
     set_seed(seed)
-    generator = pipeline("text-generation", model=str(model_dir), device="cpu")
+    generator = pipeline("text-generation", model=str(model_dir), device="cpu", trust_remote_code=False)
     outputs = generator(SAMPLE_PROMPT, num_return_sequences=count, max_new_tokens=40)
     return [output["generated_text"] for output in outputs]
 
@@ -335,28 +416,37 @@ def run_train(request: StageRequest, storage: Storage, workdir: Path | None = No
         from transformers import TrainingArguments, set_seed
 
     args, layout = TrainArguments.from_request(request), request.s3
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="tweetbot-train-"))
+    require_gpus(args.gpus)
+    workdir = Path(workdir) if workdir else work_directory(request.run_id)
     started = time.monotonic()
     set_seed(args.seed)
+
+    world_size, cuda = int(os.environ.get("WORLD_SIZE", "1")), torch.cuda.is_available()
+    skip_shared_memory_comm(world_size, cuda)
+    output_dir = workdir / "checkpoints"
+    with times.phase("trainerInit"):
+        # Before from_pretrained, which reads the DeepSpeed config this registers: under ZeRO-3 each rank then
+        # loads only its partition of the weights instead of the whole model.
+        training_args = TrainingArguments(**training_arguments(args, str(output_dir), 0, False, world_size, cuda=cuda))
 
     with times.phase("dataLoad"):
         posts = load_posts(storage, layout)
     with times.phase("modelLoad"):
-        model, tokenizer = load_model_and_tokenizer(resolve_model(storage, args.model_name, workdir), args.revision)
+        source = on_rank_zero(training_args, workdir, "base-model", lambda: resolve_model(storage, args.model_name, workdir))
+        model, tokenizer = load_model_and_tokenizer(source, args.revision)
     with times.phase("dataLoad"):
         blocks = make_blocks(posts, tokenizer, model, args)
+    settings = training_arguments(args, str(output_dir), len(blocks.train), bool(blocks.eval), world_size, cuda=cuda)
+    for name in BLOCK_SETTINGS:
+        setattr(training_args, name, settings[name])
 
-    output_dir, store = workdir / "checkpoints", S3CheckpointStore(storage, layout, args.keep_checkpoints)
+    store = S3CheckpointStore(storage, layout, args.keep_checkpoints)
     with times.phase("resumeDownload"):
-        resumed_step = store.download_newest(output_dir)
+        resumed_step = on_rank_zero(training_args, workdir, "resumed", lambda: download_newest_checkpoint(store, output_dir))
     resume_from = output_dir / f"checkpoint-{resumed_step}" if resumed_step is not None else None
 
-    world_size, cuda = int(os.environ.get("WORLD_SIZE", "1")), torch.cuda.is_available()
-    skip_shared_memory_comm(world_size, cuda)
     with times.phase("trainerInit"):
         from .hooks import ProgressReports, S3Checkpoints, TimedCheckpoints, TimedTrainer, TrainTimes
-        training_args = TrainingArguments(**training_arguments(args, str(output_dir), len(blocks.train), bool(blocks.eval),
-                                                               world_size, cuda=cuda))
         saves = TimedCheckpoints(args.checkpoint_every_minutes, args.checkpoint_every_steps)
         uploads = S3Checkpoints(store, output_dir, times, uploaded=resumed_step)  # after `saves`: it acts on their decision
         progress = ProgressReports(storage, layout, tokens_per_step=args.batch_size * blocks.size * world_size)
@@ -372,19 +462,20 @@ def run_train(request: StageRequest, storage: Storage, workdir: Path | None = No
     final_dir = workdir / "final"
     with times.phase("finalSave"):
         trainer.save_model(str(final_dir))
-    if trainer.is_world_process_zero():
-        with times.phase("finalSave"):
-            save_for_generation(final_dir, tokenizer)
-        with times.phase("samples"):
-            (final_dir / "samples.json").write_text(json.dumps(sample_generations(final_dir, args.seed), ensure_ascii=False))
-        facts = training_facts(args, metrics, blocks.size, world_size, training_args.deepspeed, times)
-        (final_dir / "training.json").write_text(json.dumps(facts, indent=1))
-        with times.phase("finalUpload"):
-            storage.upload_directory(final_dir, layout.bucket, layout.final_model, manifest_key=layout.final_model + "manifest.json")
+    if not trainer.is_world_process_zero():
+        return StageResult(stage="train", run_id=request.run_id, metrics=metrics)  # rank 0's result is the stage's
+    with times.phase("finalSave"):
+        save_for_generation(final_dir, tokenizer)
+    with times.phase("samples"):
+        (final_dir / "samples.json").write_text(json.dumps(sample_generations(final_dir, args.seed), ensure_ascii=False))
+    facts = training_facts(args, metrics, blocks.size, world_size, training_args.deepspeed, times)
+    (final_dir / "training.json").write_text(json.dumps(facts, indent=1))
+    with times.phase("finalUpload"):
+        storage.upload_directory(final_dir, layout.bucket, layout.final_model, manifest_key=layout.final_model + "manifest.json")
     duration = time.monotonic() - started
     metrics.update(tokens=len(blocks.train) * blocks.size * args.epochs, durationSeconds=round(duration, 1),
                    gpuSeconds=round(duration * args.gpus, 1))
     log.info("stage timings: %s", times.summary())
     log.info("%s%s", TIMINGS_LOG_PREFIX, json.dumps(times.record()))
-    shutil.rmtree(workdir, ignore_errors=True)
+    shutil.rmtree(workdir, ignore_errors=True)  # the other ranks are done with it: they wrote nothing after save_model
     return StageResult(stage="train", run_id=request.run_id, metrics=metrics, artifacts={"modelUri": layout.uri("final") + "/"})

@@ -163,7 +163,7 @@ def test_the_train_pod_runs_one_process_per_gpu_and_mounts_a_deepspeed_config():
                    training={"deepspeed": {"configMapRef": {"name": "ds", "key": "zero3.json"}}})
     pod = desired_job(bot, run_id_for(bot), "train", SETTINGS)["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    assert container["command"][:3] == ["torchrun", "--standalone", "--nproc_per_node=4"]
+    assert container["command"] == ["tweetbot-trainer", "train", "--nproc-per-node=4"]
     assert {"name": "OMP_NUM_THREADS", "value": "4"} in container["env"]
     assert {"name": "deepspeed-config", "mountPath": "/etc/tweetbot/deepspeed", "readOnly": True} in container["volumeMounts"]
     assert {"name": "deepspeed-config", "configMap": {"name": "ds", "items": [{"key": "zero3.json", "path": "ds_config.json"}]}} in pod["volumes"]

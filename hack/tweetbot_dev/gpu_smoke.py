@@ -40,7 +40,7 @@ def run_one(setting: str, model_name: str, steps: int, count: int) -> dict:
 
     cuda = torch.cuda.is_available()
     single_process_group()  # as the stage does without torchrun: DeepSpeed wants a process group
-    skip_shared_memory_comm(1, cuda)
+    skip_shared_memory_comm(cuda)
     model, tokenizer = load_model_and_tokenizer(model_name, "main")
     output_dir = tempfile.mkdtemp(prefix=f"tweetbot-gpu-smoke-{setting}-")
     if setting == "tweetbot":

@@ -103,7 +103,9 @@ def _train_pod(spec: dict, settings: Settings) -> PodParts:
                      resources={"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory}},
                      env=[{"name": "OMP_NUM_THREADS", "value": str(threads)}])
     if gpus > 1:
-        parts.command = ["torchrun", "--standalone", f"--nproc_per_node={gpus}", "-m", "tweetbot_trainer.cli", "train"]
+        # The stage starts its ranks itself (torch.distributed.run, as `torchrun --standalone`): torchrun would
+        # turn every typed exit code into 1.
+        parts.command = ["tweetbot-trainer", "train", f"--nproc-per-node={gpus}"]
     if gpus == 0:
         parts.env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
     config_map = spec["training"]["deepspeed"].get("configMapRef")

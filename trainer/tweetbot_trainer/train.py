@@ -236,9 +236,9 @@ def describe_deepspeed(config: dict) -> str:
     return f"ZeRO stage {zero.get('stage', 0)}{offload}"
 
 
-def skip_shared_memory_comm(world_size: int, cuda: bool) -> None:
+def skip_shared_memory_comm(cuda: bool) -> None:
     """On CPU, DeepSpeed compiles its shared-memory all-reduce op with g++ when the process group starts (minutes,
-    and the image has no compiler). Only its inference_all_reduce uses the op, so whatever `world_size`, training's
+    and the image has no compiler). Only its inference_all_reduce uses the op, so with any number of ranks, training's
     collectives go through the process group (gloo) with or without it: mark the op unavailable. Seeding
     DeepSpeed's table of compatible ops also skips its compiler probes; `.get` is its only reader."""
     if cuda:
@@ -422,7 +422,7 @@ def run_train(request: StageRequest, storage: Storage, workdir: Path | None = No
     set_seed(args.seed)
 
     world_size, cuda = int(os.environ.get("WORLD_SIZE", "1")), torch.cuda.is_available()
-    skip_shared_memory_comm(world_size, cuda)
+    skip_shared_memory_comm(cuda)
     output_dir = workdir / "checkpoints"
     with times.phase("trainerInit"):
         # Before from_pretrained, which reads the DeepSpeed config this registers: under ZeRO-3 each rank then

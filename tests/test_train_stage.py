@@ -100,10 +100,14 @@ def checkpoint_steps(s3, bucket, layout: S3Layout) -> list[int]:
     return sorted(int(item["Key"].split("/checkpoint-")[1].split("/")[0]) for item in listed if item["Key"].endswith("/manifest.json"))
 
 
-def test_a_killed_training_resumes_from_its_last_checkpoint(world, tmp_path):
+@pytest.mark.parametrize("deepspeed, optimizer_state", [
+    ({"zeroStage": 2}, "optim_states"),  # DeepSpeed's ZeRO optimizer state
+    ({}, "optimizer.pt"),  # one CPU process with the defaults: the plain Trainer's
+], ids=["zero2", "plain"])
+def test_a_killed_training_resumes_from_its_last_checkpoint(world, tmp_path, deepspeed, optimizer_state):
     dev_env, s3, bucket = world
-    request = request_for(bucket, dev_env.s3_endpoint, "run-b", epochs=40, learningRate=1e-3,
-                          checkpoint={"everySteps": 20, "everyMinutes": 60, "keep": 2})
+    request = request_for(bucket, dev_env.s3_endpoint, f"run-b{len(deepspeed)}", epochs=40, learningRate=1e-3,
+                          checkpoint={"everySteps": 20, "everyMinutes": 60, "keep": 2}, deepspeed=deepspeed)
     put_dataset(s3, bucket, request.s3, 300)
     first = tmp_path / "first"
     first.mkdir()
@@ -117,7 +121,7 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(world, tmp_path):
     assert process.returncode == -signal.SIGKILL, "training finished before it could be killed"
     resumed_from = max(checkpoint_steps(s3, bucket, request.s3))
     files = [item["Key"] for item in s3.list_objects_v2(Bucket=bucket, Prefix=f"{request.s3.checkpoints}checkpoint-{resumed_from}/")["Contents"]]
-    assert any("optim_states" in key for key in files), "the checkpoint holds DeepSpeed's ZeRO optimizer state"
+    assert any(optimizer_state in key for key in files), f"the checkpoint holds the optimizer state ({optimizer_state})"
 
     second = tmp_path / "second"
     second.mkdir()

@@ -26,9 +26,18 @@ def test_the_smoke_run_trains_both_settings_and_prints_their_throughput(tmp_path
     lines = done.stdout.splitlines()
     tweetbot = next(line.split() for line in lines if line.startswith("tweetbot "))
     huggingtweets = next(line.split() for line in lines if line.startswith("huggingtweets "))
-    assert tweetbot[2:6] == ["fp32", "4", "128", "3"]  # batch 4, blocks of the tiny model's whole context
-    assert huggingtweets[2:6] == ["fp32", "1", "128", "3"]
-    assert "tweetbot / huggingtweets tokens/s:" in lines[-1]
+    assert tweetbot[2:7] == ["Trainer", "fp32", "4", "128", "3"]  # batch 4, blocks of the tiny model's whole context
+    assert huggingtweets[2:7] == ["Trainer", "fp32", "1", "128", "3"]
+    assert "tweetbot / huggingtweets tokens/s (medians):" in lines[-1]
+
+
+def test_it_compares_the_stage_with_and_without_deepspeed(tmp_path):
+    model = build_tiny_gpt2(tmp_path / "tiny", posts(200))
+    done = smoke("--allow-cpu", "--model", str(model), "--steps", "2", "--posts", "400", "--settings", "zero2,plain")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith(("zero2 ", "plain ")) and "cpu" in line]
+    engines = {row[0]: row[2] for row in rows}
+    assert engines == {"zero2": "DeepSpeed", "plain": "Trainer"}
 
 
 def test_without_a_gpu_it_refuses_unless_told():

@@ -4,10 +4,12 @@
 
 Each setting trains `--model` (from the Hub or a local path) for `--steps` steps on generated posts, in a
 process of its own, and prints tokens/s and peak memory:
-- tweetbot: `TrainArguments`' defaults as the stage runs them (DeepSpeed ZeRO-2, batch 4, blocks of 512,
-  `precision: auto`);
-- huggingtweets: batch 1, blocks of the model's whole context, transformers' plain Trainer, fp32.
-Without a GPU it refuses, unless `--allow-cpu` (what the tests use, with a tiny model).
+- tweetbot: `TrainArguments`' defaults as the stage runs them (batch 4, blocks of 512, `precision: auto`;
+  DeepSpeed ZeRO-2 on a GPU, the plain Trainer for one CPU process);
+- huggingtweets: batch 1, blocks of the model's whole context, transformers' plain Trainer, fp32;
+- zero2 and plain (`--settings zero2,plain`): the stage's defaults with DeepSpeed ZeRO-2 forced on, and off.
+Without a GPU it refuses, unless `--allow-cpu`: what the tests use, and how the choice of the plain Trainer
+for one CPU process was measured (`--allow-cpu --model <tiny GPT-2> --settings zero2,plain --repeat 3`).
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-SETTINGS = ("tweetbot", "huggingtweets")
+SETTINGS = ("tweetbot", "huggingtweets", "zero2", "plain")
 WORDS = "my dream is to build a small robot that writes posts about cats and coffee every morning".split()
 
 
@@ -43,10 +46,12 @@ def run_one(setting: str, model_name: str, steps: int, count: int) -> dict:
     skip_shared_memory_comm(cuda)
     model, tokenizer = load_model_and_tokenizer(model_name, "main")
     output_dir = tempfile.mkdtemp(prefix=f"tweetbot-gpu-smoke-{setting}-")
-    if setting == "tweetbot":
-        args = TrainArguments(model_name=model_name, validation_fraction=0.0)
+    if setting != "huggingtweets":
+        args = TrainArguments(model_name=model_name, validation_fraction=0.0, zero_asked=setting == "zero2")
         blocks = make_blocks(posts(count), tokenizer, model, args)
         kwargs = training_arguments(args, output_dir, len(blocks.train), False, 1, cuda=cuda)
+        if setting == "plain":
+            kwargs["deepspeed"] = None
     else:
         args = TrainArguments(model_name=model_name, batch_size=1, block_size=10**9, validation_fraction=0.0)
         blocks = make_blocks(posts(count), tokenizer, model, args)
@@ -64,6 +69,7 @@ def run_one(setting: str, model_name: str, steps: int, count: int) -> dict:
     tokens = trainer.state.global_step * args.batch_size * blocks.size * world
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"setting": setting, "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "engine": "DeepSpeed" if kwargs.get("deepspeed") else "Trainer",
             "precision": "bf16" if kwargs.get("bf16") else "fp16" if kwargs.get("fp16") else "fp32",
             "batch": args.batch_size, "block": blocks.size, "steps": trainer.state.global_step,
             "tokens_per_second": round(tokens / seconds, 1), "peak_memory_mb": round(peak / 2**20)}
@@ -74,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="gpt2")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--posts", type=int, default=20_000, help="generated posts to draw the blocks from")
+    parser.add_argument("--settings", default="tweetbot,huggingtweets", help=f"comma-separated, of {', '.join(SETTINGS)}")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each setting, interleaved")
     parser.add_argument("--allow-cpu", action="store_true", help="run without a GPU (for tests, with a tiny model)")
     parser.add_argument("--one", choices=SETTINGS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -86,8 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         print("no GPU visible to torch: this smoke run is for a GPU machine (--allow-cpu to run anyway)", file=sys.stderr)
         return 2
     env = {**os.environ, **({} if torch.cuda.is_available() else {"DS_ACCELERATOR": "cpu"})}
+    settings = args.settings.split(",")
+    unknown = set(settings) - set(SETTINGS)
+    if unknown or len(settings) < 2:
+        parser.error(f"--settings: two or more of {', '.join(SETTINGS)}")
     results = []
-    for setting in SETTINGS:  # a process each: DeepSpeed's state and the peak memory start afresh
+    for setting in settings * args.repeat:  # a process each: DeepSpeed's state and the peak memory start afresh
         done = subprocess.run([sys.executable, "-m", "tweetbot_dev.gpu_smoke", "--one", setting, "--model", args.model,
                                "--steps", str(args.steps), "--posts", str(args.posts)],
                               env=env, capture_output=True, text=True)
@@ -95,12 +107,14 @@ def main(argv: list[str] | None = None) -> int:
             print(done.stderr[-3000:], file=sys.stderr)
             return done.returncode
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    print(f"{'setting':14} {'device':24} {'precision':9} {'batch':>5} {'block':>5} {'steps':>5} {'tokens/s':>10} {'peak MB':>8}")
+    print(f"{'setting':14} {'device':20} {'engine':9} {'precision':9} {'batch':>5} {'block':>5} {'steps':>5} "
+          f"{'tokens/s':>10} {'peak MB':>8}")
     for r in results:
-        print(f"{r['setting']:14} {r['device'][:24]:24} {r['precision']:9} {r['batch']:>5} {r['block']:>5} {r['steps']:>5} "
-              f"{r['tokens_per_second']:>10,.0f} {r['peak_memory_mb']:>8,}")
-    ratio = results[0]["tokens_per_second"] / results[1]["tokens_per_second"]
-    print(f"tweetbot / huggingtweets tokens/s: {ratio:.2f}x")
+        print(f"{r['setting']:14} {r['device'][:20]:20} {r['engine']:9} {r['precision']:9} {r['batch']:>5} {r['block']:>5} "
+              f"{r['steps']:>5} {r['tokens_per_second']:>10,.0f} {r['peak_memory_mb']:>8,}")
+    median = {setting: statistics.median(r["tokens_per_second"] for r in results if r["setting"] == setting)
+              for setting in settings}
+    print(f"{settings[0]} / {settings[1]} tokens/s (medians): {median[settings[0]] / median[settings[1]]:.2f}x")
     return 0
 
 

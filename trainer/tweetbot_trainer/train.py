@@ -234,8 +234,8 @@ def deepspeed_config(args: TrainArguments) -> dict:
 
 def uses_deepspeed(args: TrainArguments, world_size: int, cuda: bool) -> bool:
     """DeepSpeed on GPUs, across ranks, or when the spec asks for it. One CPU process with the defaults trains
-    with the plain Trainer: there DeepSpeed has nothing to partition or overlap, and it cost 17% of the tokens/s
-    and 36 MB (tiny GPT-2, 60 steps, 3 runs each: 5,676 against 6,832 tokens/s, medians)."""
+    with the plain Trainer: there DeepSpeed has nothing to partition or overlap, and it ran at 0.86x the tokens/s
+    with 38 MB more (`tweetbot_dev.gpu_smoke --settings zero2,plain` on CPU, tiny GPT-2, medians of 3 runs)."""
     return cuda or world_size > 1 or args.zero_asked or Path(DEEPSPEED_CONFIG_PATH).is_file()
 
 

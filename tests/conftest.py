@@ -40,6 +40,22 @@ def dev_env():
 
 
 @pytest.fixture(scope="session")
+def new_bucket(dev_env):
+    """make(prefix) -> (a boto3 client of the dev S3, a new bucket `<prefix>-<pid>` in it)."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=dev_env.s3_endpoint, aws_access_key_id=dev_env.s3_access_key,
+                      aws_secret_access_key=dev_env.s3_secret_key, region_name="us-east-1")
+
+    def make(prefix: str):
+        bucket = f"{prefix}-{os.getpid()}"
+        s3.create_bucket(Bucket=bucket)
+        return s3, bucket
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def api_client(dev_env):
     from kubernetes import config
 

@@ -6,10 +6,8 @@ no remote code, the Hub token from the environment)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 
-import boto3
 import pytest
 import yaml
 
@@ -96,12 +94,9 @@ def test_a_gated_base_model_loads_with_the_hub_token_from_the_environment(hub, t
 
 
 @pytest.fixture(scope="module")
-def bases(dev_env, tmp_path_factory):
+def bases(dev_env, new_bucket, tmp_path_factory):
     """The tiny bases in the real S3, as a spec's `s3://` model names them."""
-    s3 = boto3.client("s3", endpoint_url=dev_env.s3_endpoint, aws_access_key_id=dev_env.s3_access_key,
-                      aws_secret_access_key=dev_env.s3_secret_key, region_name="us-east-1")
-    bucket = f"anylm-{os.getpid()}"
-    s3.create_bucket(Bucket=bucket)
+    s3, bucket = new_bucket("anylm")
     for name in BASES:
         for path in build(name, tmp_path_factory.mktemp(name)).iterdir():
             s3.upload_file(str(path), bucket, f"base/tiny-{name}/{path.name}")

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import boto3
 import psutil
 import pytest
 import torch
@@ -32,13 +31,10 @@ CHECKPOINTS = {"everySteps": 8, "everyMinutes": 60, "keep": 2}
 
 
 @pytest.fixture(scope="module")
-def world(dev_env, tmp_path_factory):
+def world(dev_env, new_bucket, tmp_path_factory):
     from test_train_stage import posts
 
-    s3 = boto3.client("s3", endpoint_url=dev_env.s3_endpoint, aws_access_key_id=dev_env.s3_access_key,
-                      aws_secret_access_key=dev_env.s3_secret_key, region_name="us-east-1")
-    bucket = f"ranks-{os.getpid()}"
-    s3.create_bucket(Bucket=bucket)
+    s3, bucket = new_bucket("ranks")
     for path in build_tiny_gpt2(tmp_path_factory.mktemp("tiny"), posts(400)).iterdir():
         s3.upload_file(str(path), bucket, f"base/tiny-gpt2/{path.name}")
     return dev_env, s3, bucket

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import boto3
 import pytest
 import yaml
 
@@ -23,12 +22,9 @@ STATS = {"network": "X", "collectedAt": "2026-11-22T10:00:00Z", "handles": [
 
 
 @pytest.fixture(scope="module")
-def trained(dev_env, tmp_path_factory):
+def trained(dev_env, new_bucket, tmp_path_factory):
     """A run whose scrape and train stages are done: stats and a final model in the real S3."""
-    s3 = boto3.client("s3", endpoint_url=dev_env.s3_endpoint, aws_access_key_id=dev_env.s3_access_key,
-                      aws_secret_access_key=dev_env.s3_secret_key, region_name="us-east-1")
-    bucket = f"publish-{os.getpid()}"
-    s3.create_bucket(Bucket=bucket)
+    s3, bucket = new_bucket("publish")
     layout = S3Layout(bucket=bucket, prefix="tweetbot", namespace="bots", bot="cyborg", run_id="run1", endpoint=dev_env.s3_endpoint)
     model = build_tiny_gpt2(tmp_path_factory.mktemp("model"), ["my dream is to fly over the sea"] * 20)
     (model / "training.json").write_text(json.dumps({"baseModel": "gpt2", "metrics": {"evalLoss": 3.1, "perplexity": 22.2},

@@ -30,11 +30,8 @@ def posts(count: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def world(dev_env, tmp_path_factory):
-    s3 = boto3.client("s3", endpoint_url=dev_env.s3_endpoint, aws_access_key_id=dev_env.s3_access_key,
-                      aws_secret_access_key=dev_env.s3_secret_key, region_name="us-east-1")
-    bucket = f"train-{os.getpid()}"
-    s3.create_bucket(Bucket=bucket)
+def world(dev_env, new_bucket, tmp_path_factory):
+    s3, bucket = new_bucket("train")
     model_dir = build_tiny_gpt2(tmp_path_factory.mktemp("tiny"), posts(400))
     for path in model_dir.iterdir():
         s3.upload_file(str(path), bucket, f"base/tiny-gpt2/{path.name}")

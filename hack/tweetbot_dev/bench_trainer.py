@@ -27,7 +27,7 @@ WORDS = "my dream is to build a small robot that writes posts about cats and cof
 TINY = {"vocab_size": 2000, "n_positions": 256, "n_embd": 128, "n_layer": 4, "n_head": 4}
 
 
-def _posts(count: int) -> list[str]:
+def generated_posts(count: int) -> list[str]:
     return [" ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(6 + i % 20)) for i in range(count)]
 
 
@@ -136,7 +136,7 @@ def bench_train(posts: int = 3000, epochs: int = 2, runs: int = 2, threads: int 
     from .tiny_model import build_tiny_gpt2
 
     work = Path(tempfile.mkdtemp(prefix="tweetbot-bench-train-"))
-    texts = _posts(posts)
+    texts = generated_posts(posts)
     defaults = TrainArguments()
     model_dir = build_tiny_gpt2(work / "model", texts, **TINY)
     train_posts, _ = split_posts(texts, defaults.validation_fraction, defaults.seed)

@@ -24,12 +24,9 @@ import sys
 import tempfile
 import time
 
+from .bench_trainer import generated_posts as posts
+
 SETTINGS = ("tweetbot", "huggingtweets", "zero2", "plain")
-WORDS = "my dream is to build a small robot that writes posts about cats and coffee every morning".split()
-
-
-def posts(count: int) -> list[str]:
-    return [" ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(6 + i % 20)) for i in range(count)]
 
 
 def run_one(setting: str, model_name: str, steps: int, count: int) -> dict:

@@ -18,6 +18,7 @@ from kubernetes import client
 from tweetbot_dev.operator_process import OperatorProcess, play_container
 from tweetbot_dev.polling import wait_for
 from tweetbot_operator.spec import SECRET_OPT_IN_LABEL
+from tweetbot_trainer.errors import UnknownHandle
 from tweetbot_trainer.contract import (BOT_LABEL, RUN_LABEL, S3_ACCESS_KEY_ENV, S3_SECRET_KEY_ENV, STAGE_LABEL, HandleStats,
                                        Progress, S3Layout, StageResult)
 
@@ -171,6 +172,31 @@ def test_a_failing_stage_is_retried_then_fails_the_bot(operator, apis, namespace
     assert "X API answered 401 Unauthorized" in bot["status"]["lastError"]
     assert next(c for c in bot["status"]["conditions"] if c["type"] == "Stalled")["status"] == "True"
     assert not stage_jobs(batch, namespace, stage="train")
+
+
+def test_a_failure_no_retry_can_mend_fails_the_bot_after_one_pod(operator, apis, namespace, secrets):
+    custom, batch, core = apis
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot(backoffLimit=3))
+    scrape = wait_job(batch, namespace, "scrape")
+    failure = StageResult(stage="scrape", run_id=scrape.metadata.labels[RUN_LABEL], ok=False,
+                          error="@purefulsoul does not exist on x: check spec.handles")
+    play_container(core, namespace, scrape.metadata.name, failure, exit_code=UnknownHandle.exit_code)
+    bot = wait_phase(custom, namespace, "Failed")
+    assert "@purefulsoul does not exist" in bot["status"]["lastError"]
+    job = batch.read_namespaced_job(scrape.metadata.name, namespace)
+    assert [c.reason for c in job.status.conditions if c.type == "Failed"] == ["PodFailurePolicy"]
+    assert len(core.list_namespaced_pod(namespace, label_selector=f"job-name={scrape.metadata.name}").items) == 1
+
+
+def test_an_evicted_pod_is_retried_without_using_up_the_retries(operator, apis, namespace, secrets):
+    custom, batch, core = apis
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot(backoffLimit=0))
+    scrape = wait_job(batch, namespace, "scrape")
+    evicted = StageResult(stage="scrape", run_id=scrape.metadata.labels[RUN_LABEL], ok=False, error="terminated")
+    play_container(core, namespace, scrape.metadata.name, evicted, exit_code=143, disrupted=True)
+    succeed(core, scrape, data=SCRAPE_STATS)  # a second pod, though backoffLimit is 0
+    wait_phase(custom, namespace, "Training")
+    assert batch.read_namespaced_job(scrape.metadata.name, namespace).status.failed in (None, 0)
 
 
 def test_an_operator_restart_neither_duplicates_nor_loses_jobs(operator, apis, namespace, secrets):

@@ -19,6 +19,7 @@ from tweetbot_operator.settings import Settings
 from tweetbot_trainer.contract import (
     MAX_HANDLES,
     RUN_LABEL,
+    STAGES,
     ContractError,
     HandleStats,
     Progress,
@@ -156,6 +157,23 @@ def test_only_the_train_job_asks_for_gpus_and_tolerates_gpu_nodes():
         assert "nvidia.com/gpu" not in json.dumps(pod["containers"][0]["resources"])
         assert "tolerations" not in pod and "nodeSelector" not in pod
         assert manifest["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "team-a"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_stage_job_fails_at_once_on_errors_no_retry_can_mend_and_ignores_disruptions(stage):
+    from tweetbot_trainer import errors
+
+    bot = make_bot()
+    rules = desired_job(bot, run_id_for(bot), stage, SETTINGS)["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    fail = rules[1]["onExitCodes"]
+    assert rules[1]["action"] == "FailJob" and fail["containerName"] == stage and fail["operator"] == "In"
+    for permanent in (errors.UnknownHandle, errors.AuthenticationFailed, errors.DatasetTooSmall, errors.OutOfMemory):
+        assert permanent.exit_code in fail["values"]
+    # Worth another pod: a rate limit or network error may pass, another node may have a working GPU.
+    for transient in (errors.StageError, errors.RateLimited, errors.NetworkFailure, errors.CheckpointUploadFailed,
+                      errors.NoUsableGPU):
+        assert transient.exit_code not in fail["values"]
 
 
 def test_the_train_pod_runs_one_process_per_gpu_and_mounts_a_deepspeed_config():

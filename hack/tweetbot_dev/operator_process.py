@@ -72,8 +72,9 @@ class OperatorProcess:
                 self.kill()
 
 
-def play_container(core, namespace, job_name, result: StageResult, exit_code=0):
-    """Finish the Job's running pod as a kubelet would, with `result` as the termination message."""
+def play_container(core, namespace, job_name, result: StageResult, exit_code=0, disrupted=False):
+    """Finish the Job's running pod as a kubelet would, with `result` as the termination message; `disrupted`:
+    as the kubelet leaves a pod evicted by the Eviction API, preempted or drained (condition DisruptionTarget)."""
 
     def running_pod():
         pods = core.list_namespaced_pod(namespace, label_selector=f"job-name={job_name}").items
@@ -82,8 +83,11 @@ def play_container(core, namespace, job_name, result: StageResult, exit_code=0):
     pod = wait_for(running_pod, what=f"a running pod of {job_name}")
     now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     container = pod.spec.containers[0]
+    conditions = [{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
+                   "message": "Eviction API: evicting", "lastTransitionTime": now}] if disrupted else []
     core.patch_namespaced_pod_status(pod.metadata.name, namespace, {"status": {
         "phase": "Succeeded" if exit_code == 0 else "Failed",
+        "conditions": conditions,
         "containerStatuses": [{
             "name": container.name, "image": container.image, "imageID": "", "ready": False, "restartCount": 0,
             "state": {"terminated": {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",

@@ -23,6 +23,7 @@ from tweetbot_trainer.contract import (
     TERMINATION_MESSAGE_PATH,
     StageRequest,
 )
+from tweetbot_trainer.errors import permanent_exit_codes
 
 from .names import Phase
 from .settings import Settings, StageResources
@@ -180,6 +181,15 @@ def _without_secret_refs(value):
     return value
 
 
+def pod_failure_policy(stage: str) -> dict:
+    """A pod evicted, preempted or drained away (DisruptionTarget) is retried without counting against backoffLimit;
+    an exit code of an error no retry can mend fails the Job at once. The rules are tried in order."""
+    return {"rules": [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "FailJob", "onExitCodes": {"containerName": stage, "operator": "In", "values": permanent_exit_codes()}},
+    ]}
+
+
 def desired_job(bot: dict, run_id: str, stage: str, settings: Settings) -> dict:
     """The Job manifest of one stage of one run (owner reference added by the caller with kopf.adopt)."""
     spec = with_defaults(bot)
@@ -221,7 +231,8 @@ def desired_job(bot: dict, run_id: str, stage: str, settings: Settings) -> dict:
                                 "capabilities": {"drop": ["ALL"]}},
         }],
     )
-    job_spec: dict = {"backoffLimit": spec["backoffLimit"], "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec}}
+    job_spec: dict = {"backoffLimit": spec["backoffLimit"], "podFailurePolicy": pod_failure_policy(stage),
+                      "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec}}
     if wanted.get("queueName"):
         job_spec["suspend"] = True  # Kueue admits it by unsuspending, as its webhook would have done
     # ttlSecondsAfterFinished is applied by the operator (`plan`), only once a Job's result is in the status:

@@ -30,6 +30,9 @@ def redact_urls(text: str) -> str:
 class StageError(Exception):
     exit_code = 1
     reason = "StageFailed"
+    # False: the same spec fails the same way however often it runs (a handle that does not exist, a refused
+    # token, too little text), so the stage Job fails at its first pod instead of spending its backoffLimit.
+    retryable = True
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -38,18 +41,22 @@ class StageError(Exception):
 
 class ContractMismatch(StageError):
     exit_code, reason = 2, "ContractMismatch"
+    retryable = False
 
 
 class UnknownHandle(StageError):
     exit_code, reason = 10, "UnknownHandle"
+    retryable = False
 
 
 class PrivateAccount(StageError):
     exit_code, reason = 11, "PrivateAccount"
+    retryable = False
 
 
 class AuthenticationFailed(StageError):
     exit_code, reason = 12, "AuthenticationFailed"
+    retryable = False
 
 
 class RateLimited(StageError):
@@ -62,22 +69,27 @@ class NetworkFailure(StageError):
 
 class EmptyTimeline(StageError):
     exit_code, reason = 15, "EmptyTimeline"
+    retryable = False
 
 
 class MalformedInput(StageError):
     exit_code, reason = 16, "MalformedInput"
+    retryable = False
 
 
 class NotEnoughText(StageError):
     exit_code, reason = 17, "NotEnoughText"
+    retryable = False
 
 
 class MissingInput(StageError):
     exit_code, reason = 18, "MissingInput"
+    retryable = False
 
 
 class DatasetTooSmall(StageError):
     exit_code, reason = 19, "DatasetTooSmall"
+    retryable = False
 
 
 class BaseModelUnavailable(StageError):
@@ -86,10 +98,12 @@ class BaseModelUnavailable(StageError):
 
 class OutOfMemory(StageError):
     exit_code, reason = 21, "OutOfMemory"
+    retryable = False
 
 
 class HubForbidden(StageError):
     exit_code, reason = 22, "HubForbidden"
+    retryable = False
 
 
 class CheckpointUploadFailed(StageError):
@@ -98,3 +112,14 @@ class CheckpointUploadFailed(StageError):
 
 class NoUsableGPU(StageError):
     exit_code, reason = 24, "NoUsableGPU"
+
+
+def permanent_exit_codes() -> list[int]:
+    """The exit codes of the errors no retry can mend: each stage Job's podFailurePolicy fails the Job on them."""
+    pending, codes = [StageError], set()
+    while pending:
+        cls = pending.pop()
+        pending += cls.__subclasses__()
+        if not cls.retryable:
+            codes.add(cls.exit_code)
+    return sorted(codes)

@@ -199,6 +199,22 @@ def test_an_evicted_pod_is_retried_without_using_up_the_retries(operator, apis, 
     assert batch.read_namespaced_job(scrape.metadata.name, namespace).status.failed in (None, 0)
 
 
+def test_every_train_metric_is_kept_and_the_api_servers_warnings_are_logged(operator, apis, api_client, namespace, caplog):
+    from tweetbot_operator.kube import Kube, path
+
+    custom, _, _ = apis
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot(name="schema", suspend=True))
+    status = path(f"{GROUP}/{VERSION}", PLURAL, namespace, "schema", "status")
+    metrics = {"trainLoss": 2.9, "evalLoss": 3.1, "perplexity": 22.2, "steps": 480, "tokens": 983040,
+               "durationSeconds": 310.5, "gpuSeconds": 621.0}  # what the train stage reports
+    kube = Kube(api_client)
+    with caplog.at_level("WARNING", logger="tweetbot.kube"):
+        kept = kube.merge_patch(status, {"status": {"metrics": metrics}})["status"]["metrics"]
+        assert kept == metrics and not caplog.records
+        kube.merge_patch(status, {"status": {"metrics": {"flops": 1}}})
+    assert 'unknown field "status.metrics.flops"' in caplog.text
+
+
 def test_an_operator_restart_neither_duplicates_nor_loses_jobs(operator, apis, namespace, secrets):
     custom, batch, core = apis
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot())
@@ -318,7 +334,8 @@ def test_live_training_progress_reaches_the_status(operator, apis, namespace, se
     succeed(core, wait_job(batch, namespace, "scrape"), data=SCRAPE_STATS)
     train = wait_job(batch, namespace, "train")
     run_id = wait_phase(custom, namespace, "Training")["status"]["runId"]
-    report = Progress(step=120, total_steps=480, loss=3.25, tokens_per_second=5321.5, eta_seconds=1800)
+    report = Progress(step=120, total_steps=480, loss=3.25, tokens_per_second=5321.5, eta_seconds=1800,
+                      updated_at="2026-12-03T02:10:00Z")
     s3.put_object(Bucket=bucket, Key=f"tweetbot/{namespace}/cyborg/{run_id}/train/progress.json", Body=report.to_json().encode())
 
     def progress():
@@ -327,7 +344,7 @@ def test_live_training_progress_reaches_the_status(operator, apis, namespace, se
 
     live = wait_for(progress, timeout=30, what="the progress report to reach the status")
     assert live == {"step": 120, "totalSteps": 480, "loss": 3.25, "tokensPerSecond": 5321.5, "etaSeconds": 1800,
-                    "summary": "train 25% (120/480 steps)"}
+                    "updatedAt": "2026-12-03T02:10:00Z", "summary": "train 25% (120/480 steps)"}
     succeed(core, train, metrics={"evalLoss": 3.0})
     wait_job(batch, namespace, "publish")
     assert wait_phase(custom, namespace, "Publishing")["status"]["progress"] == {"summary": "2/3"}

@@ -388,9 +388,10 @@ def test_live_progress_shows_while_training_only():
     bot = make_bot()
     jobs = [job(bot, "scrape", "Succeeded"), job(bot, "train", "Running")]
     results = {jobs[0]["metadata"]["name"]: result(bot, "scrape")}
-    report = Progress(step=30, total_steps=40, loss=2.0)
+    report = Progress(step=30, total_steps=40, loss=2.0, updated_at="2026-11-22T11:59:30Z")
     decided, _ = step(bot, Observed(jobs=jobs, results=results, secrets=ALL_SECRETS, progress=report))
-    assert decided.status["progress"] == {"step": 30, "totalSteps": 40, "loss": 2.0, "summary": "train 75% (30/40 steps)"}
+    assert decided.status["progress"] == {"step": 30, "totalSteps": 40, "loss": 2.0, "updatedAt": "2026-11-22T11:59:30Z",
+                                          "summary": "train 75% (30/40 steps)"}
     assert Progress.from_json(report.to_json()) == report
     decided, _ = step(bot, Observed(jobs=jobs, results=results, secrets=ALL_SECRETS))
     assert decided.status["progress"] == {"summary": "1/3"}

@@ -5,6 +5,8 @@ a third of the operator's CPU with a thousand bots (measured with `tweetbot-dev 
 from __future__ import annotations
 
 import json
+import logging
+import re
 from collections.abc import Iterator
 from urllib.parse import quote, urlencode
 
@@ -14,11 +16,16 @@ from kubernetes.client.rest import ApiException
 MERGE_PATCH = "application/merge-patch+json"
 TIMEOUT_SECONDS = 30
 PAGE_SIZE = 100  # a thousand bots in one response are 60 MB of Python objects once decoded (tracemalloc)
+# The API server's Warning headers name what it dropped (a status field the CRD does not know is pruned
+# without an error) and what is deprecated. Each text is logged once: with a thousand bots it recurs each pass.
+WARNINGS_REMEMBERED = 1000
+log = logging.getLogger("tweetbot.kube")
 
 
 class Kube:
     def __init__(self, api: client.ApiClient):
         self.api = api
+        self.warned: set[str] = set()
 
     def request(self, method: str, path: str, body: dict | None = None, *, query: dict | None = None,
                 content_type: str = "application/json") -> dict:
@@ -34,9 +41,19 @@ class Kube:
         response = self.api.rest_client.pool_manager.request(
             method, url, headers=headers, body=None if body is None else json.dumps(body), timeout=TIMEOUT_SECONDS,
         )
+        for warning in response.headers.getlist("Warning"):
+            self._warn(method, path, warning_text(warning))
         if not 200 <= response.status < 300:
             raise ApiException(status=response.status, reason=response.reason, body=response.data.decode(errors="replace"))
         return json.loads(response.data) if response.data else {}
+
+    def _warn(self, method: str, path: str, warning: str) -> None:
+        if warning in self.warned:
+            return
+        if len(self.warned) >= WARNINGS_REMEMBERED:
+            self.warned.clear()
+        self.warned.add(warning)
+        log.warning("the API server warns on %s %s: %s", method, path, warning)
 
     def get(self, path: str, **query) -> dict:
         return self.request("GET", path, query=query)
@@ -59,6 +76,12 @@ class Kube:
 
     def delete(self, path: str, body: dict | None = None) -> dict:
         return self.request("DELETE", path, body)
+
+
+def warning_text(header: str) -> str:
+    """The text of a Warning header, `299 - "unknown field \\"spec.x\\""` (RFC 7234), unquoted."""
+    match = re.fullmatch(r'\d{3} \S+ "((?:[^"\\]|\\.)*)"(?: .*)?', header.strip())
+    return re.sub(r"\\(.)", r"\1", match.group(1)) if match else header
 
 
 def path(group_version: str, plural: str, namespace: str | None = None, name: str | None = None,

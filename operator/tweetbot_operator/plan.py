@@ -314,7 +314,7 @@ def _progress_status(progress: Progress) -> dict:
     live = {"step": progress.step, "totalSteps": progress.total_steps,
             "summary": f"train {progress.percent}% ({progress.step}/{progress.total_steps} steps)"}
     for key, value in (("loss", progress.loss), ("tokensPerSecond", progress.tokens_per_second),
-                       ("etaSeconds", progress.eta_seconds)):
+                       ("etaSeconds", progress.eta_seconds), ("updatedAt", progress.updated_at)):
         if value is not None:
             live[key] = value
     return live

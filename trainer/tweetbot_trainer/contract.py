@@ -232,6 +232,7 @@ class Progress:
     loss: float | None = None
     tokens_per_second: float | None = None
     eta_seconds: int | None = None
+    updated_at: str | None = None  # when the trainer wrote it (UTC, RFC 3339): a report that stopped is not live
     version: int = CONTRACT_VERSION
 
     def to_json(self) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
@@ -115,6 +116,7 @@ class ProgressReports(TrainerCallback):
             step=state.global_step, total_steps=state.max_steps, loss=(logs or {}).get("loss"),
             tokens_per_second=round(rate * self.tokens_per_step, 1),
             eta_seconds=int((state.max_steps - state.global_step) / rate) if rate > 0 else None,
+            updated_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         )
         self.writer.submit(self._write, progress.to_json().encode())
 

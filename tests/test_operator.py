@@ -252,6 +252,28 @@ def test_a_spec_edit_starts_a_new_run(operator, apis, namespace, secrets):
     assert request["training"]["epochs"] == 2
 
 
+def test_a_finished_bot_reruns_when_annotated_and_not_on_a_run_control_edit(operator, apis, namespace, secrets):
+    from tweetbot_operator.spec import RERUN_ANNOTATION
+
+    custom, batch, core = apis
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot())
+    succeed(core, wait_job(batch, namespace, "scrape"), data=SCRAPE_STATS)
+    succeed(core, wait_job(batch, namespace, "train"), metrics={"evalLoss": 3.0})
+    succeed(core, wait_job(batch, namespace, "publish"), artifacts={"hubCommit": "abc123"})
+    first_run = wait_phase(custom, namespace, "Succeeded")["status"]["runId"]
+    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "cyborg", {"spec": {"backoffLimit": 4}})
+    wait_for(lambda: get_bot(custom, namespace)["status"]["observedGeneration"] == 2, what="the edit observed")
+    bot = get_bot(custom, namespace)
+    assert bot["status"]["runId"] == first_run and bot["status"]["phase"] == "Succeeded"
+    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "cyborg",
+                                          {"metadata": {"annotations": {RERUN_ANNOTATION: "2026-12-03T10:00:00Z"}}})
+    scrape = wait_for(lambda: next((job for job in stage_jobs(batch, namespace, stage="scrape")
+                                    if job.metadata.labels[RUN_LABEL] != first_run), None), what="a new run's scrape Job")
+    bot = wait_phase(custom, namespace, "Scraping")
+    assert bot["status"]["runId"] == scrape.metadata.labels[RUN_LABEL] and bot["status"]["rerun"] == "2026-12-03T10:00:00Z"
+    assert scrape.spec.backoff_limit == 4
+
+
 def test_suspend_stops_the_run_and_resume_continues_it(operator, apis, namespace, secrets):
     custom, batch, core = apis
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot())

@@ -13,7 +13,7 @@ import yaml
 
 from tweetbot_operator.jobs import job_fingerprint, job_state
 from tweetbot_operator.plan import Observed, plan, status_patch
-from tweetbot_operator.spec import InvalidSpec, SecretView, normalize_handles, run_id_for
+from tweetbot_operator.spec import RERUN_ANNOTATION, InvalidSpec, SecretView, normalize_handles, run_id_for
 from tweetbot_operator.stages import KUEUE_QUEUE_LABEL, desired_job, job_name
 from tweetbot_operator.settings import Settings
 from tweetbot_trainer.contract import (
@@ -136,6 +136,47 @@ def test_run_id_survives_suspend_and_changes_on_edits():
     bot["status"] = {"runId": "abc123", "observedGeneration": 1}
     bot["spec"]["newlyDefaulted"] = True
     assert run_id_for(bot) == "abc123"
+
+
+# What each kind of edit does to the run: (field, new value, whether it starts a new run).
+EDITS = [
+    ("handles", ["@PurefulSoul"], True),
+    ("source", {"x": {"bearerTokenSecretRef": {"name": "other", "key": "token"}}}, True),
+    ("data", {"minWords": 5}, True),
+    ("model", {"name": "Qwen/Qwen2.5-0.5B"}, True),
+    ("training", {"epochs": 5}, True),
+    ("output", {"s3": {"bucket": "other-bots"}}, True),
+    ("suspend", True, False),
+    ("backoffLimit", 5, False),
+    ("activeDeadlineSeconds", 3600, False),
+    ("ttlSecondsAfterFinished", 60, False),
+    ("deletionPolicy", "Delete", False),
+    ("resources", {"gpus": 4, "memory": "64Gi"}, False),
+]
+
+
+@pytest.mark.parametrize("field,value,new_run", EDITS, ids=[edit[0] for edit in EDITS])
+def test_what_the_model_is_made_of_starts_a_new_run_and_run_control_does_not(field, value, new_run):
+    bot = make_bot()
+    bot["status"] = {"runId": run_id_for(bot), "observedGeneration": 1}
+    bot["spec"][field] = value
+    bot["metadata"]["generation"] = 2
+    assert (run_id_for(bot) != bot["status"]["runId"]) is new_run
+
+
+def test_the_rerun_annotation_starts_a_new_run_once_per_value():
+    bot = make_bot()
+    first = run_id_for(bot)
+    bot["status"] = {"runId": first, "observedGeneration": 1}
+    bot["metadata"]["annotations"] = {RERUN_ANNOTATION: "2026-12-03T10:00:00Z"}  # no new generation
+    second = run_id_for(bot)
+    assert second != first
+    bot["status"] = {"runId": second, "observedGeneration": 1, "rerun": "2026-12-03T10:00:00Z"}
+    assert run_id_for(bot) == second  # answered: the same value asks for nothing more
+    bot["metadata"]["annotations"][RERUN_ANNOTATION] = "again"
+    assert run_id_for(bot) not in (first, second)
+    decided, _ = step(bot, Observed(jobs=[], secrets=ALL_SECRETS))
+    assert decided.status["rerun"] == "again"
 
 
 # --- spec -> Job ----------------------------------------------------------------------------------

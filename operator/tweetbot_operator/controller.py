@@ -30,7 +30,7 @@ from .kube import path
 from .names import BOTS, FINISHED, KIND, PLURAL, JobState, Reason
 from .plan import Needs, Observed, Plan, plan, status_patch
 from .settings import Settings
-from .spec import BOT_IDENTITY, SECRET_OPT_IN_LABEL, InvalidSpec, SecretView, run_id_for, s3_identity, s3_layout, secret_view, validate_spec
+from .spec import BOT_IDENTITY, SECRET_OPT_IN_LABEL, InvalidSpec, SecretView, rerun_requested, run_id_for, s3_identity, s3_layout, secret_view, validate_spec
 from .workqueue import NEW, UPDATE, Request, WorkQueue
 
 log = logging.getLogger("tweetbot.operator")
@@ -288,7 +288,8 @@ class Controller:
         bots = (bot for namespace in self.settings.namespaces or (None,) for bot in self.kube.items(path(BOTS, PLURAL, namespace)))
         return [(bot["metadata"]["namespace"], bot["metadata"]["name"]) for bot in bots
                 if (bot.get("status") or {}).get("phase") not in FINISHED
-                or bot["status"].get("observedGeneration") != bot["metadata"].get("generation")]
+                or bot["status"].get("observedGeneration") != bot["metadata"].get("generation")
+                or bot["status"].get("rerun", "") != rerun_requested(bot)]
 
     # --- writes -----------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from .spec import (
     SECRET_OPT_IN_LABEL,
     InvalidSpec,
     SecretView,
+    rerun_requested,
     run_id_for,
     s3_identity,
     validate_spec,
@@ -140,6 +141,7 @@ def _plan_run(bot: dict, observed: Observed, settings: Settings, now: datetime, 
     status = {
         **old_status,
         "runId": run_id,
+        "rerun": rerun_requested(bot) or None,  # the annotation this run answers
         "startTime": old_status.get("startTime") if same_run and old_status.get("startTime") else timestamp(now),
         "stages": {},
         "data": old_status.get("data") if same_run else None,

@@ -97,18 +97,32 @@ def s3_identity(bot: dict, settings: Settings) -> str | None:
     return OPERATOR_IDENTITY if s3["bucket"] in settings.s3_operator_buckets else None
 
 
-def run_id_for(bot: dict) -> str:
-    """The current run: stable across operator restarts and suspend/resume, new on any other spec edit.
+# What a model is made of, and where its artifacts live: an edit to any of these starts a new run. The rest of
+# the spec is run control (suspend, backoffLimit, activeDeadlineSeconds, ttlSecondsAfterFinished,
+# deletionPolicy, resources): it applies to the run's next Jobs and spends no GPU time again.
+RUN_DEFINING = ("handles", "source", "data", "model", "training", "output")
+# A new value starts a new run without an edit of the spec (GitOps: Flux's reconcile.fluxcd.io/requestedAt).
+RERUN_ANNOTATION = f"{GROUP}/rerun"
 
-    While the generation is the one already observed, the recorded run stands (so a CRD upgrade that adds
-    defaulted fields does not retrain every bot); after an edit, the run is named by a digest of the spec
-    as written (without `suspend`).
+
+def rerun_requested(bot: dict) -> str:
+    return (bot["metadata"].get("annotations") or {}).get(RERUN_ANNOTATION, "")
+
+
+def run_id_for(bot: dict) -> str:
+    """The current run: stable across operator restarts and run-control edits, new when what the model is made
+    of changes or a new rerun annotation asks for one.
+
+    While the generation and the rerun annotation are the ones already observed, the recorded run stands (so a
+    CRD upgrade that adds defaulted fields does not retrain every bot); otherwise the run is named by a digest
+    of the run-defining fields as written and the annotation.
     """
-    status = bot.get("status") or {}
-    if status.get("runId") and status.get("observedGeneration") == bot["metadata"].get("generation"):
+    status, rerun = bot.get("status") or {}, rerun_requested(bot)
+    if (status.get("runId") and status.get("observedGeneration") == bot["metadata"].get("generation")
+            and status.get("rerun", "") == rerun):
         return status["runId"]
-    spec = {key: value for key, value in bot["spec"].items() if key != "suspend"}
-    digest = hashlib.sha256((bot["metadata"]["uid"] + json.dumps(spec, sort_keys=True)).encode())
+    spec = {key: bot["spec"][key] for key in RUN_DEFINING if key in bot["spec"]}
+    digest = hashlib.sha256((bot["metadata"]["uid"] + json.dumps(spec, sort_keys=True) + (f"\0{rerun}" if rerun else "")).encode())
     return digest.hexdigest()[:6]
 
 

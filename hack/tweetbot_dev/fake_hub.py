@@ -81,6 +81,8 @@ class FakeHub:
     orgs: dict[str, list[str]] = field(default_factory=dict)  # user name -> organisations they can write to
     repos: dict[str, FakeRepo] = field(default_factory=dict)
     requests: list[str] = field(default_factory=list)  # "METHOD /path?query" of every request, for debugging
+    callers: list[tuple[str | None, str]] = field(default_factory=list)  # (user, "METHOD /path?query"): who sent what
+    failing: int | None = None  # a status every request is answered with (an outage), None: serving
     host: str = "127.0.0.1"  # the real node's pods reach the host at node.NODE_IP
 
     def __post_init__(self):
@@ -122,7 +124,10 @@ class FakeHub:
         with self._lock:
             self.requests.append(f"{request.command} {request.path}")
             try:
+                if self.failing:
+                    raise HubError(self.failing, "Internal Error")
                 user = self._user(request)
+                self.callers.append((user, f"{request.command} {request.path}"))
                 status, payload, headers = self._route(request.command, segments, query, body, user)
             except HubError as error:
                 headers = {"X-Error-Message": error.message, **error.headers}

@@ -67,6 +67,7 @@ def test_the_branch_holds_the_newest_checkpoint_and_main_only_the_final_model(wo
         "initial commit", *(f"TweetBot checkpoint step {step} of run hub-a" for step in (3, 6, 9, 12))]
     # Exactly the newest checkpoint: its trainer state, its ZeRO shards and nothing of the ones before.
     assert json.loads(branch.files["trainer_state.json"])["global_step"] == 12
+    assert {"config.json", "model.safetensors"} <= set(branch.files)  # from_pretrained(repo, revision="checkpoints")
     assert {path.split("/")[0] for path in branch.files if path.startswith("global_step")} == {"global_step12"}
     assert any("optim_states" in path for path in branch.files)
     assert repo.head.message == "initial commit" and not repo.head.files  # nothing on main before publishing

@@ -2,7 +2,7 @@
 
 Read top to bottom like transformers' run_clm.py: arguments, data, model, training, saving, then `run_train`.
 Checkpoints go to S3 in the background and a restarted pod resumes from the newest complete one
-(`checkpoints.py`); where the stage's wall time goes is recorded phase by phase (`timing.py`).
+(`checkpoints.py`), and with spec.output.hub.checkpoints on to a branch of the bot's Hub repository (`hub.py`); where the stage's wall time goes is recorded phase by phase (`timing.py`).
 """
 
 from __future__ import annotations

@@ -80,8 +80,7 @@ def validate_spec(bot: dict, settings: Settings) -> None:
         raise InvalidSpec("deletionPolicy Delete needs spec.output.s3.credentialsSecretRef: the operator deletes "
                           "with the bot's own credentials, and with its own identity only in the chart's "
                           "s3.operatorBuckets")
-    hub = spec["output"].get("hub")
-    branch = hub["checkpointBranch"] if hub else "checkpoints"
+    branch = (spec["output"].get("hub") or {}).get("checkpointBranch", "checkpoints")
     if (not isinstance(branch, str) or not BRANCH.fullmatch(branch) or ".." in branch or branch.endswith((".", ".lock"))
             or branch == "main"):
         raise InvalidSpec(f"spec.output.hub.checkpointBranch {branch!r} must be a git branch name (letters, digits, "

@@ -79,3 +79,43 @@ def test_private_repo_needs_the_owners_token(hub):
         HfApi(endpoint=hub.url, token=False).model_info("tweetbots/secret")
     path = hf_hub_download("tweetbots/secret", "notes.txt", endpoint=hub.url, token="hf_good")
     assert open(path, "rb").read() == b"hidden"
+
+
+def test_branches_hold_their_own_commits(hub, tmp_path):
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(endpoint=hub.url, token="hf_good")
+    api.create_repo("tweetbots/dreamer")
+    api.upload_file(path_or_fileobj=b"final", path_in_repo="model.txt", repo_id="tweetbots/dreamer", commit_message="Publish")
+    for _ in range(2):  # the second answers 409, which exist_ok turns into success
+        api.create_branch("tweetbots/dreamer", branch="checkpoints", exist_ok=True)
+    with pytest.raises(HfHubHTTPError) as error:
+        api.create_branch("tweetbots/dreamer", branch="checkpoints")
+    assert error.value.response.status_code == 409
+    assert [ref.name for ref in api.list_repo_refs("tweetbots/dreamer").branches] == ["checkpoints", "main"]
+
+    # Each push replaces the branch's files (delete_patterns="*" sends deletedFile operations); main stays.
+    for step in (2, 4):
+        folder = tmp_path / f"checkpoint-{step}"
+        (folder / "sub").mkdir(parents=True)
+        (folder / f"state-{step}.json").write_text(str(step))
+        (folder / "sub" / "shared.bin").write_bytes(b"x" * step)
+        commit = api.upload_folder(repo_id="tweetbots/dreamer", folder_path=folder, revision="checkpoints",
+                                   commit_message=f"step {step}", delete_patterns="*")
+    repo = hub.repos["tweetbots/dreamer"]
+    assert repo.branch("checkpoints").id == commit.oid != repo.head.id
+    assert sorted(repo.branch("checkpoints").files) == ["state-4.json", "sub/shared.bin"]
+    assert sorted(repo.head.files) == ["model.txt"] and repo.head.message == "Publish"
+    assert [c.message for c in repo.history("checkpoints")] == ["initial commit", "Publish", "step 2", "step 4"]
+    anonymous = HfApi(endpoint=hub.url, token=False)
+    assert sorted(anonymous.list_repo_files("tweetbots/dreamer", revision="checkpoints")) == ["state-4.json", "sub/shared.bin"]
+    path = hf_hub_download("tweetbots/dreamer", "sub/shared.bin", revision="checkpoints", endpoint=hub.url, token=False)
+    assert open(path, "rb").read() == b"xxxx"
+
+    with pytest.raises(HfHubHTTPError) as error:  # a commit to a branch that does not exist
+        api.upload_file(path_or_fileobj=b"x", path_in_repo="x", repo_id="tweetbots/dreamer", revision="nope")
+    assert error.value.response.status_code == 404
+    with pytest.raises(HfHubHTTPError) as error:  # only writers create branches
+        anonymous.create_branch("tweetbots/dreamer", branch="mine")
+    assert error.value.response.status_code == 401

@@ -7,7 +7,7 @@ import re
 import pytest
 from huggingface_hub.utils import validate_repo_id
 
-from tweetbot_trainer.publish import MAX_REPO_ID, default_repo_id
+from tweetbot_trainer.hub import MAX_REPO_ID, default_repo_id
 
 # The Hub's rules: ASCII letters, digits, '-', '_', '.'; no '--' or '..'; no '-' or '.' at either end.
 NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9._-]*[A-Za-z0-9_])?")

@@ -13,10 +13,11 @@ import yaml
 
 from tweetbot_operator.jobs import job_fingerprint, job_state
 from tweetbot_operator.plan import Observed, plan, status_patch
-from tweetbot_operator.spec import RERUN_ANNOTATION, InvalidSpec, SecretView, normalize_handles, run_id_for
+from tweetbot_operator.spec import RERUN_ANNOTATION, InvalidSpec, SecretView, normalize_handles, run_id_for, validate_spec
 from tweetbot_operator.stages import KUEUE_QUEUE_LABEL, desired_job, job_name
 from tweetbot_operator.settings import Settings
 from tweetbot_trainer.contract import (
+    HUB_PUSH_TOKEN_ENV,
     MAX_HANDLES,
     RUN_LABEL,
     STAGES,
@@ -261,6 +262,39 @@ def test_a_gated_base_models_token_reaches_the_train_stage_only():
                                     results={job_name("cyborg", run_id_for(bot), "scrape"): result(bot, "scrape")}))
     assert "Secret 'hf-read' (named by spec.model.tokenSecretRef) does not exist" in decided.status["lastError"]
     assert all("AWS_SECRET_ACCESS_KEY" in env for env in env_of.values())
+
+
+def test_checkpoints_on_the_hub_give_the_train_stage_the_push_token_under_its_own_name():
+    """The base model's read token stays HF_TOKEN, which huggingface_hub sends on downloads; the output repo's
+    token reaches the train stage only when it pushes checkpoints, under a name no library reads."""
+    gated = {"name": "meta-llama/Llama-3.2-1B", "tokenSecretRef": {"name": "hf-read"}}
+    hub = {"tokenSecretRef": {"name": "hf", "key": "write"}, "checkpoints": True}
+    for model, checkpoints in ((gated, True), (gated, False), ({"name": "gpt2"}, True)):
+        bot = make_bot(model=model, output={"s3": {"bucket": "bots"}, "hub": {**hub, "checkpoints": checkpoints}})
+        env = {item["name"]: item for item in desired_job(bot, run_id_for(bot), "train", SETTINGS)
+               ["spec"]["template"]["spec"]["containers"][0]["env"]}
+        if checkpoints:
+            assert env[HUB_PUSH_TOKEN_ENV]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "write"}}
+            request = StageRequest.from_json(env["TWEETBOT_REQUEST"]["value"])
+            assert request.hub["checkpoints"] is True and request.hub["checkpointBranch"] == "checkpoints"
+        else:
+            assert HUB_PUSH_TOKEN_ENV not in env
+        if "tokenSecretRef" in model:
+            assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf-read", "key": "token"}}
+        else:
+            assert "HF_TOKEN" not in env
+        publish = desired_job(bot, run_id_for(bot), "publish", SETTINGS)["spec"]["template"]["spec"]["containers"][0]["env"]
+        assert HUB_PUSH_TOKEN_ENV not in {item["name"] for item in publish}
+
+
+@pytest.mark.parametrize("branch", ["main", "-x", "a..b", "a/b", "refs/heads/x", "x" * 101, "a b", "", "x.lock", "x."])
+def test_a_checkpoint_branch_must_be_one_safe_name_and_not_main(branch):
+    bot = make_bot(output={"s3": {"bucket": "bots"}, "hub": {"tokenSecretRef": {"name": "hf"}, "checkpoints": True,
+                                                             "checkpointBranch": branch}})
+    with pytest.raises(InvalidSpec, match="spec.output.hub.checkpointBranch"):
+        validate_spec(bot, SETTINGS)
+    bot["spec"]["output"]["hub"]["checkpointBranch"] = "checkpoints-v2.1_a"
+    validate_spec(bot, SETTINGS)
 
 
 def test_job_names_fit_kubernetes_limits_and_pods_cannot_call_the_api():

@@ -4,8 +4,9 @@ run unchanged against it with `HF_ENDPOINT` pointing here (and `HF_HUB_DISABLE_X
 
 Every file is a regular git file held in memory: the server answers "regular" to every preupload request, so
 the client sends contents base64-encoded inside the commit itself and never tries LFS or Xet storage, and no
-download response carries Xet headers. Only the `main` branch exists; downloads may name it or any commit id.
-Not served: branches, tags, pull requests, LFS, Range requests, pagination; `parentCommit` is not checked.
+download response carries Xet headers. Branches are created from `main` (or a `startingPoint`), commits go to a
+branch, and downloads, listings and commits may name a branch or (reads) any commit id.
+Not served: tags, pull requests, deleting branches, LFS, Range requests, pagination; `parentCommit` is not checked.
 """
 
 from __future__ import annotations
@@ -34,17 +35,34 @@ class FakeCommit:
     message: str
     description: str
     files: dict[str, bytes]  # the whole tree after this commit
+    parent: str = ""
 
 
 @dataclass
 class FakeRepo:
     id: str  # namespace/name
     private: bool
-    commits: list[FakeCommit] = field(default_factory=list)  # oldest first; commits[-1] is the head of main
+    commits: list[FakeCommit] = field(default_factory=list)  # of every branch, oldest first
+    branches: dict[str, str] = field(default_factory=dict)  # branch name -> the id of its head commit
+
+    def by_id(self, commit_id: str) -> FakeCommit | None:
+        return next((commit for commit in self.commits if commit.id == commit_id), None)
+
+    def branch(self, name: str) -> FakeCommit:
+        return self.by_id(self.branches[name])
 
     @property
     def head(self) -> FakeCommit:
-        return self.commits[-1]
+        """The head of `main`."""
+        return self.branch("main")
+
+    def history(self, branch: str) -> list[FakeCommit]:
+        """The commits of a branch, oldest first."""
+        commits, commit = [], self.branch(branch)
+        while commit is not None:
+            commits.insert(0, commit)
+            commit = self.by_id(commit.parent) if commit.parent else None
+        return commits
 
 
 class HubError(Exception):
@@ -63,6 +81,8 @@ class FakeHub:
     orgs: dict[str, list[str]] = field(default_factory=dict)  # user name -> organisations they can write to
     repos: dict[str, FakeRepo] = field(default_factory=dict)
     requests: list[str] = field(default_factory=list)  # "METHOD /path?query" of every request, for debugging
+    callers: list[tuple[str | None, str]] = field(default_factory=list)  # (user, "METHOD /path?query"): who sent what
+    failing: int | None = None  # a status every request is answered with (an outage), None: serving
     host: str = "127.0.0.1"  # the real node's pods reach the host at node.NODE_IP
 
     def __post_init__(self):
@@ -104,7 +124,10 @@ class FakeHub:
         with self._lock:
             self.requests.append(f"{request.command} {request.path}")
             try:
+                if self.failing:
+                    raise HubError(self.failing, "Internal Error")
                 user = self._user(request)
+                self.callers.append((user, f"{request.command} {request.path}"))
                 status, payload, headers = self._route(request.command, segments, query, body, user)
             except HubError as error:
                 headers = {"X-Error-Message": error.message, **error.headers}
@@ -157,19 +180,19 @@ class FakeHub:
 
     @staticmethod
     def _commit(repo: FakeRepo, revision: str) -> FakeCommit:
-        if revision == "main":
-            return repo.head
-        for commit in repo.commits:
-            if commit.id == revision:
-                return commit
-        raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        commit = repo.branch(revision) if revision in repo.branches else repo.by_id(revision)
+        if commit is None:
+            raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        return commit
 
-    def _new_commit(self, repo: FakeRepo, message: str, description: str, files: dict[str, bytes]) -> FakeCommit:
-        parent = repo.commits[-1].id if repo.commits else ""
+    def _new_commit(self, repo: FakeRepo, branch: str, message: str, description: str,
+                    files: dict[str, bytes]) -> FakeCommit:
+        parent = repo.branches.get(branch, "")
         digest = hashlib.sha1(json.dumps([parent, message, description, sorted(
             (path, git_blob_sha1(data)) for path, data in files.items())]).encode())
-        commit = FakeCommit(digest.hexdigest(), message, description, files)
+        commit = FakeCommit(digest.hexdigest(), message, description, files, parent)
         repo.commits.append(commit)
+        repo.branches[branch] = commit.id
         return commit
 
     # --- routes ----------------------------------------------------------------------------------------
@@ -190,6 +213,10 @@ class FakeHub:
                 return self._preupload(self._writable_repo(repo_id, user), rest[1], json.loads(body))
             if method == "POST" and len(rest) == 2 and rest[0] == "commit":
                 return self._commit_files(self._writable_repo(repo_id, user), rest[1], body, query)
+            if method == "POST" and len(rest) == 2 and rest[0] == "branch":
+                return self._create_branch(self._writable_repo(repo_id, user), rest[1], json.loads(body or b"{}"))
+            if method == "GET" and rest == ["refs"]:
+                return 200, self._refs(self._readable_repo(repo_id, user)), {}
             if method == "GET" and (rest == [] or (len(rest) == 2 and rest[0] == "revision")):
                 repo = self._readable_repo(repo_id, user)
                 return 200, self._model_info(repo, self._commit(repo, rest[1] if rest else "main")), {}
@@ -228,7 +255,7 @@ class FakeHub:
             # exist_ok=True turns this 409 into success, and then reads the repo's url from the error body.
             raise HubError(409, "You already created this model repo", extra={"url": f"{self.url}/{repo_id}"})
         repo = self.repos[repo_id] = FakeRepo(repo_id, private=payload.get("visibility") == "private")
-        self._new_commit(repo, "initial commit", "", {})  # the Hub starts every repo with one commit
+        self._new_commit(repo, "main", "initial commit", "", {})  # the Hub starts every repo with one commit
         return 200, {"url": f"{self.url}/{repo_id}", "name": repo_id, "id": repo_id}, {}
 
     def _preupload(self, repo: FakeRepo, revision: str, payload: dict):
@@ -239,14 +266,27 @@ class FakeHub:
             "oid": git_blob_sha1(head.files[file["path"]]) if file["path"] in head.files else None,
         } for file in payload["files"]]}, {}
 
+    def _create_branch(self, repo: FakeRepo, branch: str, payload: dict):
+        if branch in repo.branches:
+            raise HubError(409, "Reference already exists")
+        start = self._commit(repo, payload.get("startingPoint") or "main")
+        repo.branches[branch] = start.id
+        return 200, {}, {}
+
+    @staticmethod
+    def _refs(repo: FakeRepo) -> dict:
+        return {"branches": [{"name": name, "ref": f"refs/heads/{name}", "targetCommit": commit_id}
+                             for name, commit_id in sorted(repo.branches.items())],
+                "converts": [], "tags": []}
+
     def _commit_files(self, repo: FakeRepo, revision: str, body: bytes, query: dict):
-        if revision != "main":
-            raise HubError(404, f"FakeHub only commits to main, not {revision}", "RevisionNotFound")
+        if revision not in repo.branches:  # the Hub commits to a branch, never to a bare commit id
+            raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
         if query.get("create_pr"):
             raise HubError(400, "FakeHub does not support pull requests")
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
         header = next(line["value"] for line in lines if line["key"] == "header")
-        files = dict(repo.head.files)
+        files = dict(repo.branch(revision).files)
         for line in lines:
             key, value = line["key"], line["value"]
             if key == "file":
@@ -259,7 +299,7 @@ class FakeHub:
                 files = {path: data for path, data in files.items() if not path.startswith(prefix)}
             elif key != "header":  # lfsFile: never asked for, since preupload answers "regular"
                 raise HubError(400, f"FakeHub does not accept {key} operations")
-        commit = self._new_commit(repo, header["summary"], header.get("description", ""), files)
+        commit = self._new_commit(repo, revision, header["summary"], header.get("description", ""), files)
         return 200, {"success": True, "commitOid": commit.id, "commitUrl": f"{self.url}/{repo.id}/commit/{commit.id}",
                      "hookOutput": ""}, {}
 

@@ -22,6 +22,7 @@ CONFIG_KEY = re.compile(r"[-._a-zA-Z0-9]+")
 BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9!_.*'()-]{0,127}")  # one key segment: the layout stays injective
 REGION = re.compile(r"[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?")
+BRANCH = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # one ref segment: no '/', so never refs/... or a path
 
 
 class InvalidSpec(ValueError):
@@ -79,6 +80,12 @@ def validate_spec(bot: dict, settings: Settings) -> None:
         raise InvalidSpec("deletionPolicy Delete needs spec.output.s3.credentialsSecretRef: the operator deletes "
                           "with the bot's own credentials, and with its own identity only in the chart's "
                           "s3.operatorBuckets")
+    branch = (spec["output"].get("hub") or {}).get("checkpointBranch", "checkpoints")
+    if (not isinstance(branch, str) or not BRANCH.fullmatch(branch) or ".." in branch or branch.endswith((".", ".lock"))
+            or branch == "main"):
+        raise InvalidSpec(f"spec.output.hub.checkpointBranch {branch!r} must be a git branch name (letters, digits, "
+                          "'.', '_', '-'; no '..', not ending in '.' or '.lock') other than main, which holds the "
+                          "published model")
     priority_class = spec["resources"].get("priorityClassName")
     if priority_class is not None and not DNS_SUBDOMAIN.fullmatch(priority_class):
         raise InvalidSpec(f"spec.resources.priorityClassName {priority_class!r} is not a DNS subdomain")

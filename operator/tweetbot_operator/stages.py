@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from tweetbot_trainer.contract import (
     BOT_LABEL,
     DEEPSPEED_CONFIG_PATH,
+    HUB_PUSH_TOKEN_ENV,
     HUB_TOKEN_ENV,
     REQUEST_ENV,
     RUN_LABEL,
@@ -81,10 +82,17 @@ def _hub_secrets(spec: dict) -> list[SecretNeed]:
     return [_ref_need(HUB_TOKEN_ENV, hub["tokenSecretRef"], "spec.output.hub.tokenSecretRef")] if hub else []
 
 
-def _base_model_secrets(spec: dict) -> list[SecretNeed]:
-    """A gated base model's read token: huggingface_hub and transformers take it from HF_TOKEN."""
+def _train_secrets(spec: dict) -> list[SecretNeed]:
+    """A gated base model's read token: huggingface_hub and transformers take it from HF_TOKEN. With checkpoints
+    on the Hub, the output repository's token too, under its own name: the trainer hands it to the pushes alone."""
+    needs = []
     ref = spec["model"].get("tokenSecretRef")
-    return [_ref_need(HUB_TOKEN_ENV, ref, "spec.model.tokenSecretRef")] if ref else []
+    if ref:
+        needs.append(_ref_need(HUB_TOKEN_ENV, ref, "spec.model.tokenSecretRef"))
+    hub = spec["output"].get("hub")
+    if hub and hub["checkpoints"]:
+        needs.append(_ref_need(HUB_PUSH_TOKEN_ENV, hub["tokenSecretRef"], "spec.output.hub.tokenSecretRef"))
+    return needs
 
 
 def _cpu_stage(resources: Callable[[Settings], StageResources], stage: str) -> Callable[[dict, Settings], PodParts]:
@@ -134,7 +142,7 @@ def _train_pod(spec: dict, settings: Settings) -> PodParts:
 REGISTRY: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("scrape", Phase.SCRAPING, "DataReady", _source_secrets,
           _cpu_stage(lambda settings: settings.scrape_resources, "scrape")),
-    Stage("train", Phase.TRAINING, "Trained", _base_model_secrets, _train_pod, gpus=lambda spec: spec["resources"]["gpus"]),
+    Stage("train", Phase.TRAINING, "Trained", _train_secrets, _train_pod, gpus=lambda spec: spec["resources"]["gpus"]),
     Stage("publish", Phase.PUBLISHING, "Published", _hub_secrets,
           _cpu_stage(lambda settings: settings.publish_resources, "publish")),
 )}

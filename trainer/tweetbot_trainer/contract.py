@@ -34,6 +34,9 @@ TERMINATION_MESSAGE_LIMIT = 4096  # bytes the kubelet keeps of a container's ter
 X_BEARER_TOKEN_ENV = "X_BEARER_TOKEN"
 MASTODON_TOKEN_ENV = "MASTODON_ACCESS_TOKEN"
 HUB_TOKEN_ENV = "HF_TOKEN"
+# The output repository's token in the train stage, which pushes checkpoints to it. Not HF_TOKEN: there that
+# names the base model's read token, which huggingface_hub sends on every download, to whatever host serves it.
+HUB_PUSH_TOKEN_ENV = "TWEETBOT_HUB_PUSH_TOKEN"
 S3_ACCESS_KEY_ENV = "AWS_ACCESS_KEY_ID"
 S3_SECRET_KEY_ENV = "AWS_SECRET_ACCESS_KEY"
 
@@ -101,7 +104,8 @@ SPEC_DEFAULTS = Defaults({
     "resources": Defaults({"gpus": 1, "cpu": "4", "memory": "16Gi"}, always=True),
     "output": Defaults({
         "s3": Defaults({"prefix": "tweetbot", "region": "us-east-1"}),
-        "hub": Defaults({"private": False, "tokenSecretRef": _SECRET_KEY}),
+        "hub": Defaults({"private": False, "tokenSecretRef": _SECRET_KEY, "checkpoints": False,
+                         "checkpointBranch": "checkpoints"}),
     }),
     "deletionPolicy": "Retain",
     "suspend": False,

@@ -6,41 +6,22 @@ If the Hub cannot be reached, the model stays in S3 and a re-run of this stage p
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 from .card import CardFacts, render_card
 from .contract import HUB_TOKEN_ENV, HandleStats, StageRequest, StageResult, section_defaults
-from .errors import AuthenticationFailed, HubForbidden, MissingInput, NetworkFailure, StageError
+from .errors import AuthenticationFailed, MissingInput
+from .hub import bot_repo_id, call, connect
 from .storage import Storage
 
 log = logging.getLogger("tweetbot.publish")
 NOT_ON_THE_HUB = {"manifest.json", "samples.json", "training.json"}
-MAX_REPO_ID = 96  # the Hub's limit, owner and '/' included
-
-
-def default_repo_id(owner: str, handles: list[str]) -> str:
-    """`<owner>/<handles, sorted and joined by '-'>` (huggingtweets' naming) made a repo id the Hub accepts:
-    '@' of a Mastodon `user@instance` becomes '-at-', other characters outside letters, digits, '_', '.' and
-    '-' become '-', runs of '-' and '.' one '-', and neither end is '-' or '.'. A name cut to fit ends in a
-    hash of the handles, so two long sets of handles never share a repository."""
-    wanted = "-".join(sorted(handle.lstrip("@") for handle in handles))
-    name = re.sub(r"[^A-Za-z0-9._-]", "-", wanted.replace("@", "-at-"))
-    name = re.sub(r"[-.]{2,}", "-", name).strip("-.")
-    if name.endswith(".git"):  # the Hub reserves it
-        name = name[: -len(".git")] + "-git"
-    room = MAX_REPO_ID - len(owner) - 1
-    if len(name) > room or not name:
-        digest = hashlib.sha256(wanted.encode()).hexdigest()[:8]
-        name = (name[: room - len(digest) - 1].rstrip("-.") or "tweetbot") + "-" + digest
-    return f"{owner}/{name}"
+UNREACHABLE = "the model stays in S3 and re-running the publish stage publishes it"
 
 
 def run_publish(request: StageRequest, storage: Storage, environ: dict[str, str] | None = None,
@@ -67,11 +48,8 @@ def run_publish(request: StageRequest, storage: Storage, environ: dict[str, str]
         token = environ.get(HUB_TOKEN_ENV, "")
         if not token:
             raise AuthenticationFailed(f"no Hub token: {HUB_TOKEN_ENV} is empty (check spec.output.hub.tokenSecretRef)")
-        from huggingface_hub import HfApi
-
-        api = HfApi(endpoint=hub.get("endpoint") or environ.get("HF_ENDPOINT") or None, token=token)
-        repo_id = hub.get("repoId") or default_repo_id(
-            _call(lambda: api.whoami()["name"], "read the token owner", attempts, backoff), request.handles)
+        api = connect(hub, token, environ)
+        repo_id = bot_repo_id(api, hub, request.handles, attempts, backoff, UNREACHABLE)
 
     card = render_card(CardFacts(
         repo_id=repo_id or "-".join(sorted(request.handles)),
@@ -87,12 +65,13 @@ def run_publish(request: StageRequest, storage: Storage, environ: dict[str, str]
     artifacts = {"modelUri": layout.uri("final") + "/"}
 
     if api is not None:
-        _call(lambda: api.create_repo(repo_id, private=bool(hub.get("private")), exist_ok=True), f"create {repo_id}", attempts, backoff)
-        commit = _call(lambda: api.upload_folder(
+        call(lambda: api.create_repo(repo_id, private=bool(hub.get("private")), exist_ok=True), f"create {repo_id}",
+             attempts, backoff, UNREACHABLE)
+        commit = call(lambda: api.upload_folder(
             repo_id=repo_id, folder_path=str(model_dir),
             commit_message=f"TweetBot {request.namespace}/{request.bot}: run {request.run_id}",
             commit_description=f"Trained on posts of {', '.join(sorted(request.handles))}.",
-        ), f"upload to {repo_id}", attempts, backoff)
+        ), f"upload to {repo_id}", attempts, backoff, UNREACHABLE)
         artifacts.update(hubUrl=f"{api.endpoint.rstrip('/')}/{repo_id}", hubCommit=commit.oid)
         log.info("published %s at commit %s", repo_id, commit.oid)
     shutil.rmtree(workdir, ignore_errors=True)
@@ -101,33 +80,3 @@ def run_publish(request: StageRequest, storage: Storage, environ: dict[str, str]
 
 def _read_json(path: Path, missing):
     return json.loads(path.read_text()) if path.exists() else missing
-
-
-def _call(action, what: str, attempts: int, backoff: float):
-    """Run a Hub call: auth errors fail at once with what to fix; network and 5xx errors are retried."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    try:  # huggingface_hub 1.x and later speak httpx (2.x: its fork httpx2); older ones requests
-        from httpx2 import TransportError
-    except ImportError:
-        try:
-            from httpx import TransportError
-        except ImportError:
-            from requests import RequestException as TransportError
-
-    for attempt in range(1, attempts + 1):
-        try:
-            return action()
-        except HfHubHTTPError as error:
-            status = error.response.status_code if error.response is not None else 0
-            if status == 401:
-                raise AuthenticationFailed(f"the Hub refused the token (401) trying to {what}: check spec.output.hub.tokenSecretRef") from None
-            if status == 403:
-                raise HubForbidden(f"the token may not {what} (403): the repository belongs to someone else or the token is read-only") from None
-            if status < 500 or attempt == attempts:
-                raise StageError(f"the Hub answered {status} trying to {what}") from None
-        except (TransportError, OSError) as error:
-            if attempt == attempts:
-                raise NetworkFailure(f"the Hub cannot be reached to {what} ({type(error).__name__}); the model stays in S3 "
-                                     "and re-running the publish stage publishes it") from None
-        time.sleep(backoff * 2 ** (attempt - 1))

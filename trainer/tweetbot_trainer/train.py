@@ -2,7 +2,7 @@
 
 Read top to bottom like transformers' run_clm.py: arguments, data, model, training, saving, then `run_train`.
 Checkpoints go to S3 in the background and a restarted pod resumes from the newest complete one
-(`checkpoints.py`); where the stage's wall time goes is recorded phase by phase (`timing.py`).
+(`checkpoints.py`), and with spec.output.hub.checkpoints on to a branch of the bot's Hub repository (`hub.py`); where the stage's wall time goes is recorded phase by phase (`timing.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Callable
 from .checkpoints import S3CheckpointStore
 from .contract import DEEPSPEED_CONFIG_PATH, S3Layout, StageRequest, StageResult, section_defaults
 from .errors import BaseModelUnavailable, DatasetTooSmall, MissingInput, NoUsableGPU, OutOfMemory, StageError
+from .hub import HubCheckpoints
 from .storage import Storage
 from .timing import TIMINGS_LOG_PREFIX, PhaseTimes, seconds_since_process_start
 
@@ -459,7 +460,8 @@ def run_train(request: StageRequest, storage: Storage, workdir: Path | None = No
     with times.phase("trainerInit"):
         from .hooks import ProgressReports, S3Checkpoints, TimedCheckpoints, TimedTrainer, TrainTimes
         saves = TimedCheckpoints(args.checkpoint_every_minutes, args.checkpoint_every_steps)
-        uploads = S3Checkpoints(store, output_dir, times, uploaded=resumed_step)  # after `saves`: it acts on their decision
+        hub = HubCheckpoints.wanted(request, os.environ)
+        uploads = S3Checkpoints(store, output_dir, times, uploaded=resumed_step, hub=hub)  # after `saves`: it acts on their decision
         progress = ProgressReports(storage, layout, tokens_per_step=args.batch_size * blocks.size * world_size)
         train_times = TrainTimes(times)
         trainer = TimedTrainer(model=model, args=training_args, train_dataset=BlockDataset(blocks.train),
@@ -489,4 +491,7 @@ def run_train(request: StageRequest, storage: Storage, workdir: Path | None = No
     log.info("stage timings: %s", times.summary())
     log.info("%s%s", TIMINGS_LOG_PREFIX, json.dumps(times.record()))
     shutil.rmtree(workdir, ignore_errors=True)  # the other ranks are done with it: they wrote nothing after save_model
-    return StageResult(stage="train", run_id=request.run_id, metrics=metrics, artifacts={"modelUri": layout.uri("final") + "/"})
+    artifacts = {"modelUri": layout.uri("final") + "/"}
+    if hub is not None and hub.revision:
+        artifacts["hubCheckpointRevision"] = hub.revision  # the newest checkpoint's "<branch>@<commit>"
+    return StageResult(stage="train", run_id=request.run_id, metrics=metrics, artifacts=artifacts)

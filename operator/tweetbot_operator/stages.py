@@ -14,6 +14,7 @@ from tweetbot_trainer.contract import (
     BOT_LABEL,
     DEEPSPEED_CONFIG_PATH,
     HUB_TOKEN_ENV,
+    MLFLOW_TOKEN_ENV,
     REQUEST_ENV,
     RUN_LABEL,
     S3_ACCESS_KEY_ENV,
@@ -21,6 +22,7 @@ from tweetbot_trainer.contract import (
     SOURCES,
     STAGE_LABEL,
     TERMINATION_MESSAGE_PATH,
+    WANDB_API_KEY_ENV,
     StageRequest,
 )
 
@@ -86,6 +88,17 @@ def _base_model_secrets(spec: dict) -> list[SecretNeed]:
     return [_ref_need(HUB_TOKEN_ENV, ref, "spec.model.tokenSecretRef")] if ref else []
 
 
+def _train_secrets(spec: dict) -> list[SecretNeed]:
+    """The base model's token, and the key of each tracker spec.training.reportTo names (only those)."""
+    training, needs = spec["training"], _base_model_secrets(spec)
+    report_to = training.get("reportTo") or []
+    for tracker, field_name, env in (("wandb", "apiKeySecretRef", WANDB_API_KEY_ENV), ("mlflow", "tokenSecretRef", MLFLOW_TOKEN_ENV)):
+        ref = (training.get(tracker) or {}).get(field_name)
+        if tracker in report_to and ref:
+            needs.append(_ref_need(env, ref, f"spec.training.{tracker}.{field_name}"))
+    return needs
+
+
 def _cpu_stage(resources: Callable[[Settings], StageResources], stage: str) -> Callable[[dict, Settings], PodParts]:
     def pod(spec: dict, settings: Settings) -> PodParts:
         chosen = resources(settings)
@@ -133,7 +146,7 @@ def _train_pod(spec: dict, settings: Settings) -> PodParts:
 REGISTRY: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("scrape", Phase.SCRAPING, "DataReady", _source_secrets,
           _cpu_stage(lambda settings: settings.scrape_resources, "scrape")),
-    Stage("train", Phase.TRAINING, "Trained", _base_model_secrets, _train_pod, gpus=lambda spec: spec["resources"]["gpus"]),
+    Stage("train", Phase.TRAINING, "Trained", _train_secrets, _train_pod, gpus=lambda spec: spec["resources"]["gpus"]),
     Stage("publish", Phase.PUBLISHING, "Published", _hub_secrets,
           _cpu_stage(lambda settings: settings.publish_resources, "publish")),
 )}
@@ -168,7 +181,7 @@ def stage_request(bot: dict, run_id: str, stage: str) -> StageRequest:
         source={key: _without_secret_refs(value) for key, value in spec["source"].items()},
         data=spec["data"],
         model=_without_secret_refs(spec["model"]),
-        training=spec["training"],
+        training=_without_secret_refs(spec["training"]),
         hub=None if hub is None else _without_secret_refs(hub),
         gpus=REGISTRY[stage].gpus(spec),
     )

@@ -98,3 +98,7 @@ class CheckpointUploadFailed(StageError):
 
 class NoUsableGPU(StageError):
     exit_code, reason = 24, "NoUsableGPU"
+
+
+class TrackerUnavailable(StageError):
+    exit_code, reason = 25, "TrackerUnavailable"

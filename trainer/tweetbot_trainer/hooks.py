@@ -11,6 +11,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 from transformers import Trainer, TrainerCallback
 
@@ -64,13 +65,17 @@ class S3Checkpoints(TrainerCallback):
     """Uploads each saved checkpoint in the background; S3 keeps the newest `keep` complete ones and local disk at
     most `keep`. Must come after TimedCheckpoints in the callbacks, so its on_step_end sees the decision to save."""
 
-    def __init__(self, store: S3CheckpointStore, directory: Path, times: PhaseTimes, uploaded: int | None):
-        """`directory`: where the Trainer saves them; `uploaded`: the step S3 holds already (a resumed one)."""
-        self.store, self.times = store, times
+    def __init__(self, store: S3CheckpointStore, directory: Path, times: PhaseTimes, uploaded: int | None,
+                 then: Callable[[], None] | None = None):
+        """`directory`: where the Trainer saves them; `uploaded`: the step S3 holds already (a resumed one); `then`:
+        run after each upload, off the training thread too (TensorBoard's events)."""
+        self.store, self.times, self.then = store, times, then
         self.uploads = CheckpointUploads(directory, self._upload, store.keep, uploaded=uploaded)
 
     def _upload(self, local: Path, step: int):
         self.times.background.append(self.store.upload(local, step))
+        if self.then is not None:
+            self.then()
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:

@@ -26,6 +26,8 @@ TOTAL_STEPS = 2 * -(-54 // 8)  # 2 epochs of 54 blocks, batch 8; one log per ste
 TRACKED = {"wandb": {"project": "tweetbot-tests", "entity": "dreamers"},
            "mlflow": {"trackingUri": "https://mlflow.example/", "experiment": "tweetbot-tests"}}
 
+KEYS = {"WANDB_API_KEY": "wandb-key-0123456789abcdef", "MLFLOW_TRACKING_TOKEN": "mlflow-token-0123456789abcdef"}
+
 
 @pytest.fixture(scope="module")
 def world(dev_env, new_bucket, tmp_path_factory):
@@ -46,7 +48,7 @@ def tracked(world, tmp_path_factory):
                           checkpoint={"everySteps": 5, "everyMinutes": 60, "keep": 2}, **TRACKED)
     put_dataset(s3, bucket, request.s3, 300)
     process = start_train(dev_env, request, tmp, WANDB_MODE="offline", WANDB_DIR=str(tmp / "wandb"),
-                          MLFLOW_TRACKING_URI=(tmp / "mlruns").as_uri(), MLFLOW_ALLOW_FILE_STORE="true")
+                          MLFLOW_TRACKING_URI=(tmp / "mlruns").as_uri(), MLFLOW_ALLOW_FILE_STORE="true", **KEYS)
     assert process.wait(timeout=600) == 0, (tmp / "train.log").read_text()[-5000:]
     result = StageResult.from_termination_message((tmp / "termination-log").read_text())
     assert result.ok and result.metrics["steps"] == TOTAL_STEPS
@@ -184,3 +186,18 @@ def test_a_tracker_that_cannot_start_fails_the_stage_before_the_model_loads(worl
     log = (tmp_path / "train.log").read_text()
     assert "train blocks" not in log  # failed before the data and the model
     assert token not in error and token not in log
+
+
+def test_no_tracker_keeps_a_key_or_the_s3_credentials(tracked):
+    """The trackers record the environment they run in (W&B its system facts, all three the TrainingArguments):
+    none of the pod's secrets is among what they keep or send."""
+    secrets = [*KEYS.values(), tracked.dev_env.s3_access_key, tracked.dev_env.s3_secret_key]
+    kept = [path for path in (tracked.tmp / "wandb").rglob("*") if path.is_file()]
+    kept += [path for path in (tracked.tmp / "mlruns").rglob("*") if path.is_file()]
+    assert len(kept) > 10
+    for path in kept:
+        data = path.read_bytes()
+        assert not [secret for secret in secrets if secret.encode() in data], path
+    for item in tracked.s3.list_objects_v2(Bucket=tracked.bucket, Prefix=tracked.request.s3.tensorboard)["Contents"]:
+        data = tracked.s3.get_object(Bucket=tracked.bucket, Key=item["Key"])["Body"].read()
+        assert not [secret for secret in secrets if secret.encode() in data], item["Key"]

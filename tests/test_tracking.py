@@ -171,15 +171,20 @@ def test_the_environment_follows_the_spec_and_never_asks_for_mlflow_artifacts(tm
 @pytest.mark.parametrize("tracker, env, message", [
     ("mlflow", {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9/", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"},
      "TrackerUnavailable: cannot start the MLflow run in experiment 'tweetbot-tests' at http://127.0.0.1:9/ "),
-    ("wandb", {"WANDB_MODE": "online"},
+    ("wandb", {"WANDB_MODE": "online", "WANDB_API_KEY": ""},
      "TrackerUnavailable: no W&B API key: WANDB_API_KEY is empty (check spec.training.wandb.apiKeySecretRef)"),
-], ids=["mlflow-unreachable", "wandb-without-key"])
+    # W&B waits WANDB_INIT_TIMEOUT (90 s unless set) for its server.
+    ("wandb", {"WANDB_MODE": "online", "WANDB_INIT_TIMEOUT": "5"},
+     "TrackerUnavailable: cannot start the W&B run in project 'tweetbot-tests' at http://127.0.0.1:9 (CommError): "
+     "check spec.training.wandb and the API key its apiKeySecretRef names"),
+], ids=["mlflow-unreachable", "wandb-without-key", "wandb-unreachable"])
 def test_a_tracker_that_cannot_start_fails_the_stage_before_the_model_loads(world, tmp_path, tracker, env, message):
     dev_env, s3, bucket = world
-    request = request_for(bucket, dev_env.s3_endpoint, f"run-{tracker}", reportTo=[tracker], **TRACKED)
+    tracked = {**TRACKED, "wandb": {**TRACKED["wandb"], "host": "http://127.0.0.1:9"}}
+    request = request_for(bucket, dev_env.s3_endpoint, f"run-{tracker}", reportTo=[tracker], **tracked)
     put_dataset(s3, bucket, request.s3, 50)
-    token = "tracker-secret-0123456789"
-    process = start_train(dev_env, request, tmp_path, MLFLOW_TRACKING_TOKEN=token, WANDB_API_KEY="", **env)
+    token = "5eC7" + "0123456789abcdef" * 2 + "5eC7"  # a W&B key is 40 characters; a malformed one fails earlier
+    process = start_train(dev_env, request, tmp_path, **{"MLFLOW_TRACKING_TOKEN": token, "WANDB_API_KEY": token, **env})
     assert process.wait(timeout=300) == 25, (tmp_path / "train.log").read_text()[-5000:]
     error = StageResult.from_termination_message((tmp_path / "termination-log").read_text()).error
     assert error.startswith(message)

@@ -155,3 +155,31 @@ def test_samples_cannot_add_links_images_html_or_headings():
     # Each sample stays one quoted line under its heading, reading as it was generated.
     quoted = [line[2:] for line in card.split("## Samples\n", 1)[1].split("\n## ", 1)[0].splitlines() if line.startswith("> ")]
     assert [html.unescape(line) for line in quoted] == [" ".join(sample.split()) for sample in samples]
+
+
+def test_the_trackers_run_pages_are_linked():
+    wandb, mlflow = "https://wandb.ai/team/tweetbot/runs/tweetbot-0123abcd", "https://mlflow.example/#/experiments/3/runs/9f1e"
+    card = render_card(facts([HandleStats("a", 10, 1, 2, 7)], tracking={"wandb": wandb, "mlflow": mlflow}))
+    assert f"- Training run: [Weights &amp; Biases]({wandb})" in card and f"- Training run: [MLflow]({mlflow})" in card
+    tags = _Tags(MarkdownIt("commonmark").enable("table").render(card))
+    assert {wandb, mlflow} <= set(tags.hrefs)
+    assert "Training run" not in render_card(facts([HandleStats("a", 10, 1, 2, 7)]))
+
+
+def test_a_hostile_run_page_url_is_never_a_link_elsewhere():
+    """The URL comes from a tenant's W&B or MLflow server (or their spec's trackingUri): only an http(s) link
+    to it, and nothing in it can end the link and start other markup."""
+    hostile = {"wandb": "javascript:alert(document.cookie)",
+               "mlflow": "https://mlflow.example/#/x)![pic](https://evil.example/x.png)<script>x</script>[a](https://evil.example"}
+    card = render_card(facts([HandleStats("a", 10, 1, 2, 7)], tracking=hostile))
+    tags = _Tags(MarkdownIt("commonmark").enable("table").render(card))
+    assert "javascript:" not in card and "Weights" not in card
+    assert not {"img", "script"} & set(tags.tags)
+    links = [href for href in tags.hrefs if href not in OUR_LINKS]
+    assert len(links) == 1 and links[0].startswith("https://mlflow.example/#/x%29!%5Bpic%5D%28")
+    for url in ("data:text/html,<b>x</b>", "https://user@evil.example/", "https://mlflow.example/a b", "ftp://files.example/",
+                "https:///no-host", "https://mlflow.example/\n# Heading"):
+        card = render_card(facts([HandleStats("a", 10, 1, 2, 7)], tracking={"mlflow": url}))
+        assert "Training run" not in card, url
+    # Only the trackers the card knows are linked.
+    assert "Training run" not in render_card(facts([HandleStats("a", 10, 1, 2, 7)], tracking={"evil": "https://evil.example/"}))

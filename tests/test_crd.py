@@ -123,6 +123,17 @@ INVALID = [
      "nodeSelector keys must be label keys"),
     ("node selector value that is no label value", bot(resources={"nodeSelector": {"gpu": "a b"}}),
      "spec.resources.nodeSelector.gpu: Invalid value"),
+    # Experiment trackers: their settings when named, and only http(s) hosts without userinfo for their keys.
+    ("wandb without its settings", bot(training={"reportTo": ["wandb"]}), "reportTo lists wandb; set training.wandb"),
+    ("mlflow without its settings", bot(training={"reportTo": ["mlflow"]}), "reportTo lists mlflow; set training.mlflow"),
+    ("unknown tracker", bot(training={"reportTo": ["comet"]}), 'Unsupported value: "comet"'),
+    ("tracker twice", bot(training={"reportTo": ["tensorboard", "tensorboard"]}), "Duplicate value"),
+    ("wandb without an API key", bot(training={"reportTo": ["wandb"], "wandb": {"project": "p"}}),
+     "spec.training.wandb.apiKeySecretRef: Required value"),
+    ("MLflow URI that is no http(s) URL", bot(training={"reportTo": ["mlflow"], "mlflow": {"trackingUri": "file:///tmp/x"}}),
+     "spec.training.mlflow.trackingUri: Invalid value"),
+    ("W&B host with userinfo", bot(training={"reportTo": ["wandb"], "wandb": {
+        "host": "https://wandb.example@evil.example", "apiKeySecretRef": {"name": "w"}}}), "spec.training.wandb.host: Invalid value"),
     ("priority class not a DNS subdomain", bot(resources={"priorityClassName": "High_Priority"}),
      "spec.resources.priorityClassName: Invalid value"),
 ]
@@ -149,6 +160,7 @@ def test_defaults_are_filled_by_the_api_server(kubectl, namespace):
     assert spec["source"]["x"]["bearerTokenSecretRef"]["key"] == "token"
     assert spec["model"] == {"name": "gpt2", "revision": "main"}
     assert spec["deletionPolicy"] == "Retain" and spec["suspend"] is False
+    assert "reportTo" not in spec["training"] and "wandb" not in spec["training"]
     # The operator fills in the same defaults where a cluster's CRD is older than it.
     assert spec == SPEC_DEFAULTS.apply(bot(handles=["@PurefulSoul"])["spec"])
 

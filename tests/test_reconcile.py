@@ -297,6 +297,55 @@ def test_a_checkpoint_branch_must_be_one_safe_name_and_not_main(branch):
     validate_spec(bot, SETTINGS)
 
 
+def env_by_stage(bot) -> dict[str, dict[str, dict]]:
+    return {stage: {item["name"]: item for item in desired_job(bot, run_id_for(bot), stage, SETTINGS)
+                    ["spec"]["template"]["spec"]["containers"][0]["env"]} for stage in ("scrape", "train", "publish")}
+
+
+TRACKED = {"wandb": {"project": "bots", "apiKeySecretRef": {"name": "wandb"}},
+           "mlflow": {"trackingUri": "https://mlflow.example/", "tokenSecretRef": {"name": "mlflow", "key": "bearer"}}}
+
+
+def test_a_trackers_key_reaches_the_train_stage_only_when_report_to_names_it():
+    asked = make_bot(training={"reportTo": ["tensorboard", "wandb", "mlflow"], **TRACKED})
+    env_of = env_by_stage(asked)
+    assert env_of["train"]["WANDB_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "wandb", "key": "apiKey"}}
+    assert env_of["train"]["MLFLOW_TRACKING_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "mlflow", "key": "bearer"}}
+    assert not {"WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN"} & (set(env_of["scrape"]) | set(env_of["publish"]))
+    request = StageRequest.from_json(env_of["train"]["TWEETBOT_REQUEST"]["value"])
+    assert "SecretRef" not in env_of["train"]["TWEETBOT_REQUEST"]["value"]
+    assert request.training["reportTo"] == ["tensorboard", "wandb", "mlflow"]
+    assert request.training["wandb"] == {"project": "bots"} and request.training["mlflow"]["experiment"] == "tweetbot"
+
+    # Settings kept for later but not reported to: no key is read.
+    idle = env_by_stage(make_bot(training={"reportTo": ["tensorboard"], **TRACKED}))["train"]
+    assert "WANDB_API_KEY" not in idle and "MLFLOW_TRACKING_TOKEN" not in idle
+    secrets = {**ALL_SECRETS, "wandb": secret("apiKey"), "mlflow": None}
+    decided, _ = step(asked, Observed(secrets=secrets, jobs=[job(asked, "scrape", "Succeeded")],
+                                      results={job_name("cyborg", run_id_for(asked), "scrape"): result(asked, "scrape")}))
+    assert decided.create == []
+    assert "Secret 'mlflow' (named by spec.training.mlflow.tokenSecretRef) does not exist" in decided.status["lastError"]
+
+
+@pytest.mark.parametrize("training, message", [
+    ({"reportTo": ["wandb"]}, "reportTo lists wandb: set spec.training.wandb"),
+    ({"reportTo": ["mlflow"]}, "reportTo lists mlflow: set spec.training.mlflow"),
+    ({"reportTo": ["tensorboard", "tensorboard"]}, "at most once"),
+    ({"reportTo": ["comet"]}, "at most once"),
+    ({"reportTo": ["mlflow"], "mlflow": {"trackingUri": "javascript:alert(1)"}}, "spec.training.mlflow.trackingUri"),
+    ({"reportTo": ["mlflow"], "mlflow": {"trackingUri": "https://user@evil.example"}}, "spec.training.mlflow.trackingUri"),
+    ({"reportTo": ["wandb"], "wandb": {"host": "https://wandb.example/?x=1", "apiKeySecretRef": {"name": "w"}}},
+     "spec.training.wandb.host"),
+    ({"reportTo": ["wandb"], "wandb": {"project": "a/b", "apiKeySecretRef": {"name": "w"}}}, "spec.training.wandb.project"),
+    ({"reportTo": ["wandb"], "wandb": {"apiKeySecretRef": {"name": "../w"}}}, "apiKeySecretRef.name"),
+], ids=["wandb-without-settings", "mlflow-without-settings", "twice", "unknown", "script-uri", "userinfo", "query",
+        "project-with-slash", "secret-name"])
+def test_the_operator_refuses_tracker_settings_the_crd_refuses(training, message):
+    with pytest.raises(InvalidSpec, match=message.replace("?", r"\?")):
+        validate_spec(make_bot(training=training), SETTINGS)
+    validate_spec(make_bot(training={"reportTo": ["wandb", "mlflow"], **TRACKED}), SETTINGS)
+
+
 def test_job_names_fit_kubernetes_limits_and_pods_cannot_call_the_api():
     bot = make_bot()
     bot["metadata"]["name"] = "a" * 40  # the CRD's maximum

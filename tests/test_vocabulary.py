@@ -9,7 +9,7 @@ import yaml
 
 from tweetbot_operator.names import JobState, Phase
 from tweetbot_operator.stages import REGISTRY
-from tweetbot_trainer.contract import SOURCES, SPEC_DEFAULTS, STAGES, Defaults
+from tweetbot_trainer.contract import SOURCES, SPEC_DEFAULTS, STAGES, TRACKERS, Defaults
 
 CRD = Path(__file__).resolve().parents[1] / "crds" / "huggingtweets.dev_tweetbots.yaml"
 SCHEMA = yaml.safe_load(CRD.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
@@ -33,6 +33,15 @@ def test_the_crds_sources_are_the_contracts():
     for key, use in SOURCES.items():
         secret_refs = [name for name in source["properties"][key]["properties"] if name.endswith("SecretRef")]
         assert secret_refs == ([use.field] if use else [])
+
+
+def test_the_crds_trackers_are_the_contracts():
+    training = SCHEMA["spec"]["properties"]["training"]
+    assert training["properties"]["reportTo"]["items"]["enum"] == list(TRACKERS)
+    # Each tracker with a server has its settings object, required by a rule when reportTo names it.
+    rules = " ".join(rule["rule"] for rule in training["x-kubernetes-validations"])
+    for tracker in ("wandb", "mlflow"):
+        assert tracker in training["properties"] and f"has(self.{tracker})" in rules
 
 
 def crd_defaults(schema: dict) -> Defaults | None:

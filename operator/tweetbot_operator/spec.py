@@ -8,7 +8,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from tweetbot_trainer.contract import GROUP, MAX_HANDLES, SPEC_DEFAULTS, S3Layout
+from tweetbot_trainer.contract import GROUP, MAX_HANDLES, SPEC_DEFAULTS, TRACKERS, S3Layout
 
 from .settings import Settings
 
@@ -23,6 +23,10 @@ BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9!_.*'()-]{0,127}")  # one key segment: the layout stays injective
 REGION = re.compile(r"[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?")
 BRANCH = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # one ref segment: no '/', so never refs/... or a path
+# Hosts the train pod sends a tracker's key to: no userinfo, query or fragment to smuggle another host in.
+WANDB_HOST = re.compile(r"https?://[^\s/@?#]+/?")
+MLFLOW_URI = re.compile(r"https?://[^\s/@?#]+(/[^\s?#]*)?")
+TRACKER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 class InvalidSpec(ValueError):
@@ -86,9 +90,31 @@ def validate_spec(bot: dict, settings: Settings) -> None:
         raise InvalidSpec(f"spec.output.hub.checkpointBranch {branch!r} must be a git branch name (letters, digits, "
                           "'.', '_', '-'; no '..', not ending in '.' or '.lock') other than main, which holds the "
                           "published model")
+    validate_trackers(spec["training"])
     priority_class = spec["resources"].get("priorityClassName")
     if priority_class is not None and not DNS_SUBDOMAIN.fullmatch(priority_class):
         raise InvalidSpec(f"spec.resources.priorityClassName {priority_class!r} is not a DNS subdomain")
+
+
+def validate_trackers(training: dict) -> None:
+    """spec.training.reportTo and the settings of the trackers it names (the CRD's rules, again)."""
+    report_to = training.get("reportTo") or []
+    unknown = sorted(set(report_to) - set(TRACKERS))
+    if unknown or len(report_to) != len(set(report_to)):
+        raise InvalidSpec(f"spec.training.reportTo {report_to!r} must list each of {', '.join(TRACKERS)} at most once")
+    for tracker in ("wandb", "mlflow"):
+        if tracker in report_to and not training.get(tracker):
+            raise InvalidSpec(f"spec.training.reportTo lists {tracker}: set spec.training.{tracker}")
+    wandb, mlflow = training.get("wandb") or {}, training.get("mlflow") or {}
+    checks = (("wandb.project", wandb.get("project"), TRACKER_NAME), ("wandb.entity", wandb.get("entity"), TRACKER_NAME),
+              ("wandb.host", wandb.get("host"), WANDB_HOST), ("mlflow.trackingUri", mlflow.get("trackingUri"), MLFLOW_URI))
+    for where, value, pattern in checks:
+        if value is not None and (not isinstance(value, str) or len(value) > 2048 or not pattern.fullmatch(value)):
+            raise InvalidSpec(f"spec.training.{where} {value!r} is not valid")
+    if "mlflow" in report_to and "trackingUri" not in mlflow:
+        raise InvalidSpec("spec.training.mlflow.trackingUri must be set: the MLflow tracking server's http(s) URL")
+    if "wandb" in report_to and "apiKeySecretRef" not in wandb:
+        raise InvalidSpec("spec.training.wandb.apiKeySecretRef must be set: the Secret key holding the W&B API key")
 
 
 BOT_IDENTITY, OPERATOR_IDENTITY = "bot", "operator"

@@ -15,6 +15,7 @@ from tweetbot_trainer.contract import (
     DEEPSPEED_CONFIG_PATH,
     HUB_PUSH_TOKEN_ENV,
     HUB_TOKEN_ENV,
+    MLFLOW_TOKEN_ENV,
     REQUEST_ENV,
     RUN_LABEL,
     S3_ACCESS_KEY_ENV,
@@ -22,6 +23,7 @@ from tweetbot_trainer.contract import (
     SOURCES,
     STAGE_LABEL,
     TERMINATION_MESSAGE_PATH,
+    WANDB_API_KEY_ENV,
     StageRequest,
 )
 from tweetbot_trainer.errors import permanent_exit_codes
@@ -84,7 +86,8 @@ def _hub_secrets(spec: dict) -> list[SecretNeed]:
 
 def _train_secrets(spec: dict) -> list[SecretNeed]:
     """A gated base model's read token: huggingface_hub and transformers take it from HF_TOKEN. With checkpoints
-    on the Hub, the output repository's token too, under its own name: the trainer hands it to the pushes alone."""
+    on the Hub, the output repository's token too, under its own name: the trainer hands it to the pushes alone.
+    And the key of each tracker spec.training.reportTo names (only those)."""
     needs = []
     ref = spec["model"].get("tokenSecretRef")
     if ref:
@@ -92,6 +95,12 @@ def _train_secrets(spec: dict) -> list[SecretNeed]:
     hub = spec["output"].get("hub")
     if hub and hub["checkpoints"]:
         needs.append(_ref_need(HUB_PUSH_TOKEN_ENV, hub["tokenSecretRef"], "spec.output.hub.tokenSecretRef"))
+    training = spec["training"]
+    report_to = training.get("reportTo") or []
+    for tracker, field_name, env in (("wandb", "apiKeySecretRef", WANDB_API_KEY_ENV), ("mlflow", "tokenSecretRef", MLFLOW_TOKEN_ENV)):
+        ref = (training.get(tracker) or {}).get(field_name)
+        if tracker in report_to and ref:
+            needs.append(_ref_need(env, ref, f"spec.training.{tracker}.{field_name}"))
     return needs
 
 
@@ -177,7 +186,7 @@ def stage_request(bot: dict, run_id: str, stage: str) -> StageRequest:
         source={key: _without_secret_refs(value) for key, value in spec["source"].items()},
         data=spec["data"],
         model=_without_secret_refs(spec["model"]),
-        training=spec["training"],
+        training=_without_secret_refs(spec["training"]),
         hub=None if hub is None else _without_secret_refs(hub),
         gpus=REGISTRY[stage].gpus(spec),
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import string
 from dataclasses import dataclass, field
+from urllib.parse import quote, urlsplit
 
 import yaml
 
@@ -22,6 +23,8 @@ TABLE_ROWS = (("Tweets downloaded", "downloaded"), ("Retweets", "retweets"), ("S
               ("Tweets kept", "kept"))
 # training.json's metrics published as model-index results: (key, the Hub's metric type, its name).
 EVAL_RESULTS = (("evalLoss", "loss", "Eval loss"), ("perplexity", "perplexity", "Perplexity"))
+# training.json's `tracking` keys: the trackers whose run pages the card links, by the names it shows.
+TRACKER_NAMES = {"wandb": "Weights & Biases", "mlflow": "MLflow"}
 
 
 @dataclass
@@ -38,6 +41,7 @@ class CardFacts:
     license: str = ""  # the base model's, where known
     architecture: str = ""  # the model's class, config.json's `architectures[0]`: LlamaForCausalLM, ...
     model_type: str = ""  # config.json's `model_type`: gpt2, llama, qwen2, ...
+    tracking: dict = field(default_factory=dict)  # tracker -> its page of the training run (training.json's)
 
 
 def cell(text: str) -> str:
@@ -50,6 +54,19 @@ def inline(text: str) -> str:
     CommonMark never reads a character reference as structure (link, image, HTML, heading, emphasis, table
     pipe), and a GFM autolinker finds no literal '://', 'www.' or e-mail address to link."""
     return "".join(f"&#{ord(char)};" if char in string.punctuation else char for char in " ".join(str(text).split()))
+
+
+def link_target(url: str) -> str | None:
+    """A Markdown link destination for a URL a tenant's spec or server chose, or None if it is no http(s) URL with a
+    host: no other scheme (javascript:, data:) becomes a link. Every character that could end the destination or
+    start markup (space, parentheses, brackets, angle brackets, quotes, '&', '\\', '`') is percent-encoded."""
+    text = str(url)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
+        return None
+    if any(not char.isprintable() or char.isspace() for char in text):
+        return None
+    return quote(text, safe=":/?#=;,+!$*%-._~")
 
 
 def display(stats: HandleStats) -> str:
@@ -151,6 +168,10 @@ def _training_procedure(facts: CardFacts, names: str) -> list[str]:
     if facts.deepspeed:
         lines.append(f"- DeepSpeed: {cell(facts.deepspeed)}")
     lines += [f"- {key}: {facts.metrics[key]}" for key in ("evalLoss", "perplexity", "trainLoss", "steps", "tokens") if key in facts.metrics]
+    for tracker, url in facts.tracking.items():
+        target = link_target(url) if tracker in TRACKER_NAMES else None
+        if target:
+            lines.append(f"- Training run: [{html.escape(TRACKER_NAMES[tracker])}]({target})")
     return lines
 
 

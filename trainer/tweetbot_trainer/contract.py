@@ -39,6 +39,11 @@ HUB_TOKEN_ENV = "HF_TOKEN"
 HUB_PUSH_TOKEN_ENV = "TWEETBOT_HUB_PUSH_TOKEN"
 S3_ACCESS_KEY_ENV = "AWS_ACCESS_KEY_ID"
 S3_SECRET_KEY_ENV = "AWS_SECRET_ACCESS_KEY"
+WANDB_API_KEY_ENV = "WANDB_API_KEY"
+MLFLOW_TOKEN_ENV = "MLFLOW_TRACKING_TOKEN"
+
+# spec.training.reportTo's trackers; the CRD's enum follows this (tests hold them to it).
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,8 @@ SPEC_DEFAULTS = Defaults({
         "seed": 42, "precision": "auto",
         "deepspeed": Defaults({"configMapRef": Defaults({"key": "ds_config.json"})}, always=True),
         "checkpoint": Defaults({"everyMinutes": 10, "keep": 2}, always=True),
+        "wandb": Defaults({"project": "tweetbot", "apiKeySecretRef": Defaults({"key": "apiKey"})}),
+        "mlflow": Defaults({"experiment": "tweetbot", "tokenSecretRef": _SECRET_KEY}),
     }, always=True),
     "resources": Defaults({"gpus": 1, "cpu": "4", "memory": "16Gi"}, always=True),
     "output": Defaults({
@@ -196,6 +203,11 @@ class S3Layout:
     @property
     def progress(self) -> str:
         return self.key("train", "progress.json")
+
+    @property
+    def tensorboard(self) -> str:
+        """TensorBoard's event files, so `tensorboard --logdir s3://<bucket>/<this>` shows the run."""
+        return self.key("tensorboard") + "/"
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,10 @@ class NoUsableGPU(StageError):
     exit_code, reason = 24, "NoUsableGPU"
 
 
+class TrackerUnavailable(StageError):
+    exit_code, reason = 25, "TrackerUnavailable"
+
+
 def permanent_exit_codes() -> list[int]:
     """The exit codes of the errors no retry can mend: each stage Job's podFailurePolicy fails the Job on them."""
     pending, codes = [StageError], set()

@@ -12,12 +12,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable, Sequence
 
 from transformers import Trainer, TrainerCallback
 
 from .checkpoints import CheckpointUploads, S3CheckpointStore
 from .contract import Progress, S3Layout
-from .hub import HubCheckpoints
 from .storage import Storage
 from .timing import PhaseTimes
 
@@ -67,18 +67,17 @@ class S3Checkpoints(TrainerCallback):
     most `keep`. Must come after TimedCheckpoints in the callbacks, so its on_step_end sees the decision to save."""
 
     def __init__(self, store: S3CheckpointStore, directory: Path, times: PhaseTimes, uploaded: int | None,
-                 hub: HubCheckpoints | None = None):
-        """`directory`: where the Trainer saves them; `uploaded`: the step S3 holds already (a resumed one);
-        `hub`: where each goes next, once S3 holds it."""
-        self.store, self.times, self.hub = store, times, hub
+                 then: Sequence[Callable[[Path, int], None]] = ()):
+        """`directory`: where the Trainer saves them; `uploaded`: the step S3 holds already (a resumed one); `then`:
+        called with each checkpoint once S3 holds it, in the same background job, so the local copy is deleted
+        only after them (the push to the Hub, TensorBoard's events). A slow one delays saves as a slow S3 would."""
+        self.store, self.times, self.then = store, times, list(then)
         self.uploads = CheckpointUploads(directory, self._upload, store.keep, uploaded=uploaded)
 
     def _upload(self, local: Path, step: int):
         self.times.background.append(self.store.upload(local, step))
-        if self.hub is not None:
-            # In the same background job: the local copy is deleted only once this job is done, and S3 (the
-            # record) has the checkpoint before the Hub does. A slow Hub delays saves only as a slow S3 would.
-            self.hub.push(local, step)
+        for action in self.then:
+            action(local, step)
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:

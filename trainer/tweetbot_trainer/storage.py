@@ -223,17 +223,18 @@ class Storage:
             target.parent.mkdir(parents=True, exist_ok=True)
             self.s3.download_file(bucket, prefix + relative, str(target), Config=TRANSFER)
 
-    def upload_directory(self, local: Path, bucket: str, prefix: str, manifest_key: str) -> dict:
-        """Upload every file under `local` (multipart for large ones), then the manifest naming them; S3Failure
-        names the object that failed."""
+    def upload_directory(self, local: Path, bucket: str, prefix: str, manifest_key: str | None = None) -> dict:
+        """Upload every file under `local` (multipart for large ones), then the manifest naming them if given a key
+        for it; S3Failure names the object that failed."""
         manifest = {"files": {}}
         for path in sorted(p for p in local.rglob("*") if p.is_file()):
             relative = path.relative_to(local).as_posix()
             with _told_as_s3_failure("upload to", bucket, prefix + relative):
                 self.s3.upload_file(str(path), bucket, prefix + relative, Config=TRANSFER)
             manifest["files"][relative] = {"bytes": path.stat().st_size}
-        with _told_as_s3_failure("upload to", bucket, manifest_key):
-            self.s3.put_object(Bucket=bucket, Key=manifest_key, Body=json.dumps(manifest, indent=1).encode())
+        if manifest_key is not None:
+            with _told_as_s3_failure("upload to", bucket, manifest_key):
+                self.s3.put_object(Bucket=bucket, Key=manifest_key, Body=json.dumps(manifest, indent=1).encode())
         return manifest
 
     def write_all(self, bucket: str, files: dict[str, bytes], manifest_key: str) -> dict:

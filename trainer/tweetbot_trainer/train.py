@@ -24,6 +24,7 @@ from .errors import BaseModelUnavailable, DatasetTooSmall, MissingInput, NoUsabl
 from .hub import HubCheckpoints
 from .storage import Storage
 from .timing import TIMINGS_LOG_PREFIX, PhaseTimes, seconds_since_process_start
+from .tracking import Trackers, Tracking, tracker_environment, upload_tensorboard
 
 log = logging.getLogger("tweetbot.train")
 SAMPLE_PROMPT = "My dream is"
@@ -64,12 +65,15 @@ class TrainArguments:
     checkpoint_every_steps: int = arg(EVERY_STEPS, "Also save every this many steps; 0: by time only.")
     keep_checkpoints: int = arg(TRAINING["checkpoint"]["keep"], "Complete checkpoints kept in S3.")
     gpus: int = arg(0, "GPUs of the pod, for the result's gpuSeconds.")
+    report_to: tuple[str, ...] = arg((), "Trackers of the run: tensorboard, wandb, mlflow (tracking.py).")
+    run_name: str = arg("", "The run's name in the trackers: <namespace>/<bot>/<run>.")
 
     @classmethod
     def from_request(cls, request: StageRequest) -> TrainArguments:
         model, data = section_defaults("model", request.model), section_defaults("data", request.data)
         training = section_defaults("training", request.training)
         deepspeed, checkpoint = training["deepspeed"], training["checkpoint"]
+        tracking = Tracking.from_request(request)
         return cls(
             model_name=model["name"], revision=model["revision"], epochs=training["epochs"],
             learning_rate=training["learningRate"], lr_scheduler=training["lrScheduler"], batch_size=training["batchSize"],
@@ -78,6 +82,7 @@ class TrainArguments:
             zero_asked=bool({"zeroStage", "offload"} & set(deepspeed)),
             validation_fraction=data["validationFraction"], checkpoint_every_minutes=checkpoint["everyMinutes"],
             checkpoint_every_steps=checkpoint.get("everySteps", EVERY_STEPS), keep_checkpoints=checkpoint["keep"], gpus=request.gpus,
+            report_to=tracking.report_to, run_name=tracking.run_name,
         )
 
 
@@ -305,7 +310,8 @@ def training_arguments(args: TrainArguments, output_dir: str, train_blocks: int,
         logging_steps=max(1, math.ceil(train_blocks / args.batch_size / world_size / 10)),
         logging_nan_inf_filter=False,  # its isnan() check on every step's loss is a device sync per step on a GPU
         save_strategy="no",  # saves come from hooks.TimedCheckpoints, and one at the end
-        report_to=[],
+        report_to=list(args.report_to),  # transformers' callbacks, on rank 0; tracking.py sets them up
+        run_name=args.run_name or None,
         deepspeed=deepspeed_config(args) if uses_deepspeed(args, world_size, cuda) else None,
         use_cpu=not cuda,
         dataloader_num_workers=0,
@@ -406,14 +412,16 @@ def sample_generations(model_dir: Path, seed: int, count: int = 3) -> list[str]:
 
 
 def training_facts(args: TrainArguments, metrics: dict, block_size: int, world_size: int, deepspeed: dict,
-                   times: PhaseTimes) -> dict:
-    """final/training.json: what the publish stage's model card says about training, and the timings so far."""
+                   times: PhaseTimes, tracking: dict[str, str] | None = None) -> dict:
+    """final/training.json: what the publish stage's model card says about training (the trackers' run pages among
+    it), and the timings so far."""
     return {
         "baseModel": args.model_name, "metrics": metrics,
         "hyperparameters": {"epochs": args.epochs, "learning rate": args.learning_rate, "scheduler": args.lr_scheduler,
                             "batch size per device": args.batch_size, "block size": block_size, "seed": args.seed,
                             "devices": world_size},
         "deepspeed": describe_deepspeed(deepspeed),
+        **({"tracking": tracking} if tracking else {}),
         "timings": times.record(),
     }
 
@@ -430,6 +438,8 @@ def run_train(request: StageRequest, storage: Storage, workdir: Path | None = No
     args, layout = TrainArguments.from_request(request), request.s3
     require_gpus(args.gpus)
     workdir = Path(workdir) if workdir else work_directory(request.run_id)
+    tracking = Tracking.from_request(request)
+    os.environ.update(tracker_environment(tracking, workdir, dict(os.environ)))  # before the Trainer's callbacks read it
     started = time.monotonic()
     set_seed(args.seed)
 
@@ -440,6 +450,10 @@ def run_train(request: StageRequest, storage: Storage, workdir: Path | None = No
         # Before from_pretrained, which reads the DeepSpeed config this registers: under ZeRO-3 each rank then
         # loads only its partition of the weights instead of the whole model.
         training_args = TrainingArguments(**training_arguments(args, str(output_dir), 0, False, world_size, cuda=cuda))
+        # Before anything heavy loads: a tracker that cannot be reached fails the stage now, not after training.
+        trackers = Trackers(tracking, workdir)
+        if training_args.process_index == 0:
+            trackers.start()
 
     with times.phase("dataLoad"):
         posts = load_posts(storage, layout)
@@ -460,8 +474,13 @@ def run_train(request: StageRequest, storage: Storage, workdir: Path | None = No
     with times.phase("trainerInit"):
         from .hooks import ProgressReports, S3Checkpoints, TimedCheckpoints, TimedTrainer, TrainTimes
         saves = TimedCheckpoints(args.checkpoint_every_minutes, args.checkpoint_every_steps)
+        # After `saves`: it acts on their decision. Each checkpoint, once in S3, goes to the Hub's branch, and
+        # TensorBoard's events follow it to S3.
         hub = HubCheckpoints.wanted(request, os.environ)
-        uploads = S3Checkpoints(store, output_dir, times, uploaded=resumed_step, hub=hub)  # after `saves`: it acts on their decision
+        after_upload = [hub.push] if hub else []
+        if "tensorboard" in tracking.report_to:
+            after_upload.append(lambda local, step: upload_tensorboard(storage, layout, trackers.tensorboard_dir))
+        uploads = S3Checkpoints(store, output_dir, times, uploaded=resumed_step, then=after_upload)
         progress = ProgressReports(storage, layout, tokens_per_step=args.batch_size * blocks.size * world_size)
         train_times = TrainTimes(times)
         trainer = TimedTrainer(model=model, args=training_args, train_dataset=BlockDataset(blocks.train),
@@ -480,8 +499,14 @@ def run_train(request: StageRequest, storage: Storage, workdir: Path | None = No
     with times.phase("finalSave"):
         save_for_generation(final_dir, tokenizer)
     with times.phase("samples"):
-        (final_dir / "samples.json").write_text(json.dumps(sample_generations(final_dir, args.seed), ensure_ascii=False))
-    facts = training_facts(args, metrics, blocks.size, world_size, training_args.deepspeed, times)
+        samples = sample_generations(final_dir, args.seed)
+        (final_dir / "samples.json").write_text(json.dumps(samples, ensure_ascii=False))
+    with times.phase("trackers"):
+        trackers.log_samples(SAMPLE_PROMPT, samples, trainer.state.global_step)
+        run_pages = trackers.finish()
+        if "tensorboard" in tracking.report_to:
+            upload_tensorboard(storage, layout, trackers.tensorboard_dir)
+    facts = training_facts(args, metrics, blocks.size, world_size, training_args.deepspeed, times, tracking=run_pages)
     (final_dir / "training.json").write_text(json.dumps(facts, indent=1))
     with times.phase("finalUpload"):
         storage.upload_directory(final_dir, layout.bucket, layout.final_model, manifest_key=layout.final_model + "manifest.json")

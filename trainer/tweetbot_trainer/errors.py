@@ -98,3 +98,7 @@ class CheckpointUploadFailed(StageError):
 
 class NoUsableGPU(StageError):
     exit_code, reason = 24, "NoUsableGPU"
+
+
+class LoraTargetsNotFound(StageError):
+    exit_code, reason = 25, "LoraTargetsNotFound"

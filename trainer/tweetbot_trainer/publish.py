@@ -81,6 +81,7 @@ def run_publish(request: StageRequest, storage: Storage, environ: dict[str, str]
         hyperparameters=training.get("hyperparameters", {}), deepspeed=training.get("deepspeed", ""),
         metrics=training.get("metrics", {}), samples=samples,
         architecture=(config.get("architectures") or [""])[0], model_type=config.get("model_type", ""),
+        adapter=(training.get("lora") or {}).get("publish") == "adapter",
     ))
     (model_dir / "README.md").write_text(card)
     storage.put(layout.bucket, layout.final_model + "README.md", card.encode())

@@ -10,7 +10,8 @@ process of its own, and prints tokens/s and peak memory:
 - zero2 and plain (`--settings zero2,plain`): the stage's defaults with DeepSpeed ZeRO-2 forced on, and off;
 - lora (`--settings plain,lora`): the stage's defaults with `method: lora` (peft's adapters, r 8, alpha 16).
 Each setting also saves one checkpoint after its last step, as the stage does (weights and optimizer state), and
-prints its size; the save is not in the tokens/s.
+prints its size; the save is not in the tokens/s. Tokens per CPU second (all of the process's threads) is the
+figure to compare on a machine that other work shares: wall-clock tokens/s there swings with the other load.
 Without a GPU it refuses, unless `--allow-cpu`: what the tests use, and how the choice of the plain Trainer
 for one CPU process was measured (`--allow-cpu --model <tiny GPT-2> --settings zero2,plain --repeat 3`).
 """
@@ -68,11 +69,11 @@ def run_one(setting: str, model_name: str, steps: int, count: int) -> dict:
     class LastStep(TrainerCallback):
         """When the last step ended: the checkpoint saved after it is not in the tokens/s."""
 
-        ended = None
+        ended = cpu_ended = None
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step >= state.max_steps:
-                self.ended = time.perf_counter()
+                self.ended, self.cpu_ended = time.perf_counter(), time.process_time()
 
     # One checkpoint, after the last step: what the stage saves and uploads each time.
     kwargs.update(max_steps=steps, save_strategy="steps", save_steps=steps, logging_strategy="no")
@@ -81,9 +82,9 @@ def run_one(setting: str, model_name: str, steps: int, count: int) -> dict:
                       callbacks=[clock])
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     trainer.train()
-    seconds = clock.ended - started
+    seconds, cpu_seconds = clock.ended - started, clock.cpu_ended - cpu_started
     checkpoint = Path(output_dir) / f"checkpoint-{trainer.state.global_step}"
     checkpoint_bytes = sum(path.stat().st_size for path in checkpoint.rglob("*") if path.is_file())
     shutil.rmtree(output_dir, ignore_errors=True)
@@ -94,7 +95,8 @@ def run_one(setting: str, model_name: str, steps: int, count: int) -> dict:
             "engine": "DeepSpeed" if kwargs.get("deepspeed") else "Trainer",
             "precision": "bf16" if kwargs.get("bf16") else "fp16" if kwargs.get("fp16") else "fp32",
             "batch": args.batch_size, "block": blocks.size, "steps": trainer.state.global_step,
-            "tokens_per_second": round(tokens / seconds, 1), "peak_memory_mb": round(peak / 2**20),
+            "tokens_per_second": round(tokens / seconds, 1), "tokens_per_cpu_second": round(tokens / cpu_seconds, 1),
+            "peak_memory_mb": round(peak / 2**20),
             "checkpoint_mb": round(checkpoint_bytes / 2**20, 2)}
 
 
@@ -132,16 +134,18 @@ def main(argv: list[str] | None = None) -> int:
             return done.returncode
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(f"{'setting':14} {'device':20} {'engine':9} {'precision':9} {'batch':>5} {'block':>5} {'steps':>5} "
-          f"{'tokens/s':>10} {'peak MB':>8} {'ckpt MB':>9}")
+          f"{'tokens/s':>10} {'tok/CPU-s':>10} {'peak MB':>8} {'ckpt MB':>9}")
     for r in results:
         print(f"{r['setting']:14} {r['device'][:20]:20} {r['engine']:9} {r['precision']:9} {r['batch']:>5} {r['block']:>5} "
-              f"{r['steps']:>5} {r['tokens_per_second']:>10,.0f} {r['peak_memory_mb']:>8,} {r['checkpoint_mb']:>9,.2f}")
+              f"{r['steps']:>5} {r['tokens_per_second']:>10,.0f} {r['tokens_per_cpu_second']:>10,.0f} "
+              f"{r['peak_memory_mb']:>8,} {r['checkpoint_mb']:>9,.2f}")
 
     def median(setting: str, key: str) -> float:
         return statistics.median(r[key] for r in results if r["setting"] == setting)
 
     first, second = settings[:2]
-    for key, what in (("peak_memory_mb", "peak memory"), ("checkpoint_mb", "checkpoint size"), ("tokens_per_second", "tokens/s")):
+    for key, what in (("peak_memory_mb", "peak memory"), ("checkpoint_mb", "checkpoint size"),
+                      ("tokens_per_cpu_second", "tokens per CPU second"), ("tokens_per_second", "tokens/s")):
         print(f"{first} / {second} {what} (medians): {median(first, key) / median(second, key):.2f}x")
     return 0
 

@@ -81,6 +81,17 @@ INVALID = [
     ("DeepSpeed config twice", bot(training={"deepspeed": {"zeroStage": 3, "configMapRef": {"name": "ds"}}}),
      "set it or zeroStage/offload, not both"),
     ("negative GPUs", bot(resources={"gpus": -1}), "should be greater than or equal to 0"),
+    ("unknown training method", bot(training={"method": "qlora"}), 'Unsupported value: "qlora"'),
+    ("LoRA settings without method lora", bot(training={"lora": {"r": 8}}),
+     "lora is read only with method lora; set method lora or remove lora"),
+    ("LoRA rank 0", bot(training={"method": "lora", "lora": {"r": 0}}), "should be greater than or equal to 1"),
+    ("LoRA rank too high", bot(training={"method": "lora", "lora": {"r": 257}}), "should be less than or equal to 256"),
+    ("LoRA dropout 1", bot(training={"method": "lora", "lora": {"dropout": 1}}), "should be less than 1"),
+    ("LoRA target module that is no module name", bot(training={"method": "lora", "lora": {"targetModules": ["q_proj", "a/b"]}}),
+     "spec.training.lora.targetModules[1]: Invalid value"),
+    ("all-linear with other target modules",
+     bot(training={"method": "lora", "lora": {"targetModules": ["all-linear", "q_proj"]}}), "all-linear stands alone"),
+    ("unknown LoRA publishing", bot(training={"method": "lora", "lora": {"publish": "both"}}), 'Unsupported value: "both"'),
     ("bucket with capitals", bot(output={"s3": {"bucket": "My_Bucket"}}), "bucket must be an S3 bucket name"),
     ("hub repo without org", bot(output={"hub": {"repoId": "nobody", "tokenSecretRef": {"name": "hf"}}}),
      "spec.output.hub.repoId: Invalid value"),
@@ -159,10 +170,24 @@ def test_defaults_are_filled_by_the_api_server(kubectl, namespace):
     assert spec["source"]["maxPostsPerHandle"] == 3200
     assert spec["source"]["x"]["bearerTokenSecretRef"]["key"] == "token"
     assert spec["model"] == {"name": "gpt2", "revision": "main"}
+    assert spec["training"]["method"] == "full" and "lora" not in spec["training"]
     assert spec["deletionPolicy"] == "Retain" and spec["suspend"] is False
     assert "reportTo" not in spec["training"] and "wandb" not in spec["training"]
     # The operator fills in the same defaults where a cluster's CRD is older than it.
     assert spec == SPEC_DEFAULTS.apply(bot(handles=["@PurefulSoul"])["spec"])
+
+
+@pytest.mark.parametrize("training, lora", [
+    ({"method": "lora"}, None),  # the trainer fills in the defaults
+    ({"method": "lora", "lora": {"r": 16, "targetModules": ["all-linear"]}},
+     {"r": 16, "alpha": 16, "dropout": 0.05, "publish": "merged", "targetModules": ["all-linear"]}),
+])
+def test_lora_settings_get_their_defaults_only_where_given(kubectl, namespace, training, lora):
+    created = kubectl("apply", "-n", namespace, "-o", "json", "-f", "-", manifest=bot(training=training))
+    assert created.returncode == 0, created.stderr
+    spec = json.loads(created.stdout)["spec"]
+    assert spec["training"]["method"] == "lora" and spec["training"].get("lora") == lora
+    assert spec == SPEC_DEFAULTS.apply(bot(training=training)["spec"])
 
 
 def test_printer_columns_and_short_name(kubectl, namespace):

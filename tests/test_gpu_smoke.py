@@ -40,6 +40,18 @@ def test_it_compares_the_stage_with_and_without_deepspeed(tmp_path):
     assert engines == {"zero2": "DeepSpeed", "plain": "Trainer"}
 
 
+def test_it_compares_full_fine_tuning_with_lora_and_their_checkpoint_sizes(tmp_path):
+    model = build_tiny_gpt2(tmp_path / "tiny", posts(200))
+    done = smoke("--allow-cpu", "--model", str(model), "--steps", "2", "--posts", "400", "--settings", "plain,lora")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()
+            if line.startswith(("plain ", "lora ")) and " cpu " in line}
+    assert rows["plain"][2:7] == rows["lora"][2:7] == ["Trainer", "fp32", "4", "128", "2"]
+    plain_mb, lora_mb = float(rows["plain"][-1]), float(rows["lora"][-1])
+    assert 0 < lora_mb < plain_mb / 5  # the adapter and its optimizer state, not the whole model's
+    assert "plain / lora checkpoint size (medians):" in done.stdout
+
+
 def test_without_a_gpu_it_refuses_unless_told():
     done = smoke("--steps", "1")
     assert done.returncode == 2 and "no GPU visible" in done.stderr

@@ -71,8 +71,8 @@ def _constraints(schema: dict, required: bool) -> list[str]:
                       ("maxLength", "max length"), ("minItems", "min items"), ("maxItems", "max items"),
                       ("maxProperties", "max entries")):
         if key in schema:
-            exclusive = key == "minimum" and schema.get("exclusiveMinimum")
-            found.append(f"> {schema[key]}" if exclusive else f"{word} {schema[key]}")
+            exclusive = schema.get({"minimum": "exclusiveMinimum", "maximum": "exclusiveMaximum"}.get(key, ""))
+            found.append(f"{'>' if key == 'minimum' else '<'} {schema[key]}" if exclusive else f"{word} {schema[key]}")
     if "pattern" in schema:
         found.append(f"pattern {_code(schema['pattern'])}")
     if "x-kubernetes-list-map-keys" in schema:

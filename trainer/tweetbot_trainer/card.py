@@ -42,6 +42,7 @@ class CardFacts:
     architecture: str = ""  # the model's class, config.json's `architectures[0]`: LlamaForCausalLM, ...
     model_type: str = ""  # config.json's `model_type`: gpt2, llama, qwen2, ...
     tracking: dict = field(default_factory=dict)  # tracker -> its page of the training run (training.json's)
+    adapter: bool = False  # the repository holds a LoRA adapter (peft) that loads on top of `base_model`
 
 
 def cell(text: str) -> str:
@@ -116,10 +117,11 @@ def _front_matter(facts: CardFacts) -> list[str]:
     front_matter = {
         "language": "en",
         "thumbnail": "https://github.com/borisdayma/huggingtweets/blob/master/img/logo.png?raw=true",
-        "tags": ["huggingtweets", "text-generation", *([facts.model_type] if facts.model_type else [])],
+        "tags": ["huggingtweets", "text-generation", *([facts.model_type] if facts.model_type else []),
+                 *(["peft", "lora"] if facts.adapter else [])],
         "widget": [{"text": "My dream is"}],
         "pipeline_tag": "text-generation",
-        "library_name": "transformers",
+        "library_name": "peft" if facts.adapter else "transformers",
         **({"base_model": facts.base_model} if _on_hub(facts.base_model) else {}),
         **({"license": license_} if license_ else {}),
         **_model_index(facts),
@@ -188,6 +190,8 @@ def _usage(facts: CardFacts) -> list[str]:
         "",
         "You can use this model directly with a pipeline for text generation:",
         "",
+        *([f"It is a LoRA adapter: with `pip install peft`, transformers loads it onto its base model, {_base(facts)}.", ""]
+          if facts.adapter else []),
         "```python",
         "from transformers import pipeline",
         "generator = pipeline('text-generation',",

@@ -102,7 +102,9 @@ SPEC_DEFAULTS = Defaults({
     "model": Defaults({"name": "gpt2", "revision": "main", "tokenSecretRef": _SECRET_KEY}, always=True),
     "training": Defaults({
         "epochs": 4, "learningRate": 1.372e-4, "lrScheduler": "cosine", "batchSize": 4, "blockSize": 512,
-        "seed": 42, "precision": "auto",
+        "seed": 42, "precision": "auto", "method": "full",
+        # Not `always`: the CRD refuses a lora block unless method is lora; the trainer fills it in then.
+        "lora": Defaults({"r": 8, "alpha": 16, "dropout": 0.05, "publish": "merged"}),
         "deepspeed": Defaults({"configMapRef": Defaults({"key": "ds_config.json"})}, always=True),
         "checkpoint": Defaults({"everyMinutes": 10, "keep": 2}, always=True),
         "wandb": Defaults({"project": "tweetbot", "apiKeySecretRef": Defaults({"key": "apiKey"})}),

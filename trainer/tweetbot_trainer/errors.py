@@ -118,6 +118,11 @@ class TrackerUnavailable(StageError):
     exit_code, reason = 25, "TrackerUnavailable"
 
 
+class LoraTargetsNotFound(StageError):
+    exit_code, reason = 26, "LoraTargetsNotFound"
+    retryable = False
+
+
 def permanent_exit_codes() -> list[int]:
     """The exit codes of the errors no retry can mend: each stage Job's podFailurePolicy fails the Job on them."""
     pending, codes = [StageError], set()

@@ -60,6 +60,7 @@ def run_publish(request: StageRequest, storage: Storage, environ: dict[str, str]
         metrics=training.get("metrics", {}), samples=samples,
         architecture=(config.get("architectures") or [""])[0], model_type=config.get("model_type", ""),
         tracking=training.get("tracking") or {},
+        adapter=(training.get("lora") or {}).get("publish") == "adapter",
     ))
     (model_dir / "README.md").write_text(card)
     storage.put(layout.bucket, layout.final_model + "README.md", card.encode())

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from .checkpoints import S3CheckpointStore
-from .contract import DEEPSPEED_CONFIG_PATH, S3Layout, StageRequest, StageResult, section_defaults
+from .contract import DEEPSPEED_CONFIG_PATH, SPEC_DEFAULTS, S3Layout, StageRequest, StageResult, section_defaults
 from .errors import BaseModelUnavailable, DatasetTooSmall, MissingInput, NoUsableGPU, OutOfMemory, StageError
 from .hub import HubCheckpoints
 from .storage import Storage
@@ -34,6 +34,8 @@ GENERATION_DEFAULTS = {"do_sample": True, "top_p": 0.95, "temperature": 1.0, "mi
 # --- arguments ----------------------------------------------------------------------------------------
 
 MODEL, DATA, TRAINING = (section_defaults(section, None) for section in ("model", "data", "training"))
+LORA_DEFAULTS = SPEC_DEFAULTS.fields["training"].fields["lora"]
+LORA = LORA_DEFAULTS.fields
 # Settings the CRD gives no `default:`: a DeepSpeed config from a ConfigMap must leave zeroStage and offload
 # unset, and everySteps is off (0) unless set.
 ZERO_STAGE, OFFLOAD, EVERY_STEPS = 2, "none", 0
@@ -65,6 +67,12 @@ class TrainArguments:
     checkpoint_every_steps: int = arg(EVERY_STEPS, "Also save every this many steps; 0: by time only.")
     keep_checkpoints: int = arg(TRAINING["checkpoint"]["keep"], "Complete checkpoints kept in S3.")
     gpus: int = arg(0, "GPUs of the pod, for the result's gpuSeconds.")
+    method: str = arg(TRAINING["method"], "full: train every weight; lora: train low-rank adapters (peft) beside frozen weights.")
+    lora_r: int = arg(LORA["r"], "LoRA's rank.")
+    lora_alpha: int = arg(LORA["alpha"], "LoRA's scaling numerator (the update is scaled by alpha / r).")
+    lora_dropout: float = arg(LORA["dropout"], "Dropout on the adapters' input.")
+    lora_target_modules: tuple[str, ...] | None = arg(None, "Modules that get adapters; None: peft's default for the architecture.")
+    lora_publish: str = arg(LORA["publish"], "merged: the base with the adapters merged in; adapter: the adapter files alone.")
     report_to: tuple[str, ...] = arg((), "Trackers of the run: tensorboard, wandb, mlflow (tracking.py).")
     run_name: str = arg("", "The run's name in the trackers: <namespace>/<bot>/<run>.")
 
@@ -74,6 +82,7 @@ class TrainArguments:
         training = section_defaults("training", request.training)
         deepspeed, checkpoint = training["deepspeed"], training["checkpoint"]
         tracking = Tracking.from_request(request)
+        lora = LORA_DEFAULTS.apply(training.get("lora") or {})  # read only with method lora; its defaults then
         return cls(
             model_name=model["name"], revision=model["revision"], epochs=training["epochs"],
             learning_rate=training["learningRate"], lr_scheduler=training["lrScheduler"], batch_size=training["batchSize"],
@@ -83,7 +92,18 @@ class TrainArguments:
             validation_fraction=data["validationFraction"], checkpoint_every_minutes=checkpoint["everyMinutes"],
             checkpoint_every_steps=checkpoint.get("everySteps", EVERY_STEPS), keep_checkpoints=checkpoint["keep"], gpus=request.gpus,
             report_to=tracking.report_to, run_name=tracking.run_name,
+            method=training["method"], lora_r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+            lora_target_modules=tuple(lora["targetModules"]) if lora.get("targetModules") else None,
+            lora_publish=lora["publish"],
         )
+
+    @property
+    def lora(self) -> bool:
+        return self.method == "lora"
+
+    @property
+    def publishes_adapter(self) -> bool:
+        return self.lora and self.lora_publish == "adapter"
 
 
 # --- data ---------------------------------------------------------------------------------------------
@@ -391,32 +411,42 @@ def save_for_generation(final_dir: Path, tokenizer) -> None:
     """The tokenizer and huggingtweets' generation settings next to the weights, so pipeline() needs nothing else."""
     from transformers import GenerationConfig
 
-    if not (final_dir / "model.safetensors").is_file():
-        raise StageError("training finished but model.safetensors was not written")
+    if not any((final_dir / name).is_file() for name in ("model.safetensors", "adapter_model.safetensors")):
+        raise StageError("training finished but neither model.safetensors nor adapter_model.safetensors was written")
     tokenizer.save_pretrained(final_dir)
     # Every post was trained as following an EOS: a text generated from nothing starts after one too.
     GenerationConfig(prefix=tokenizer.eos_token, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                      pad_token_id=tokenizer.pad_token_id, **GENERATION_DEFAULTS).save_pretrained(final_dir)
 
 
-def sample_generations(model_dir: Path, seed: int, count: int = 3) -> list[str]:
-    """A few texts from "My dream is" with the saved generation settings, for the model card."""
-    from transformers import pipeline, set_seed
+def sample_generations(model_dir: Path, seed: int, count: int = 3, base: tuple[str, str] | None = None) -> list[str]:
+    """A few texts from "My dream is" with the saved generation settings, for the model card. `base`: (source,
+    revision) of the base model under an adapter in `model_dir`, loaded from there: the adapter names the base
+    as its users find it (`lora.name_the_base`), which may not be where this pod can load it."""
+    from transformers import GenerationConfig, pipeline, set_seed
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()  # else, after ZeRO-3, from_pretrained would load the weights partitioned
     set_seed(seed)
-    generator = pipeline("text-generation", model=str(model_dir), device="cpu", trust_remote_code=False)
+    model = str(model_dir)
+    if base is not None:
+        from .lora import base_with_adapter
+
+        model = base_with_adapter(model_dir, *base)
+        model.generation_config = GenerationConfig.from_pretrained(model_dir)
+    generator = pipeline("text-generation", model=model, tokenizer=str(model_dir), device="cpu", trust_remote_code=False)
     outputs = generator(SAMPLE_PROMPT, num_return_sequences=count, max_new_tokens=40)
     return [output["generated_text"] for output in outputs]
 
 
 def training_facts(args: TrainArguments, metrics: dict, block_size: int, world_size: int, deepspeed: dict,
-                   times: PhaseTimes, tracking: dict[str, str] | None = None) -> dict:
+                   times: PhaseTimes, lora_targets: list[str] | None = None, tracking: dict[str, str] | None = None) -> dict:
     """final/training.json: what the publish stage's model card says about training (the trackers' run pages among
-    it), and the timings so far."""
-    return {
-        "baseModel": args.model_name, "metrics": metrics,
+    it), and the timings so far. `lora_targets`: the modules that got adapters, as peft resolved them."""
+    from .lora import describe
+
+    facts = {
+        "baseModel": args.model_name, "metrics": metrics, "method": args.method,
         "hyperparameters": {"epochs": args.epochs, "learning rate": args.learning_rate, "scheduler": args.lr_scheduler,
                             "batch size per device": args.batch_size, "block size": block_size, "seed": args.seed,
                             "devices": world_size},
@@ -424,6 +454,11 @@ def training_facts(args: TrainArguments, metrics: dict, block_size: int, world_s
         **({"tracking": tracking} if tracking else {}),
         "timings": times.record(),
     }
+    if args.lora:
+        facts["hyperparameters"]["LoRA"] = describe(args.lora_r, args.lora_alpha, args.lora_dropout, lora_targets)
+        facts["lora"] = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
+                         "targetModules": lora_targets, "publish": args.lora_publish}
+    return facts
 
 
 # --- the stage ----------------------------------------------------------------------------------------
@@ -460,6 +495,12 @@ def run_train(request: StageRequest, storage: Storage, workdir: Path | None = No
     with times.phase("modelLoad"):
         source = on_rank_zero(training_args, workdir, "base-model", lambda: resolve_model(storage, args.model_name, workdir))
         model, tokenizer = load_model_and_tokenizer(source, args.revision)
+    lora_targets = None
+    if args.lora:
+        from .lora import adapted_modules, with_adapters
+
+        model = with_adapters(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
+        lora_targets = adapted_modules(model)
     with times.phase("dataLoad"):
         blocks = make_blocks(posts, tokenizer, model, args)
     settings = training_arguments(args, str(output_dir), len(blocks.train), bool(blocks.eval), world_size, cuda=cuda)
@@ -497,16 +538,26 @@ def run_train(request: StageRequest, storage: Storage, workdir: Path | None = No
     if not trainer.is_world_process_zero():
         return StageResult(stage="train", run_id=request.run_id, metrics=metrics)  # rank 0's result is the stage's
     with times.phase("finalSave"):
+        if args.lora:
+            from .lora import merge_into_final, name_the_base
+
+            (final_dir / "README.md").unlink(missing_ok=True)  # peft's card; the publish stage writes the bot's
+            if args.publishes_adapter:
+                name_the_base(final_dir, args.model_name, args.revision)
+            else:
+                merge_into_final(final_dir, source, args.revision)
         save_for_generation(final_dir, tokenizer)
     with times.phase("samples"):
-        samples = sample_generations(final_dir, args.seed)
+        base = (source, args.revision) if args.publishes_adapter else None
+        samples = sample_generations(final_dir, args.seed, base=base)
         (final_dir / "samples.json").write_text(json.dumps(samples, ensure_ascii=False))
     with times.phase("trackers"):
         trackers.log_samples(SAMPLE_PROMPT, samples, trainer.state.global_step)
         run_pages = trackers.finish()
         if "tensorboard" in tracking.report_to:
             upload_tensorboard(storage, layout, trackers.tensorboard_dir)
-    facts = training_facts(args, metrics, blocks.size, world_size, training_args.deepspeed, times, tracking=run_pages)
+    facts = training_facts(args, metrics, blocks.size, world_size, training_args.deepspeed, times, lora_targets,
+                           tracking=run_pages)
     (final_dir / "training.json").write_text(json.dumps(facts, indent=1))
     with times.phase("finalUpload"):
         storage.upload_directory(final_dir, layout.bucket, layout.final_model, manifest_key=layout.final_model + "manifest.json")

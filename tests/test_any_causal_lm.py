@@ -6,14 +6,12 @@ no remote code, the Hub token from the environment)."""
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 import yaml
 
 from test_publish_stage import publish
-from test_train_stage import checkpoint_steps, posts, put_dataset, request_for, start_train
-from tweetbot_dev.polling import wait_for
+from test_train_stage import kill_after_a_checkpoint, posts, put_dataset, request_for, start_train
 from tweetbot_dev.tiny_model import LLAMA_EOS, QWEN2_EOS, QWEN2_PAD, TINY_MODELS
 from tweetbot_trainer.contract import StageRequest, StageResult
 from tweetbot_trainer.errors import BaseModelUnavailable
@@ -120,16 +118,7 @@ def test_train_resume_publish_and_generate(name, bases, hub, tmp_path):
     request = StageRequest(**{**request.__dict__, "model": {"name": f"s3://{bucket}/base/tiny-{name}/", "revision": "main"}})
     put_dataset(s3, bucket, request.s3, 300)
 
-    (tmp_path / "killed").mkdir()
-    process = start_train(dev_env, request, tmp_path / "killed")
-    try:
-        wait_for(lambda: checkpoint_steps(s3, bucket, request.s3) or process.poll() is not None,
-                 timeout=300, interval=0.2, what="a checkpoint in S3")
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    assert process.returncode == -signal.SIGKILL, "training finished before it could be killed"
-    resumed_from = max(checkpoint_steps(s3, bucket, request.s3))
+    resumed_from = kill_after_a_checkpoint(dev_env, s3, bucket, request, tmp_path / "killed")
 
     result = run_to_the_end(dev_env, request, tmp_path / "resumed")
     assert f"resuming from checkpoint {resumed_from}" in (tmp_path / "resumed" / "train.log").read_text()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import signal
 
 import pytest
 import torch
@@ -15,8 +14,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
 
 from test_publish_stage import publish
-from test_train_stage import checkpoint_steps, posts, put_dataset, request_for, start_train
-from tweetbot_dev.polling import wait_for
+from test_train_stage import kill_after_a_checkpoint, posts, put_dataset, request_for, start_train
 from tweetbot_dev.tiny_model import TINY_MODELS
 from tweetbot_trainer.card import CardFacts, render_card
 from tweetbot_trainer.contract import HandleStats, StageRequest, StageResult
@@ -176,16 +174,7 @@ def test_a_killed_lora_run_resumes_to_the_uninterrupted_adapter_and_optimizer_st
     for request in (whole, killed):
         put_dataset(s3, bucket, request.s3, 300)
 
-    (tmp_path / "first").mkdir()
-    process = start_train(dev_env, killed, tmp_path / "first")
-    try:
-        wait_for(lambda: checkpoint_steps(s3, bucket, killed.s3) or process.poll() is not None,
-                 timeout=300, interval=0.1, what="a checkpoint in S3")
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    assert process.returncode == -signal.SIGKILL, "training finished before it could be killed"
-    resumed_from = max(checkpoint_steps(s3, bucket, killed.s3))
+    resumed_from = kill_after_a_checkpoint(dev_env, s3, bucket, killed, tmp_path / "first")
     files = json.loads(s3_body(s3, bucket, f"{killed.s3.checkpoints}checkpoint-{resumed_from}/manifest.json"))["files"]
     # The adapter and the optimizer state of the adapter's parameters (the Trainer's, or DeepSpeed's ZeRO
     # shards), no copy of the base model.

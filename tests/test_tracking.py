@@ -14,8 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from test_train_stage import posts, put_dataset, request_for, start_train
-from tweetbot_dev.tiny_model import build_tiny_gpt2
+from test_train_stage import bucket_with_tiny_gpt2, put_dataset, request_for, start_train
 from tweetbot_trainer.contract import StageResult
 from tweetbot_trainer.tracking import Trackers, Tracking, tracker_environment, wandb_run_id
 
@@ -31,11 +30,7 @@ KEYS = {"WANDB_API_KEY": "wandb-key-0123456789abcdef", "MLFLOW_TRACKING_TOKEN": 
 
 @pytest.fixture(scope="module")
 def world(dev_env, new_bucket, tmp_path_factory):
-    s3, bucket = new_bucket("tracking")
-    model_dir = build_tiny_gpt2(tmp_path_factory.mktemp("tiny"), posts(400))
-    for path in model_dir.iterdir():
-        s3.upload_file(str(path), bucket, f"base/tiny-gpt2/{path.name}")
-    return dev_env, s3, bucket
+    return (dev_env, *bucket_with_tiny_gpt2(new_bucket, tmp_path_factory, "tracking"))
 
 
 @pytest.fixture(scope="module")

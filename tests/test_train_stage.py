@@ -29,13 +29,18 @@ def posts(count: int) -> list[str]:
     return [" ".join(WORDS[(i * 5 + k) % len(WORDS)] for k in range(8 + i % 9)) for i in range(count)]
 
 
-@pytest.fixture(scope="module")
-def world(dev_env, new_bucket, tmp_path_factory):
-    s3, bucket = new_bucket("train")
+def bucket_with_tiny_gpt2(new_bucket, tmp_path_factory, prefix: str):
+    """(S3 client, a new bucket with a tiny GPT-2 under base/tiny-gpt2/)."""
+    s3, bucket = new_bucket(prefix)
     model_dir = build_tiny_gpt2(tmp_path_factory.mktemp("tiny"), posts(400))
     for path in model_dir.iterdir():
         s3.upload_file(str(path), bucket, f"base/tiny-gpt2/{path.name}")
-    return dev_env, s3, bucket
+    return s3, bucket
+
+
+@pytest.fixture(scope="module")
+def world(dev_env, new_bucket, tmp_path_factory):
+    return (dev_env, *bucket_with_tiny_gpt2(new_bucket, tmp_path_factory, "train"))
 
 
 def request_for(bucket, endpoint, run_id, **training) -> StageRequest:
@@ -92,6 +97,21 @@ def test_train_with_zero2_saves_a_model_that_generates(world, tmp_path):
     assert len(json.loads((final / "samples.json").read_text())) == 3
 
 
+def kill_after_a_checkpoint(dev_env, s3, bucket, request: StageRequest, directory: Path, at_least: int = 0) -> int:
+    """Start the stage, SIGKILL it once S3 holds a checkpoint of step `at_least` or later (a spot GPU disappearing:
+    no chance to clean up); the newest checkpoint's step."""
+    directory.mkdir()
+    process = start_train(dev_env, request, directory)
+    try:
+        wait_for(lambda: any(step >= at_least for step in checkpoint_steps(s3, bucket, request.s3)) or process.poll() is not None,
+                 timeout=300, interval=0.1, what="a checkpoint in S3")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    return max(checkpoint_steps(s3, bucket, request.s3))
+
+
 def checkpoint_steps(s3, bucket, layout: S3Layout) -> list[int]:
     listed = s3.list_objects_v2(Bucket=bucket, Prefix=layout.checkpoints).get("Contents", [])
     return sorted(int(item["Key"].split("/checkpoint-")[1].split("/")[0]) for item in listed if item["Key"].endswith("/manifest.json"))
@@ -106,17 +126,7 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(world, tmp_path, dee
     request = request_for(bucket, dev_env.s3_endpoint, f"run-b{len(deepspeed)}", epochs=40, learningRate=1e-3,
                           checkpoint={"everySteps": 20, "everyMinutes": 60, "keep": 2}, deepspeed=deepspeed)
     put_dataset(s3, bucket, request.s3, 300)
-    first = tmp_path / "first"
-    first.mkdir()
-    process = start_train(dev_env, request, first)
-    try:
-        wait_for(lambda: any(step >= 40 for step in checkpoint_steps(s3, bucket, request.s3)) or process.poll() is not None,
-                 timeout=300, interval=0.2, what="a checkpoint in S3")
-    finally:
-        process.send_signal(signal.SIGKILL)  # a spot GPU disappearing: no chance to clean up
-        process.wait()
-    assert process.returncode == -signal.SIGKILL, "training finished before it could be killed"
-    resumed_from = max(checkpoint_steps(s3, bucket, request.s3))
+    resumed_from = kill_after_a_checkpoint(dev_env, s3, bucket, request, tmp_path / "first", at_least=40)
     files = [item["Key"] for item in s3.list_objects_v2(Bucket=bucket, Prefix=f"{request.s3.checkpoints}checkpoint-{resumed_from}/")["Contents"]]
     assert any(optimizer_state in key for key in files), f"the checkpoint holds the optimizer state ({optimizer_state})"
 

@@ -1,8 +1,10 @@
 """The train stage: the scrape stage's dataset -> a fine-tuned causal LM in S3, with transformers + DeepSpeed.
 
 Read top to bottom like transformers' run_clm.py: arguments, data, model, training, saving, then `run_train`.
-Checkpoints go to S3 in the background and a restarted pod resumes from the newest complete one
-(`checkpoints.py`), and with spec.output.hub.checkpoints on to a branch of the bot's Hub repository (`hub.py`); where the stage's wall time goes is recorded phase by phase (`timing.py`).
+Checkpoints go to S3 in the background, and a restarted pod resumes from the newest complete one
+(`checkpoints.py`); with spec.output.hub.checkpoints they go on to a branch of the bot's Hub repository (`hub.py`).
+LoRA is `lora.py`, the experiment trackers `tracking.py`. Where the stage's wall time goes is recorded phase by
+phase (`timing.py`).
 """
 
 from __future__ import annotations

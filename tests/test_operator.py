@@ -229,8 +229,7 @@ def test_an_operator_restart_neither_duplicates_nor_loses_jobs(operator, apis, n
     succeed(core, train, metrics={"evalLoss": 3.0})
     succeed(core, wait_job(batch, namespace, "publish"), artifacts={"hubCommit": "def456"})
     wait_phase(custom, namespace, "Succeeded")
-    names = sorted(job.metadata.name for job in stage_jobs(batch, namespace))
-    assert len(names) == 3 and [name.rsplit("-", 1)[1] for name in names] == ["publish", "scrape", "train"]
+    assert sorted(job.metadata.labels[STAGE_LABEL] for job in stage_jobs(batch, namespace)) == ["publish", "scrape", "train"]
 
 
 def test_a_spec_edit_starts_a_new_run(operator, apis, namespace, secrets):
@@ -252,7 +251,7 @@ def test_a_spec_edit_starts_a_new_run(operator, apis, namespace, secrets):
     assert request["training"]["epochs"] == 2
 
 
-def test_a_finished_bot_reruns_when_annotated_and_not_on_a_run_control_edit(operator, apis, namespace, secrets):
+def test_a_finished_bot_republishes_on_a_hub_edit_reruns_when_annotated_and_not_on_a_run_control_edit(operator, apis, namespace, secrets):
     from tweetbot_operator.spec import RERUN_ANNOTATION
 
     custom, batch, core = apis
@@ -265,6 +264,21 @@ def test_a_finished_bot_reruns_when_annotated_and_not_on_a_run_control_edit(oper
     wait_for(lambda: get_bot(custom, namespace)["status"]["observedGeneration"] == 2, what="the edit observed")
     bot = get_bot(custom, namespace)
     assert bot["status"]["runId"] == first_run and bot["status"]["phase"] == "Succeeded"
+
+    # Another Hub repository: publish alone again, on the same run; scrape and train stay as they were.
+    before = {job.metadata.labels[STAGE_LABEL]: job.metadata.name for job in stage_jobs(batch, namespace)}
+    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "cyborg",
+                                          {"spec": {"output": {"hub": {"repoId": "bots/cyborg-v2"}}}})
+    republish = wait_for(lambda: next((job for job in stage_jobs(batch, namespace, stage="publish")
+                                       if job.metadata.name != before["publish"]), None), what="a second publish Job")
+    assert republish.metadata.labels[RUN_LABEL] == first_run
+    assert json.loads(republish.spec.template.spec.containers[0].env[0].value)["hub"]["repoId"] == "bots/cyborg-v2"
+    succeed(core, republish, artifacts={"hubCommit": "def456"})
+    wait_for(lambda: get_bot(custom, namespace)["status"]["artifacts"].get("hubCommit") == "def456", what="the new commit")
+    assert get_bot(custom, namespace)["status"]["phase"] == "Succeeded"
+    wait_for(lambda: {job.metadata.labels[STAGE_LABEL]: job.metadata.name for job in stage_jobs(batch, namespace)}
+             == {**before, "publish": republish.metadata.name}, what="the superseded publish Job to go")
+
     custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "cyborg",
                                           {"metadata": {"annotations": {RERUN_ANNOTATION: "2026-12-03T10:00:00Z"}}})
     scrape = wait_for(lambda: next((job for job in stage_jobs(batch, namespace, stage="scrape")

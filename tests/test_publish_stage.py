@@ -54,7 +54,7 @@ def test_without_a_hub_the_card_is_written_beside_the_model(trained, tmp_path):
     dev_env, s3, layout = trained
     finished, result = publish(dev_env, layout, tmp_path)
     assert finished.returncode == 0, finished.stderr
-    assert result.artifacts == {"modelUri": f"s3://{layout.bucket}/tweetbot/bots/cyborg/run1/final/"}
+    assert result.artifacts == {"modelUri": f"s3://{layout.bucket}/tweetbot/bots/cyborg/run1/final/", "hubUrl": "", "hubCommit": ""}
     card = s3.get_object(Bucket=layout.bucket, Key=layout.final_model + "README.md")["Body"].read().decode()
     table = parse_table(card)
     assert table["Pureful | Soul 🍂"] == {"Tweets downloaded": 256, "Retweets": 4, "Short tweets": 42, "Tweets kept": 210}

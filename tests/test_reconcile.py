@@ -67,7 +67,7 @@ def job(bot, stage, state, failed=0, run_id=None):
                   "Failed": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
                               "message": "Job has reached the specified backoff limit"}]}.get(state, [])
     return {
-        "metadata": {"name": job_name("cyborg", run_id, stage), "labels": {RUN_LABEL: run_id}},
+        "metadata": {"name": job_name(bot, run_id, stage), "labels": {RUN_LABEL: run_id}},
         "spec": {},
         "status": {"conditions": conditions, "active": 1 if state == "Running" else 0, "failed": failed,
                    "startTime": "2026-11-22T11:00:00Z",
@@ -147,6 +147,7 @@ EDITS = [
     ("model", {"name": "Qwen/Qwen2.5-0.5B"}, True),
     ("training", {"epochs": 5}, True),
     ("output", {"s3": {"bucket": "other-bots"}}, True),
+    ("output.hub", {"tokenSecretRef": {"name": "hf", "key": "token"}, "repoId": "org/other"}, False),
     ("suspend", True, False),
     ("backoffLimit", 5, False),
     ("activeDeadlineSeconds", 3600, False),
@@ -160,9 +161,61 @@ EDITS = [
 def test_what_the_model_is_made_of_starts_a_new_run_and_run_control_does_not(field, value, new_run):
     bot = make_bot()
     bot["status"] = {"runId": run_id_for(bot), "observedGeneration": 1}
-    bot["spec"][field] = value
+    *parents, last = field.split(".")
+    target = bot["spec"]
+    for key in parents:
+        target = target[key]
+    target[last] = value
     bot["metadata"]["generation"] = 2
     assert (run_id_for(bot) != bot["status"]["runId"]) is new_run
+
+
+def finished(bot):
+    """The bot after all three stages succeeded, with their Jobs."""
+    jobs = [job(bot, stage, "Succeeded") for stage in STAGES]
+    results = {jobs[0]["metadata"]["name"]: result(bot, "scrape", artifacts={"datasetUri": "s3://bots/d.jsonl"}),
+               jobs[1]["metadata"]["name"]: result(bot, "train", metrics={"evalLoss": 2.5}),
+               jobs[2]["metadata"]["name"]: result(bot, "publish", artifacts={"hubUrl": "https://hf.co/o/b", "hubCommit": "c0ffee"})}
+    _, bot = step(bot, Observed(jobs=jobs, results=results, secrets=ALL_SECRETS))
+    assert bot["status"]["phase"] == "Succeeded"
+    return bot, jobs
+
+
+def test_an_output_hub_edit_re_runs_publish_alone_on_the_same_model():
+    bot, jobs = finished(make_bot())
+    run = bot["status"]["runId"]
+    bot["spec"]["output"]["hub"] = {"tokenSecretRef": {"name": "hf", "key": "token"}, "repoId": "org/other"}
+    bot["metadata"]["generation"] = 2
+    decided, bot = step(bot, Observed(jobs=jobs, secrets=ALL_SECRETS))
+    republish = job_name(bot, run, "publish")
+    assert republish != jobs[2]["metadata"]["name"]
+    assert [m["metadata"]["name"] for m in decided.create] == [republish]
+    assert json.loads(decided.create[0]["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"])["hub"]["repoId"] == "org/other"
+    assert decided.delete == [jobs[2]["metadata"]["name"]]  # the superseded publish Job; scrape and train stay
+    assert bot["status"]["runId"] == run and bot["status"]["phase"] == "Publishing"
+    assert bot["status"]["stages"]["train"]["jobName"] == jobs[1]["metadata"]["name"]
+
+    # Published again without a Hub: the old Hub URL and commit are withdrawn, the rest stays.
+    bot["spec"]["output"].pop("hub")
+    bot["metadata"]["generation"] = 3
+    again = job(bot, "publish", "Succeeded")
+    decided, bot = step(bot, Observed(jobs=[*jobs[:2], again], secrets=ALL_SECRETS, results={
+        again["metadata"]["name"]: result(bot, "publish", artifacts={"modelUri": "s3://bots/final/", "hubUrl": "", "hubCommit": ""})}))
+    assert decided.create == [] and bot["status"]["phase"] == "Succeeded" and bot["status"]["runId"] == run
+    assert bot["status"]["artifacts"] == {"datasetUri": "s3://bots/d.jsonl", "modelUri": "s3://bots/final/"}
+
+
+def test_a_publish_job_named_by_an_earlier_operator_is_kept_until_the_spec_changes():
+    bot, jobs = finished(make_bot())
+    legacy = f"cyborg-{bot['status']['runId'][:5]}-publish"
+    bot["status"]["stages"]["publish"]["jobName"] = legacy
+    jobs[2]["metadata"]["name"] = legacy
+    decided, _ = step(bot, Observed(jobs=jobs, secrets=ALL_SECRETS))
+    assert decided.create == [] and decided.delete == [] and decided.status["phase"] == "Succeeded"
+    bot["metadata"]["generation"] = 2  # an edit, of whatever: published again, under the new name
+    decided, _ = step(bot, Observed(jobs=jobs, secrets=ALL_SECRETS))
+    assert [m["metadata"]["name"] for m in decided.create] == [job_name(bot, bot["status"]["runId"], "publish")]
+    assert decided.delete == [legacy]
 
 
 def test_the_rerun_annotation_starts_a_new_run_once_per_value():
@@ -259,7 +312,7 @@ def test_a_gated_base_models_token_reaches_the_train_stage_only():
     assert "HF_TOKEN" not in env_of["scrape"]
     assert "tokenSecretRef" not in env_of["train"]["TWEETBOT_REQUEST"]["value"]
     decided, _ = step(bot, Observed(secrets=ALL_SECRETS, jobs=[job(bot, "scrape", "Succeeded")],
-                                    results={job_name("cyborg", run_id_for(bot), "scrape"): result(bot, "scrape")}))
+                                    results={job_name(bot, run_id_for(bot), "scrape"): result(bot, "scrape")}))
     assert "Secret 'hf-read' (named by spec.model.tokenSecretRef) does not exist" in decided.status["lastError"]
     assert all("AWS_SECRET_ACCESS_KEY" in env for env in env_of.values())
 
@@ -322,7 +375,7 @@ def test_a_trackers_key_reaches_the_train_stage_only_when_report_to_names_it():
     assert "WANDB_API_KEY" not in idle and "MLFLOW_TRACKING_TOKEN" not in idle
     secrets = {**ALL_SECRETS, "wandb": secret("apiKey"), "mlflow": None}
     decided, _ = step(asked, Observed(secrets=secrets, jobs=[job(asked, "scrape", "Succeeded")],
-                                      results={job_name("cyborg", run_id_for(asked), "scrape"): result(asked, "scrape")}))
+                                      results={job_name(asked, run_id_for(asked), "scrape"): result(asked, "scrape")}))
     assert decided.create == []
     assert "Secret 'mlflow' (named by spec.training.mlflow.tokenSecretRef) does not exist" in decided.status["lastError"]
 
@@ -349,8 +402,10 @@ def test_the_operator_refuses_tracker_settings_the_crd_refuses(training, message
 def test_job_names_fit_kubernetes_limits_and_pods_cannot_call_the_api():
     bot = make_bot()
     bot["metadata"]["name"] = "a" * 40  # the CRD's maximum
+    for stage in STAGES:
+        # The pods' job-name label holds it (63 at most); the API server cuts a generated pod name's base to 58.
+        assert len(job_name(bot, run_id_for(bot), stage)) <= 63
     manifest = desired_job(bot, run_id_for(bot), "publish", SETTINGS)
-    assert len(manifest["metadata"]["name"]) + len("-abcde") <= 63  # pod names add a 6-character suffix
     pod = manifest["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is False
     assert pod["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
@@ -361,7 +416,7 @@ def test_job_names_fit_kubernetes_limits_and_pods_cannot_call_the_api():
 def test_a_new_bot_starts_scraping():
     bot = make_bot()
     decided, bot = step(bot, Observed(secrets=ALL_SECRETS))
-    assert [m["metadata"]["name"] for m in decided.create] == [job_name("cyborg", run_id_for(bot), "scrape")]
+    assert [m["metadata"]["name"] for m in decided.create] == [job_name(bot, run_id_for(bot), "scrape")]
     assert bot["status"]["phase"] == "Scraping"
     assert condition(bot["status"], "Reconciling")["status"] == "True"
     assert condition(bot["status"], "Ready")["status"] == "False"
@@ -426,7 +481,7 @@ def test_a_spec_edit_removes_the_old_run():
     new_run = run_id_for(bot)
     assert new_run != old_run
     decided, bot = step(bot, Observed(jobs=[job(bot, "scrape", "Running", run_id=old_run)], secrets=ALL_SECRETS))
-    assert decided.delete == [job_name("cyborg", old_run, "scrape")]
+    assert decided.delete == [job_name(bot, old_run, "scrape")]
     assert [m["metadata"]["labels"][RUN_LABEL] for m in decided.create] == [new_run]
     assert bot["status"]["runId"] == new_run and bot["status"]["observedGeneration"] == 2
 
@@ -438,13 +493,13 @@ def test_suspend_stops_the_running_stage_and_resume_recreates_it():
     _, bot = step(bot, Observed(jobs=train, results=results, secrets=ALL_SECRETS))
     bot["spec"]["suspend"], bot["metadata"]["generation"] = True, 2
     decided, bot = step(bot, Observed(jobs=train, secrets=ALL_SECRETS))
-    assert decided.delete == [job_name("cyborg", run_id_for(bot), "train")] and decided.create == []
+    assert decided.delete == [job_name(bot, run_id_for(bot), "train")] and decided.create == []
     assert bot["status"]["phase"] == "Suspended"
     assert condition(bot["status"], "Reconciling")["status"] == "False"
 
     bot["spec"]["suspend"], bot["metadata"]["generation"] = False, 3
     decided, bot = step(bot, Observed(jobs=train[:1], secrets=ALL_SECRETS))
-    assert [m["metadata"]["name"] for m in decided.create] == [job_name("cyborg", run_id_for(bot), "train")]
+    assert [m["metadata"]["name"] for m in decided.create] == [job_name(bot, run_id_for(bot), "train")]
     assert bot["status"]["phase"] == "Training"
 
 

@@ -152,7 +152,7 @@ def test_a_secret_without_the_opt_in_label_is_never_put_into_a_job():
     secrets = {**ALL_SECRETS, "hf": SecretView(frozenset({"token"}), opted_in=False)}
     jobs, results = [], {}
     for stage in ("scrape", "train"):
-        name = job_name("cyborg", run_id_for(bot), stage)
+        name = job_name(bot, run_id_for(bot), stage)
         jobs.append({"metadata": {"name": name, "labels": {"huggingtweets.dev/run": run_id_for(bot)}}, "spec": {},
                      "status": {"conditions": [{"type": "Complete", "status": "True"}]}})
         from tweetbot_trainer.contract import StageResult
@@ -220,7 +220,7 @@ def test_only_admitted_unfinished_train_jobs_of_tweetbots_hold_a_slot():
 
 def test_a_job_the_api_server_refuses_stalls_the_bot_with_its_message():
     bot = make_bot()
-    name = job_name("cyborg", run_id_for(bot), "scrape")
+    name = job_name(bot, run_id_for(bot), "scrape")
     refusal = 'jobs.batch "x" is forbidden: exceeded quota: jobs, requested: count/jobs.batch=1, used: 0, limited: 0'
     decided = plan(bot, Observed(secrets=ALL_SECRETS, rejected={name: refusal}), SETTINGS, NOW)
     assert decided.create == []

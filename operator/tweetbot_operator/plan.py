@@ -136,8 +136,10 @@ def _plan_run(bot: dict, observed: Observed, settings: Settings, now: datetime, 
     same_run = old_status.get("runId") == run_id
     recorded = (old_status.get("stages") or {}) if same_run else {}
     jobs = {job["metadata"]["name"]: job for job in observed.jobs}
-    _need_results(jobs, recorded, run_id, observed)
-    result.delete = sorted(name for name, job in jobs.items() if job["metadata"].get("labels", {}).get(RUN_LABEL) != run_id)
+    names = {stage: _current_job_name(bot, run_id, stage, recorded.get(stage) or {}, old_status) for stage in REGISTRY}
+    _need_results(jobs, recorded, set(names.values()), observed)
+    # The old runs' Jobs, and this run's Jobs of a stage that re-runs on an edit (publish, for output.hub).
+    result.delete = sorted(set(jobs) - set(names.values()))
     status = {
         **old_status,
         "runId": run_id,
@@ -152,7 +154,7 @@ def _plan_run(bot: dict, observed: Observed, settings: Settings, now: datetime, 
         # Every run this bot started, so that deleting it deletes exactly its own artifacts.
         "runs": list(dict.fromkeys([*(old_status.get("runs") or []), run_id]))[-MAX_RECORDED_RUNS:],
     }
-    walk = _Walk(bot, spec, run_id, observed, settings, jobs, recorded, status, result)
+    walk = _Walk(bot, spec, run_id, names, observed, settings, jobs, recorded, status, result)
     outcome = walk.run()
     status["progress"] = status["progress"] or {"summary": f"{walk.done}/{len(REGISTRY)}"}
     if spec.get("ttlSecondsAfterFinished") is not None:
@@ -162,12 +164,22 @@ def _plan_run(bot: dict, observed: Observed, settings: Settings, now: datetime, 
     return _finish(result, old_status, status, bot["metadata"].get("generation"), now, outcome, walk.done)
 
 
-def _need_results(jobs: dict[str, dict], recorded: dict, run_id: str, observed: Observed) -> None:
+def _current_job_name(bot: dict, run_id: str, stage: str, record: dict, old_status: dict) -> str:
+    """The stage's Job name; a Job an earlier operator named without the digest of the field its stage re-runs on
+    stays the stage's Job while the spec has not changed since."""
+    name = job_name(bot, run_id, stage)
+    unsuffixed = f"{bot['metadata']['name']}-{run_id[:5]}-{stage}"
+    if (name != unsuffixed and record.get("jobName") == unsuffixed
+            and old_status.get("observedGeneration") == bot["metadata"].get("generation")):
+        return unsuffixed
+    return name
+
+
+def _need_results(jobs: dict[str, dict], recorded: dict, current: set[str], observed: Observed) -> None:
     """The run's ended Jobs whose result is not in the status yet must be read first."""
     kept = {record.get("jobName") for record in recorded.values() if record.get("state") == JobState.SUCCEEDED}
     missing = tuple(name for name, job in jobs.items()
-                    if job["metadata"].get("labels", {}).get(RUN_LABEL) == run_id and name not in kept
-                    and job_state(job) in ENDED and name not in observed.results)
+                    if name in current and name not in kept and job_state(job) in ENDED and name not in observed.results)
     if missing:
         raise _Unread(Needs(results=missing))
 
@@ -179,6 +191,7 @@ class _Walk:
     bot: dict
     spec: dict
     run_id: str
+    names: dict[str, str]  # the Job name of each stage
     observed: Observed
     settings: Settings
     jobs: dict[str, dict]
@@ -189,7 +202,7 @@ class _Walk:
 
     def run(self) -> _Outcome:
         for stage in REGISTRY.values():
-            name = job_name(self.bot["metadata"]["name"], self.run_id, stage.name)
+            name = self.names[stage.name]
             record = self.recorded.get(stage.name) or {}
             if record.get("jobName") == name and record.get("state") == JobState.SUCCEEDED:
                 self.status["stages"][stage.name] = record  # kept even after the Job's TTL removed it
@@ -224,7 +237,7 @@ class _Walk:
             if self.observed.other_active_trainings >= limit:
                 return _Outcome(Phase.QUEUED, Reason.WAITING_FOR_TRAINING_SLOT,
                                 f"all {limit} training slots of the operator are in use")
-        self.result.create.append(desired_job(self.bot, self.run_id, stage.name, self.settings))
+        self.result.create.append(desired_job(self.bot, self.run_id, stage.name, self.settings, name))
         self.status["stages"][stage.name] = {"jobName": name, "state": JobState.PENDING}
         return _Outcome(stage.phase, Reason.JOB_CREATED, f"created Job {name}")
 
@@ -329,7 +342,12 @@ def _apply_result(status: dict, stage_result: StageResult) -> None:
         ]
     if stage_result.metrics:
         status["metrics"] = dict(stage_result.metrics)
-    status["artifacts"].update(stage_result.artifacts)
+    # An empty value withdraws an artifact an earlier Job of the stage reported (a Hub URL after output.hub went).
+    for key, value in stage_result.artifacts.items():
+        if value:
+            status["artifacts"][key] = value
+        else:
+            status["artifacts"].pop(key, None)
 
 
 def _condition(old: list[dict], type_: str, true: bool, reason: str, message: str, generation, now: datetime) -> dict:

@@ -130,10 +130,12 @@ def s3_identity(bot: dict, settings: Settings) -> str | None:
     return OPERATOR_IDENTITY if s3["bucket"] in settings.s3_operator_buckets else None
 
 
-# What a model is made of, and where its artifacts live: an edit to any of these starts a new run. The rest of
-# the spec is run control (suspend, backoffLimit, activeDeadlineSeconds, ttlSecondsAfterFinished,
-# deletionPolicy, resources): it applies to the run's next Jobs and spends no GPU time again.
-RUN_DEFINING = ("handles", "source", "data", "model", "training", "output")
+# What a model is made of, and where its artifacts live: an edit to any of these starts a new run. An edit of
+# where the model is published (output.hub) re-runs publish alone, on the same run (`stages.REGISTRY`'s
+# `reruns_on`). The rest of the spec is run control (suspend, backoffLimit, activeDeadlineSeconds,
+# ttlSecondsAfterFinished, deletionPolicy, resources): it applies to the run's next Jobs and spends no GPU
+# time again.
+RUN_DEFINING = ("handles", "source", "data", "model", "training", "output.s3")
 # A new value starts a new run without an edit of the spec (GitOps: Flux's reconcile.fluxcd.io/requestedAt).
 RERUN_ANNOTATION = f"{GROUP}/rerun"
 
@@ -154,9 +156,21 @@ def run_id_for(bot: dict) -> str:
     if (status.get("runId") and status.get("observedGeneration") == bot["metadata"].get("generation")
             and status.get("rerun", "") == rerun):
         return status["runId"]
-    spec = {key: bot["spec"][key] for key in RUN_DEFINING if key in bot["spec"]}
-    digest = hashlib.sha256((bot["metadata"]["uid"] + json.dumps(spec, sort_keys=True) + (f"\0{rerun}" if rerun else "")).encode())
-    return digest.hexdigest()[:6]
+    defining = {path: spec_field(bot["spec"], path) for path in RUN_DEFINING}
+    defining = {path: value for path, value in defining.items() if value is not None}
+    return digest(bot["metadata"]["uid"], defining, *([rerun] if rerun else []))[:6]
+
+
+def spec_field(spec: dict, path: str):
+    """A field of the spec as written, by dotted path; None if absent."""
+    for key in path.split("."):
+        spec = spec.get(key) if isinstance(spec, dict) else None
+    return spec
+
+
+def digest(*parts) -> str:
+    """A stable hex digest of JSON values."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def s3_layout(bot: dict, run_id: str) -> S3Layout:

@@ -30,7 +30,7 @@ from tweetbot_trainer.errors import permanent_exit_codes
 
 from .names import Phase
 from .settings import Settings, StageResources
-from .spec import normalize_handles, s3_layout, with_defaults
+from .spec import digest, normalize_handles, s3_layout, spec_field, with_defaults
 
 GPU_RESOURCE = "nvidia.com/gpu"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -64,6 +64,9 @@ class Stage:
     secrets: Callable[[dict], list[SecretNeed]]  # defaulted spec -> the Secret keys only this stage reads
     pod: Callable[[dict, Settings], PodParts]  # defaulted spec, settings -> its pod's own part
     gpus: Callable[[dict], int] = lambda spec: 0
+    # A spec field (dotted path) whose edit re-runs this stage alone, on the same run: its Job's name carries a
+    # digest of the field as written, so a new value names a new Job.
+    reruns_on: str | None = None
 
 
 def _ref_need(env: str, ref: dict, where: str) -> SecretNeed:
@@ -153,12 +156,16 @@ REGISTRY: dict[str, Stage] = {stage.name: stage for stage in (
           _cpu_stage(lambda settings: settings.scrape_resources, "scrape")),
     Stage("train", Phase.TRAINING, "Trained", _train_secrets, _train_pod, gpus=lambda spec: spec["resources"]["gpus"]),
     Stage("publish", Phase.PUBLISHING, "Published", _hub_secrets,
-          _cpu_stage(lambda settings: settings.publish_resources, "publish")),
+          _cpu_stage(lambda settings: settings.publish_resources, "publish"), reruns_on="output.hub"),
 )}
 
 
-def job_name(bot_name: str, run_id: str, stage: str) -> str:
-    return f"{bot_name}-{run_id[:5]}-{stage}"
+def job_name(bot: dict, run_id: str, stage: str) -> str:
+    """<bot>-<run>-<stage>[-<digest of the field it re-runs on>]: at most 40 + 18 characters, within the
+    63 of a label value (the pods' job-name label)."""
+    name = f"{bot['metadata']['name']}-{run_id[:5]}-{stage}"
+    field_path = REGISTRY[stage].reruns_on
+    return f"{name}-{digest(spec_field(bot['spec'], field_path))[:4]}" if field_path else name
 
 
 def secret_needs(bot: dict, stage: str) -> list[SecretNeed]:
@@ -207,8 +214,9 @@ def pod_failure_policy(stage: str) -> dict:
     ]}
 
 
-def desired_job(bot: dict, run_id: str, stage: str, settings: Settings) -> dict:
-    """The Job manifest of one stage of one run (owner reference added by the caller with kopf.adopt)."""
+def desired_job(bot: dict, run_id: str, stage: str, settings: Settings, named: str | None = None) -> dict:
+    """The Job manifest of one stage of one run (owner reference added by the caller with kopf.adopt), named
+    `job_name`'s way unless `named` says otherwise."""
     spec = with_defaults(bot)
     name = bot["metadata"]["name"]
     wanted = spec["resources"]
@@ -259,6 +267,6 @@ def desired_job(bot: dict, run_id: str, stage: str, settings: Settings) -> dict:
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": job_name(name, run_id, stage), "namespace": bot["metadata"]["namespace"], "labels": labels},
+        "metadata": {"name": named or job_name(bot, run_id, stage), "namespace": bot["metadata"]["namespace"], "labels": labels},
         "spec": job_spec,
     }

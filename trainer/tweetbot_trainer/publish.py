@@ -64,7 +64,8 @@ def run_publish(request: StageRequest, storage: Storage, environ: dict[str, str]
     ))
     (model_dir / "README.md").write_text(card)
     storage.put(layout.bucket, layout.final_model + "README.md", card.encode())
-    artifacts = {"modelUri": layout.uri("final") + "/"}
+    # Empty Hub fields withdraw those of an earlier publish of the run (output.hub was removed since).
+    artifacts = {"modelUri": layout.uri("final") + "/", "hubUrl": "", "hubCommit": ""}
 
     if api is not None:
         call(lambda: api.create_repo(repo_id, private=bool(hub.get("private")), exist_ok=True), f"create {repo_id}",

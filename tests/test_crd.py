@@ -92,6 +92,14 @@ INVALID = [
     ("all-linear with other target modules",
      bot(training={"method": "lora", "lora": {"targetModules": ["all-linear", "q_proj"]}}), "all-linear stands alone"),
     ("unknown LoRA publishing", bot(training={"method": "lora", "lora": {"publish": "both"}}), 'Unsupported value: "both"'),
+    ("cron with four fields", bot(schedule={"cron": "0 4 * *"}), "spec.schedule.cron: Invalid value"),
+    ("time zone with spaces", bot(schedule={"cron": "0 4 * * 1", "timeZone": "Europe/New York"}),
+     "spec.schedule.timeZone: Invalid value"),
+    ("schedule without cron", bot(schedule={"minNewPosts": 5}), "spec.schedule.cron: Required value"),
+    ("resume from nothing", bot(schedule={"cron": "@daily x y z w", "resumeFrom": "last"}), 'Unsupported value: "last"'),
+    ("resume from an adapter", bot(schedule={"cron": "0 4 * * 1", "resumeFrom": "previous"},
+                                   training={"method": "lora", "lora": {"publish": "adapter"}}),
+     "schedule.resumeFrom previous needs a whole model"),
     ("bucket with capitals", bot(output={"s3": {"bucket": "My_Bucket"}}), "bucket must be an S3 bucket name"),
     ("hub repo without org", bot(output={"hub": {"repoId": "nobody", "tokenSecretRef": {"name": "hf"}}}),
      "spec.output.hub.repoId: Invalid value"),
@@ -173,8 +181,16 @@ def test_defaults_are_filled_by_the_api_server(kubectl, namespace):
     assert spec["training"]["method"] == "full" and "lora" not in spec["training"]
     assert spec["deletionPolicy"] == "Retain" and spec["suspend"] is False
     assert "reportTo" not in spec["training"] and "wandb" not in spec["training"]
+    assert "schedule" not in spec and spec["historyLimit"] == 10
     # The operator fills in the same defaults where a cluster's CRD is older than it.
     assert spec == SPEC_DEFAULTS.apply(bot(handles=["@PurefulSoul"])["spec"])
+
+    scheduled = bot(handles=["b"], schedule={"cron": "0 4 * * 1", "timeZone": "Europe/Paris"})
+    created = kubectl("apply", "-n", namespace, "-o", "json", "-f", "-", manifest=merge(scheduled, {"metadata": {"name": "weekly"}}))
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["spec"]["schedule"] == {"cron": "0 4 * * 1", "timeZone": "Europe/Paris", "suspend": False,
+                                                             "minNewPosts": 1, "resumeFrom": "base"}
+    assert json.loads(created.stdout)["spec"] == SPEC_DEFAULTS.apply(scheduled["spec"])
 
 
 @pytest.mark.parametrize("training, lora", [
@@ -193,7 +209,7 @@ def test_lora_settings_get_their_defaults_only_where_given(kubectl, namespace, t
 def test_printer_columns_and_short_name(kubectl, namespace):
     assert kubectl("apply", "-n", namespace, "-f", "-", manifest=bot(handles=["a", "b"])).returncode == 0
     table = kubectl("get", "tb", "-n", namespace, "-o", "wide").stdout.splitlines()
-    assert table[0].split() == ["NAME", "HANDLES", "PHASE", "PROGRESS", "READY", "HUB", "AGE"]
+    assert table[0].split() == ["NAME", "HANDLES", "PHASE", "PROGRESS", "READY", "HUB", "NEXT", "AGE"]
     assert table[1].split()[:2] == ["valid-bot", '["a","b"]']
 
 

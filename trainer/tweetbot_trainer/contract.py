@@ -10,7 +10,7 @@ it does not know with a message naming both versions.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 CONTRACT_VERSION = 1
@@ -116,9 +116,12 @@ SPEC_DEFAULTS = Defaults({
         "hub": Defaults({"private": False, "tokenSecretRef": _SECRET_KEY, "checkpoints": False,
                          "checkpointBranch": "checkpoints"}),
     }),
+    # Re-training on new posts, like a CronJob: cron (and timeZone) have no default.
+    "schedule": Defaults({"suspend": False, "minNewPosts": 1, "resumeFrom": "base"}),
     "deletionPolicy": "Retain",
     "suspend": False,
     "backoffLimit": 2,
+    "historyLimit": 10,
 }, always=True)
 
 
@@ -195,6 +198,16 @@ class S3Layout:
         return self.key("data", "stats.json")
 
     @property
+    def posts(self) -> str:
+        """Every post fetched for the run, newest first per handle, before cleaning: what a scheduled run's
+        scrape extends with newer posts (private, like the dataset)."""
+        return self.key("data", "posts.jsonl")
+
+    def of_run(self, run_id: str) -> S3Layout:
+        """The same bot's layout for another of its runs."""
+        return replace(self, run_id=run_id)
+
+    @property
     def checkpoints(self) -> str:
         return self.key("checkpoints") + "/"
 
@@ -226,6 +239,10 @@ class StageRequest:
     training: dict[str, Any] = field(default_factory=dict)
     hub: dict[str, Any] | None = None
     gpus: int = 0
+    # A scheduled run's lineage, runs of the same bot and spec: the scrape adds the posts newer than those of
+    # `extends_run` to them; the train stage starts from `starts_from_run`'s model instead of spec.model's.
+    extends_run: str = ""
+    starts_from_run: str = ""
     version: int = CONTRACT_VERSION
 
     def to_json(self) -> str:

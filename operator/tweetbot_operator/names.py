@@ -59,6 +59,7 @@ class Reason(StrEnum):
     QUEUED = "Queued"
     SUSPENDED = "Suspended"
     SUCCEEDED = "Succeeded"
+    UP_TO_DATE = "UpToDate"  # a scheduled run found too few new posts to train: the model stands
     STAGE_FAILED = "StageFailed"
     NO_STAGE_RESULT = "NoStageResult"
     # The conditions of each stage (DataReady, Trained, Published).

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
 
-from tweetbot_trainer.contract import RUN_LABEL, Progress, StageResult
+from tweetbot_trainer.contract import Progress, StageResult
 
 from .jobs import ended_at, job_state
 from .names import ENDED, FINALIZER, FINISHED, Condition, JobState, Phase, Reason, stage_reason
 from .settings import Settings
+from . import schedule as schedules
 from .spec import (
     SECRET_OPT_IN_LABEL,
     InvalidSpec,
@@ -25,10 +26,11 @@ from .spec import (
     rerun_requested,
     run_id_for,
     s3_identity,
+    spec_digest,
     validate_spec,
     with_defaults,
 )
-from .stages import REGISTRY, Stage, desired_job, job_name, secret_needs
+from .stages import REGISTRY, Lineage, Stage, desired_job, job_name, secret_needs
 
 MAX_RECORDED_RUNS = 500  # status.runs: what deletionPolicy Delete deletes
 # The status fields that describe the current run; an invalid spec has no run and clears them.
@@ -132,8 +134,10 @@ def plan(bot: dict, observed: Observed, settings: Settings, now: datetime) -> Pl
 
 def _plan_run(bot: dict, observed: Observed, settings: Settings, now: datetime, result: Plan) -> Plan:
     spec, old_status = with_defaults(bot), bot.get("status") or {}
-    run_id = run_id_for(bot)
+    tick = _due_tick(bot, spec, old_status, now)
+    run_id = run_id_for(bot, tick)
     same_run = old_status.get("runId") == run_id
+    schedule_time = tick or (old_status.get("scheduleTime") if same_run else None)
     recorded = (old_status.get("stages") or {}) if same_run else {}
     jobs = {job["metadata"]["name"]: job for job in observed.jobs}
     names = {stage: _current_job_name(bot, run_id, stage, recorded.get(stage) or {}, old_status) for stage in REGISTRY}
@@ -143,25 +147,87 @@ def _plan_run(bot: dict, observed: Observed, settings: Settings, now: datetime, 
     status = {
         **old_status,
         "runId": run_id,
+        "specDigest": spec_digest(bot),
         "rerun": rerun_requested(bot) or None,  # the annotation this run answers
+        "scheduleTime": schedule_time,  # the tick this run answers
+        "lastScheduleTime": tick or old_status.get("lastScheduleTime"),
+        "nextScheduleTime": _next_schedule_time(spec, now),
         "startTime": old_status.get("startTime") if same_run and old_status.get("startTime") else timestamp(now),
         "stages": {},
         "data": old_status.get("data") if same_run else None,
         "metrics": old_status.get("metrics") if same_run else None,
-        "artifacts": dict(old_status.get("artifacts") or {}) if same_run else {},
+        # A scheduled run's model is the last one's until it trains one (the rest the same run, or nothing).
+        "artifacts": dict(old_status.get("artifacts") or {}) if same_run or schedule_time else {},
         "attempts": 0,
         "progress": None,
         # Every run this bot started, so that deleting it deletes exactly its own artifacts.
         "runs": list(dict.fromkeys([*(old_status.get("runs") or []), run_id]))[-MAX_RECORDED_RUNS:],
     }
-    walk = _Walk(bot, spec, run_id, names, observed, settings, jobs, recorded, status, result)
+    lineage = _lineage(spec, old_status.get("history") or [], status["specDigest"]) if schedule_time else Lineage()
+    walk = _Walk(bot, spec, run_id, names, lineage, observed, settings, jobs, recorded, status, result)
     outcome = walk.run()
-    status["progress"] = status["progress"] or {"summary": f"{walk.done}/{len(REGISTRY)}"}
+    up_to_date = outcome.reason == Reason.UP_TO_DATE
+    status["progress"] = status["progress"] or {"summary": "up to date" if up_to_date else f"{walk.done}/{len(REGISTRY)}"}
     if spec.get("ttlSecondsAfterFinished") is not None:
         expired, result.requeue_after = _expired_jobs(jobs, recorded, status["stages"], spec["ttlSecondsAfterFinished"], now)
         result.delete += expired
+    if status["nextScheduleTime"]:
+        due = max((_parse(status["nextScheduleTime"]) - now).total_seconds(), 1.0)
+        result.requeue_after = min(result.requeue_after or due, due)
+    if outcome.phase in FINISHED:
+        status["history"] = _history(status, old_status.get("history") or [], outcome, spec["historyLimit"], now)
     result.first_job_only = bool(result.create) and not old_status
     return _finish(result, old_status, status, bot["metadata"].get("generation"), now, outcome, walk.done)
+
+
+def _parse(time: str) -> datetime:
+    return datetime.fromisoformat(time.replace("Z", "+00:00"))
+
+
+def _due_tick(bot: dict, spec: dict, old_status: dict, now: datetime) -> str:
+    """The spec.schedule tick that starts a run now, or "": only once the current run has finished and no change
+    waits for a run of its own."""
+    schedule = spec.get("schedule")
+    if not schedule or schedule["suspend"] or spec["suspend"]:
+        return ""
+    if old_status.get("phase") not in FINISHED or run_id_for(bot) != old_status.get("runId"):
+        return ""
+    since = old_status.get("lastScheduleTime") or bot["metadata"].get("creationTimestamp") or old_status.get("startTime")
+    tick = schedules.due_tick(schedule, _parse(since), now) if since else None
+    return timestamp(tick) if tick else ""
+
+
+def _next_schedule_time(spec: dict, now: datetime) -> str | None:
+    schedule = spec.get("schedule")
+    if not schedule or schedule["suspend"] or spec["suspend"]:
+        return None
+    return timestamp(schedules.next_tick(schedule, now))
+
+
+def _lineage(spec: dict, history: list[dict], digest: str) -> Lineage:
+    """The newest earlier run of the same spec that scraped (its posts are extended) and the model it left."""
+    same = next((entry for entry in history if entry.get("specDigest") == digest and "posts" in entry), {})
+    resume = (spec.get("schedule") or {}).get("resumeFrom") == "previous"
+    return Lineage(extends_run=same.get("runId", ""), starts_from_run=same.get("modelRunId", "") if resume else "")
+
+
+def _history(status: dict, history: list[dict], outcome: _Outcome, limit: int, now: datetime) -> list[dict]:
+    """The finished run first (replacing its own earlier entry: a re-publish), then the older ones, `limit` in all."""
+    earlier = [entry for entry in history if entry.get("runId") != status["runId"]]
+    up_to_date = outcome.reason == Reason.UP_TO_DATE
+    trained = outcome.phase == Phase.SUCCEEDED and not up_to_date
+    previous_model = next((entry.get("modelRunId") for entry in earlier if entry.get("specDigest") == status["specDigest"]), None)
+    scraped = (status["stages"].get("scrape") or {}).get("state") == JobState.SUCCEEDED
+    metrics, artifacts = status.get("metrics") or {}, status.get("artifacts") or {}
+    entry = {
+        "runId": status["runId"], "outcome": "UpToDate" if up_to_date else str(outcome.phase),
+        "specDigest": status["specDigest"], "modelRunId": status["runId"] if trained else previous_model,
+        "scheduleTime": status.get("scheduleTime"), "startTime": status.get("startTime"),
+        "completionTime": status.get("completionTime") or timestamp(now),
+        "posts": metrics.get("posts") if scraped else None, "newPosts": metrics.get("newPosts") if scraped else None,
+        "evalLoss": metrics.get("evalLoss") if trained else None, "hubCommit": artifacts.get("hubCommit") if trained else None,
+    }
+    return [{key: value for key, value in entry.items() if value is not None}, *earlier][:limit]
 
 
 def _current_job_name(bot: dict, run_id: str, stage: str, record: dict, old_status: dict) -> str:
@@ -192,6 +258,7 @@ class _Walk:
     spec: dict
     run_id: str
     names: dict[str, str]  # the Job name of each stage
+    lineage: Lineage
     observed: Observed
     settings: Settings
     jobs: dict[str, dict]
@@ -210,6 +277,10 @@ class _Walk:
                 self.done += 1
                 continue
             job = self.jobs.get(name)
+            up_to_date = stage.up_to_date(self.spec, self.status) if job is None and not record else ""
+            if up_to_date:
+                self.done = len(REGISTRY)  # the model stands, trained and published by an earlier run
+                return _Outcome(Phase.SUCCEEDED, Reason.UP_TO_DATE, up_to_date)
             outcome = self._absent(stage, name, record) if job is None else self._present(stage, name, job, record)
             if outcome is not None:
                 return outcome
@@ -237,7 +308,7 @@ class _Walk:
             if self.observed.other_active_trainings >= limit:
                 return _Outcome(Phase.QUEUED, Reason.WAITING_FOR_TRAINING_SLOT,
                                 f"all {limit} training slots of the operator are in use")
-        self.result.create.append(desired_job(self.bot, self.run_id, stage.name, self.settings, name))
+        self.result.create.append(desired_job(self.bot, self.run_id, stage.name, self.settings, name, self.lineage))
         self.status["stages"][stage.name] = {"jobName": name, "state": JobState.PENDING}
         return _Outcome(stage.phase, Reason.JOB_CREATED, f"created Job {name}")
 
@@ -340,8 +411,8 @@ def _apply_result(status: dict, stage_result: StageResult) -> None:
         status["data"] = [
             {key: value for key, value in vars(stats).items() if value != ""} for stats in stage_result.data
         ]
-    if stage_result.metrics:
-        status["metrics"] = dict(stage_result.metrics)
+    if stage_result.metrics:  # each stage's own: the scrape's post counts stay beside the train's loss
+        status["metrics"] = {**(status.get("metrics") or {}), **stage_result.metrics}
     # An empty value withdraws an artifact an earlier Job of the stage reported (a Hub URL after output.hub went).
     for key, value in stage_result.artifacts.items():
         if value:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from tweetbot_trainer.contract import GROUP, MAX_HANDLES, SPEC_DEFAULTS, TRACKERS, S3Layout
 
+from . import schedule
 from .settings import Settings
 
 # A Secret a TweetBot may name carries this label: without the opt-in, anyone allowed to create TweetBots
@@ -91,6 +92,11 @@ def validate_spec(bot: dict, settings: Settings) -> None:
                           "'.', '_', '-'; no '..', not ending in '.' or '.lock') other than main, which holds the "
                           "published model")
     validate_trackers(spec["training"])
+    if spec.get("schedule"):
+        try:
+            schedule.check(spec["schedule"])
+        except ValueError as error:
+            raise InvalidSpec(str(error)) from None
     priority_class = spec["resources"].get("priorityClassName")
     if priority_class is not None and not DNS_SUBDOMAIN.fullmatch(priority_class):
         raise InvalidSpec(f"spec.resources.priorityClassName {priority_class!r} is not a DNS subdomain")
@@ -144,21 +150,28 @@ def rerun_requested(bot: dict) -> str:
     return (bot["metadata"].get("annotations") or {}).get(RERUN_ANNOTATION, "")
 
 
-def run_id_for(bot: dict) -> str:
-    """The current run: stable across operator restarts and run-control edits, new when what the model is made
-    of changes or a new rerun annotation asks for one.
+def spec_digest(bot: dict) -> str:
+    """What the model is made of: a digest of the run-defining fields as written."""
+    defining = {path: spec_field(bot["spec"], path) for path in RUN_DEFINING}
+    return digest({path: value for path, value in defining.items() if value is not None})[:16]
 
-    While the generation and the rerun annotation are the ones already observed, the recorded run stands (so a
-    CRD upgrade that adds defaulted fields does not retrain every bot); otherwise the run is named by a digest
-    of the run-defining fields as written and the annotation.
+
+def run_id_for(bot: dict, tick: str = "") -> str:
+    """The current run: stable across operator restarts and run-control edits, new when what the model is made
+    of changes, a new rerun annotation asks for one, or a schedule's `tick` (its time) starts one.
+
+    The recorded run stands while the rerun annotation is the one it answers and either the generation is the
+    one observed (so a CRD upgrade that adds defaulted fields does not retrain every bot) or the run-defining
+    fields are as it recorded them (`status.specDigest`); otherwise the run is named by a digest of them, the
+    annotation and the tick.
     """
     status, rerun = bot.get("status") or {}, rerun_requested(bot)
-    if (status.get("runId") and status.get("observedGeneration") == bot["metadata"].get("generation")
-            and status.get("rerun", "") == rerun):
+    unchanged = (status.get("observedGeneration") == bot["metadata"].get("generation")
+                 or status.get("specDigest") == spec_digest(bot))
+    if not tick and status.get("runId") and unchanged and (status.get("rerun") or "") == rerun:
         return status["runId"]
-    defining = {path: spec_field(bot["spec"], path) for path in RUN_DEFINING}
-    defining = {path: value for path, value in defining.items() if value is not None}
-    return digest(bot["metadata"]["uid"], defining, *([rerun] if rerun else []))[:6]
+    answers = {key: value for key, value in (("rerun", rerun), ("scheduleTime", tick)) if value}
+    return digest(bot["metadata"]["uid"], spec_digest(bot), answers)[:6]
 
 
 def spec_field(spec: dict, path: str):

@@ -67,6 +67,17 @@ class Stage:
     # A spec field (dotted path) whose edit re-runs this stage alone, on the same run: its Job's name carries a
     # digest of the field as written, so a new value names a new Job.
     reruns_on: str | None = None
+    # defaulted spec, status -> why the run ends before this stage with the model as it is ("": it runs)
+    up_to_date: Callable[[dict, dict], str] = lambda spec, status: ""
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """A scheduled run's earlier runs of the same spec: the one whose posts its scrape extends, and the one
+    whose model its training starts from (spec.schedule.resumeFrom: previous)."""
+
+    extends_run: str = ""
+    starts_from_run: str = ""
 
 
 def _ref_need(env: str, ref: dict, where: str) -> SecretNeed:
@@ -151,10 +162,20 @@ def _train_pod(spec: dict, settings: Settings) -> PodParts:
     return parts
 
 
+def _no_new_posts(spec: dict, status: dict) -> str:
+    """A scheduled run trains only on enough new posts (spec.schedule.minNewPosts)."""
+    schedule, new = spec.get("schedule"), (status.get("metrics") or {}).get("newPosts")
+    if not status.get("scheduleTime") or not schedule or new is None or new >= schedule["minNewPosts"]:
+        return ""
+    return (f"{new} new post(s) since the last run, fewer than spec.schedule.minNewPosts ({schedule['minNewPosts']}): "
+            "the model stays as it is")
+
+
 REGISTRY: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("scrape", Phase.SCRAPING, "DataReady", _source_secrets,
           _cpu_stage(lambda settings: settings.scrape_resources, "scrape")),
-    Stage("train", Phase.TRAINING, "Trained", _train_secrets, _train_pod, gpus=lambda spec: spec["resources"]["gpus"]),
+    Stage("train", Phase.TRAINING, "Trained", _train_secrets, _train_pod, gpus=lambda spec: spec["resources"]["gpus"],
+          up_to_date=_no_new_posts),
     Stage("publish", Phase.PUBLISHING, "Published", _hub_secrets,
           _cpu_stage(lambda settings: settings.publish_resources, "publish"), reruns_on="output.hub"),
 )}
@@ -179,7 +200,7 @@ def secret_needs(bot: dict, stage: str) -> list[SecretNeed]:
     return needs
 
 
-def stage_request(bot: dict, run_id: str, stage: str) -> StageRequest:
+def stage_request(bot: dict, run_id: str, stage: str, lineage: Lineage = Lineage()) -> StageRequest:
     spec = with_defaults(bot)
     hub = spec["output"].get("hub")
     return StageRequest(
@@ -196,6 +217,8 @@ def stage_request(bot: dict, run_id: str, stage: str) -> StageRequest:
         training=_without_secret_refs(spec["training"]),
         hub=None if hub is None else _without_secret_refs(hub),
         gpus=REGISTRY[stage].gpus(spec),
+        extends_run=lineage.extends_run if stage == "scrape" else "",
+        starts_from_run=lineage.starts_from_run if stage == "train" else "",
     )
 
 
@@ -214,7 +237,8 @@ def pod_failure_policy(stage: str) -> dict:
     ]}
 
 
-def desired_job(bot: dict, run_id: str, stage: str, settings: Settings, named: str | None = None) -> dict:
+def desired_job(bot: dict, run_id: str, stage: str, settings: Settings, named: str | None = None,
+                lineage: Lineage = Lineage()) -> dict:
     """The Job manifest of one stage of one run (owner reference added by the caller with kopf.adopt), named
     `job_name`'s way unless `named` says otherwise."""
     spec = with_defaults(bot)
@@ -231,7 +255,7 @@ def desired_job(bot: dict, run_id: str, stage: str, settings: Settings, named: s
     if wanted.get("queueName"):
         labels[KUEUE_QUEUE_LABEL] = wanted["queueName"]
     parts = REGISTRY[stage].pod(spec, settings)
-    env = [{"name": REQUEST_ENV, "value": stage_request(bot, run_id, stage).to_json()}]
+    env = [{"name": REQUEST_ENV, "value": stage_request(bot, run_id, stage, lineage).to_json()}]
     env += [{"name": need.env, "valueFrom": {"secretKeyRef": {"name": need.name, "key": need.key}}}
             for need in secret_needs(bot, stage)]
     pod_spec: dict = {"restartPolicy": "Never", "automountServiceAccountToken": False, **parts.scheduling}

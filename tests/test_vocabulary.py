@@ -86,7 +86,7 @@ def test_every_status_field_the_plan_writes_is_in_the_crd():
     from tweetbot_operator.plan import Observed
     from tweetbot_trainer.contract import HandleStats, Progress
 
-    bot = make_bot()
+    bot = make_bot(schedule={"cron": "0 4 * * *", "suspend": False, "minNewPosts": 1, "resumeFrom": "base"})
     stats = [HandleStats("purefulsoul", 10, 1, 2, 7, displayName="Pureful")]
     jobs, results, written = [], {}, []
     for stage in STAGES:
@@ -94,9 +94,9 @@ def test_every_status_field_the_plan_writes_is_in_the_crd():
         decided, bot = step(bot, Observed(jobs=jobs, results=results, secrets=ALL_SECRETS, progress=Progress(5, 10, 2.0, 100.0, 60)))
         written.append(decided.status)
         jobs[-1] = job(bot, stage, "Succeeded")
-        results[jobs[-1]["metadata"]["name"]] = result(bot, stage, data=stats, metrics={"trainLoss": 2.0},
+        results[jobs[-1]["metadata"]["name"]] = result(bot, stage, data=stats, metrics={"trainLoss": 2.0, "posts": 7, "newPosts": 7},
                                                        artifacts={"modelUri": "s3://bots/model/"})
     decided, bot = step(bot, Observed(jobs=jobs, results=results, secrets=ALL_SECRETS))
-    assert decided.status["phase"] == "Succeeded"
+    assert decided.status["phase"] == "Succeeded" and decided.status["history"] and decided.status["nextScheduleTime"]
     for status in [*written, decided.status]:
         assert unknown_fields(status, SCHEMA["status"]) == []

@@ -288,6 +288,31 @@ def test_a_finished_bot_republishes_on_a_hub_edit_reruns_when_annotated_and_not_
     assert scrape.spec.backoff_limit == 4
 
 
+def test_a_scheduled_bot_ticks_and_a_tick_without_new_posts_trains_nothing(operator, apis, namespace, secrets):
+    custom, batch, core = apis
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot(schedule={"cron": "* * * * *"}))
+    scrape = wait_job(batch, namespace, "scrape")
+    first = scrape.metadata.labels[RUN_LABEL]
+    succeed(core, scrape, data=SCRAPE_STATS, metrics={"posts": 3254, "newPosts": 3254})
+    succeed(core, wait_job(batch, namespace, "train"), metrics={"evalLoss": 3.0})
+    succeed(core, wait_job(batch, namespace, "publish"), artifacts={"hubCommit": "abc123"})
+    status = wait_phase(custom, namespace, "Succeeded")["status"]
+    assert status["history"][0]["runId"] == first and status["nextScheduleTime"]
+
+    # The next minute's tick: a run whose scrape extends the first run's posts.
+    tick = wait_for(lambda: next((job for job in stage_jobs(batch, namespace, stage="scrape")
+                                  if job.metadata.labels[RUN_LABEL] != first), None), timeout=90, what="a tick's scrape Job")
+    assert json.loads(tick.spec.template.spec.containers[0].env[0].value)["extends_run"] == first
+    succeed(core, tick, data=SCRAPE_STATS, metrics={"posts": 3254, "newPosts": 0})
+    up_to_date = wait_for(lambda: (bot := get_bot(custom, namespace))["status"].get("history", [{}])[0].get("outcome") == "UpToDate"
+                          and bot, what="the tick to end up to date")
+    status = up_to_date["status"]
+    assert status["phase"] == "Succeeded" and status["scheduleTime"] == status["lastScheduleTime"]
+    assert [entry["outcome"] for entry in status["history"]] == ["UpToDate", "Succeeded"]
+    assert status["history"][0]["modelRunId"] == first and status["artifacts"]["hubCommit"] == "abc123"
+    assert stage_jobs(batch, namespace, stage="train") == []  # none for the tick; the first run's went with its run
+
+
 def test_suspend_stops_the_run_and_resume_continues_it(operator, apis, namespace, secrets):
     custom, batch, core = apis
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot())

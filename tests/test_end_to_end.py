@@ -136,3 +136,48 @@ def test_a_killed_train_container_resumes_from_its_checkpoint(world):
     second = [pod.metadata.name for pod in train_pods if pod.metadata.name != first_pod]
     assert second and "resuming from checkpoint" in core.read_namespaced_pod_log(second[0], NAMESPACE)
     assert batch.read_namespaced_job(train_pods[0].metadata.labels["job-name"], NAMESPACE).status.failed == 1
+
+
+def test_a_scheduled_bot_retrains_on_new_posts_only(world):
+    from dataclasses import replace
+
+    from tweetbot_dev.demo import synthetic_posts
+    from tweetbot_dev.fakes import tweets_js
+
+    def archive(posts):
+        world.s3.put_object(Bucket=BUCKET, Key="archives/diarist/data/tweets.js", Body=tweets_js(posts).encode())
+
+    old = synthetic_posts("diarist", 200, seed=11)
+    archive(old)
+    bot = demo_bot("diarist", ["diarist"], world.env, world.hub.url)
+    bot["spec"].update(schedule={"cron": "* * * * *"}, historyLimit=5)
+    world.apply(bot)
+    status = world.wait("diarist", timeout=900)
+    assert status["phase"] == "Succeeded", status.get("lastError")
+    first, kept, first_commit = status["runId"], status["data"][0]["kept"], status["artifacts"]["hubCommit"]
+
+    def history_head(outcome, after):
+        def reached():
+            history = (world.bot("diarist").get("status") or {}).get("history") or []
+            return history[0] if history and history[0]["outcome"] == outcome and history[0]["runId"] != after else None
+        return reached
+
+    # A minute later the tick finds the archive as it was: no train Job, the model stays the first run's.
+    idle = wait_for(history_head("UpToDate", first), timeout=300, what="a tick without new posts")
+    assert idle["newPosts"] == 0 and idle["modelRunId"] == first and idle["posts"] == status["metrics"]["posts"]
+    jobs = client.BatchV1Api(world.api).list_namespaced_job(NAMESPACE, label_selector="huggingtweets.dev/bot=diarist").items
+    assert not [job for job in jobs if job.metadata.labels["huggingtweets.dev/run"] == idle["runId"]
+                and job.metadata.labels[STAGE_LABEL] == "train"]
+
+    # Thirty new posts: the next tick trains on the merged posts and publishes a second commit.
+    new = [replace(post, id=2 * 10**9 + index) for index, post in enumerate(synthetic_posts("diarist", 30, seed=12))]
+    archive(new + old)
+    trained = wait_for(history_head("Succeeded", first), timeout=900, what="a tick that trains")
+    status = world.bot("diarist")["status"]
+    assert trained["newPosts"] > 0 and trained["modelRunId"] == trained["runId"]
+    assert trained["posts"] == idle["posts"] + trained["newPosts"]
+    if status["runId"] == trained["runId"]:  # no later tick has started yet
+        [row] = status["data"]
+        assert row["downloaded"] == 230 and row["kept"] == kept + trained["newPosts"]
+    repo = world.hub.repos["demo/diarist"]
+    assert [commit.id for commit in repo.history("main")][-2:] == [first_commit, trained["hubCommit"]]

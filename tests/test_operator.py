@@ -313,6 +313,41 @@ def test_a_scheduled_bot_ticks_and_a_tick_without_new_posts_trains_nothing(opera
     assert stage_jobs(batch, namespace, stage="train") == []  # none for the tick; the first run's went with its run
 
 
+def test_a_four_node_training_places_one_pod_per_node_behind_its_own_service(operator, apis, api_client, namespace, secrets):
+    from tweetbot_dev.cluster import fake_node
+
+    custom, batch, core = apis
+    pool = namespace[-6:]  # four nodes of 8 GPUs that only this test's bot selects
+    nodes = [fake_node(f"kwok-a100-{pool}-{i}", gpus=8) for i in range(4)]
+    for node in nodes:
+        node["metadata"]["labels"]["pool"] = pool
+        core.create_node(node)
+    try:
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot(
+            resources={"gpus": 8, "nodes": 4, "cpu": "8", "memory": "64Gi", "nodeSelector": {"pool": pool}}))
+        succeed(core, wait_job(batch, namespace, "scrape"), data=SCRAPE_STATS)
+        train = wait_job(batch, namespace, "train")
+        assert (train.spec.completion_mode, train.spec.completions, train.spec.parallelism) == ("Indexed", 4, 4)
+        service = wait_for(lambda: next(iter(core.list_namespaced_service(namespace).items), None), what="the headless Service")
+        assert service.metadata.name == train.metadata.name and service.spec.cluster_ip == "None"
+        assert [(ref.kind, ref.uid) for ref in service.metadata.owner_references] == [("Job", train.metadata.uid)]
+
+        def placed():
+            pods = core.list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={train.metadata.name}").items
+            return pods if len(pods) == 4 and all(pod.spec.node_name for pod in pods) else None
+
+        pods = wait_for(placed, what="four train pods placed")
+        assert sorted(pod.spec.node_name for pod in pods) == sorted(node["metadata"]["name"] for node in nodes)
+        assert {pod.spec.hostname for pod in pods} == {f"{train.metadata.name}-{index}" for index in range(4)}
+        assert all(pod.spec.subdomain == train.metadata.name for pod in pods)
+        status = wait_for(lambda: (s := get_bot(custom, namespace)["status"]["stages"]["train"]).get("readyPods") == 4 and s,
+                          what="four ready pods in the status")
+        assert status["pods"] == 4
+    finally:
+        for node in nodes:
+            core.delete_node(node["metadata"]["name"])
+
+
 def test_suspend_stops_the_run_and_resume_continues_it(operator, apis, namespace, secrets):
     custom, batch, core = apis
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot())

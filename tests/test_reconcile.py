@@ -639,3 +639,46 @@ def test_an_oom_killed_stage_says_so_instead_of_showing_its_log_as_a_result():
     garbled = stage_result_from_pod(pod(reason="Error", message="Traceback (most recent call last):"), "scrape")
     assert not garbled.ok and "is not a JSON object" in garbled.error
     assert stage_result_from_pod(pod(reason="Error"), "scrape") is None
+
+
+# --- several nodes ---------------------------------------------------------------------------------
+
+def test_a_multi_node_training_is_one_indexed_job_of_pods_that_find_each_other():
+    from tweetbot_operator.stages import headless_service
+
+    bot = make_bot(resources={"gpus": 8, "nodes": 4, "cpu": "32", "memory": "256Gi"})
+    run = run_id_for(bot)
+    train = desired_job(bot, run, "train", SETTINGS)
+    name = train["metadata"]["name"]
+    assert (train["spec"]["completionMode"], train["spec"]["completions"], train["spec"]["parallelism"]) == ("Indexed", 4, 4)
+    pod = train["spec"]["template"]["spec"]
+    assert pod["subdomain"] == name
+    [container] = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8" and container["command"][-1] == "--nproc-per-node=8"
+    env = {item["name"]: item.get("value", item.get("valueFrom")) for item in container["env"]}
+    assert env["PET_NNODES"] == "4" and env["PET_RDZV_BACKEND"] == "c10d" and env["PET_RDZV_ID"] == run
+    assert env["PET_RDZV_ENDPOINT"] == f"{name}-0.{name}:29400"
+    assert env["PET_NODE_RANK"] == {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}
+    service = headless_service(train)
+    assert service["metadata"]["name"] == name and service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": name}
+    for stage in ("scrape", "publish"):  # one CPU pod each, whatever the training's size
+        single = desired_job(bot, run, stage, SETTINGS)
+        assert "completionMode" not in single["spec"] and headless_service(single) is None
+    assert headless_service(desired_job(make_bot(), run, "train", SETTINGS)) is None
+
+
+def test_gpus_beyond_what_a_node_holds_are_refused():
+    bot = make_bot(resources={"gpus": 16, "nodes": 2})
+    with pytest.raises(InvalidSpec, match=r"spec.resources.gpus 16 is more than a node of this cluster holds \(8"):
+        validate_spec(bot, SETTINGS)
+    validate_spec(bot, replace(SETTINGS, max_gpus_per_node=16))
+
+
+def test_a_gangs_status_counts_its_ready_pods():
+    bot = make_bot(resources={"gpus": 8, "nodes": 4})
+    scrape, train = job(bot, "scrape", "Succeeded"), job(bot, "train", "Running")
+    train["status"]["ready"] = 3
+    decided, _ = step(bot, Observed(jobs=[scrape, train], results={scrape["metadata"]["name"]: result(bot, "scrape")},
+                                    secrets=ALL_SECRETS))
+    assert decided.status["stages"]["train"]["pods"] == 4 and decided.status["stages"]["train"]["readyPods"] == 3

@@ -31,6 +31,7 @@ from .names import BOTS, FINISHED, KIND, PLURAL, JobState, Reason
 from .plan import Needs, Observed, Plan, plan, status_patch
 from .settings import Settings
 from .spec import BOT_IDENTITY, SECRET_OPT_IN_LABEL, InvalidSpec, SecretView, rerun_requested, run_id_for, s3_identity, s3_layout, secret_view, validate_spec
+from .stages import headless_service
 from .workqueue import NEW, UPDATE, Request, WorkQueue
 
 log = logging.getLogger("tweetbot.operator")
@@ -325,7 +326,8 @@ class Controller:
                 # before the create call returns) brings nothing new.
                 self._job_fingerprints[job_key] = job_fingerprint(manifest)
             try:
-                self.cache.put_job(self.kube.create(path("batch/v1", "jobs", namespace), manifest))
+                created = self.kube.create(path("batch/v1", "jobs", namespace), manifest)
+                self.cache.put_job(created)
             except ApiException as error:
                 self._job_fingerprints.pop(job_key, None)
                 if not _refused(error):
@@ -337,7 +339,24 @@ class Controller:
                     # in the status at once, and try again at the next resync.
                     self._rejections[job_key] = (self.clock(), _server_message(error))
                     return False
+                created = None
+            self._create_service(manifest, created)
         return True
+
+    def _create_service(self, manifest: dict, job: dict | None) -> None:
+        """A gang's headless Service, owned by its Job (read again if an earlier pass created the Job)."""
+        service = headless_service(manifest)
+        if service is None:
+            return
+        namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+        job = job or self.kube.get(path("batch/v1", "jobs", namespace, name))
+        service["metadata"]["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": name,
+                                                   "uid": job["metadata"]["uid"]}]
+        try:
+            self.kube.create(path("v1", "services", namespace), service)
+        except ApiException as error:
+            if error.status != 409:
+                raise
 
     def _recent_rejections(self, namespace: str, jobs: list[dict]) -> dict[str, str]:
         """Refusals of the last resync interval, for Jobs that still do not exist."""

@@ -319,6 +319,9 @@ class _Walk:
         stage_status = {"jobName": name, "state": JobState.PENDING if state == JobState.QUEUED else state,
                         "attempts": job_status.get("failed", 0) + job_status.get("succeeded", 0) + job_status.get("active", 0)}
         stage_status.update({key: job_status[key] for key in ("startTime", "completionTime") if job_status.get(key)})
+        pods = stage.pods(self.spec)
+        if pods > 1 and state not in ENDED:
+            stage_status.update(pods=pods, readyPods=job_status.get("ready", 0))
         self.status["stages"][stage.name] = stage_status
         if self.spec["suspend"] and state not in ENDED:
             self.result.delete.append(name)  # resumes from its checkpoint when recreated

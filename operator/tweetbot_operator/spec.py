@@ -97,6 +97,10 @@ def validate_spec(bot: dict, settings: Settings) -> None:
             schedule.check(spec["schedule"])
         except ValueError as error:
             raise InvalidSpec(str(error)) from None
+    gpus, most = spec["resources"]["gpus"], settings.max_gpus_per_node
+    if gpus > most:
+        raise InvalidSpec(f"spec.resources.gpus {gpus} is more than a node of this cluster holds ({most}, the chart's "
+                          "trainer.maxGpusPerNode): ask for fewer per pod and more spec.resources.nodes")
     priority_class = spec["resources"].get("priorityClassName")
     if priority_class is not None and not DNS_SUBDOMAIN.fullmatch(priority_class):
         raise InvalidSpec(f"spec.resources.priorityClassName {priority_class!r} is not a DNS subdomain")

@@ -34,6 +34,9 @@ from .spec import digest, normalize_handles, s3_layout, spec_field, with_default
 
 GPU_RESOURCE = "nvidia.com/gpu"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# Where torch.distributed.run's c10d rendezvous listens on a gang's first pod.
+RENDEZVOUS_PORT = 29400
+COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class Stage:
     secrets: Callable[[dict], list[SecretNeed]]  # defaulted spec -> the Secret keys only this stage reads
     pod: Callable[[dict, Settings], PodParts]  # defaulted spec, settings -> its pod's own part
     gpus: Callable[[dict], int] = lambda spec: 0
+    pods: Callable[[dict], int] = lambda spec: 1  # more than one: a gang, an Indexed Job with a headless Service
     # A spec field (dotted path) whose edit re-runs this stage alone, on the same run: its Job's name carries a
     # digest of the field as written, so a new value names a new Job.
     reruns_on: str | None = None
@@ -175,7 +179,7 @@ REGISTRY: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("scrape", Phase.SCRAPING, "DataReady", _source_secrets,
           _cpu_stage(lambda settings: settings.scrape_resources, "scrape")),
     Stage("train", Phase.TRAINING, "Trained", _train_secrets, _train_pod, gpus=lambda spec: spec["resources"]["gpus"],
-          up_to_date=_no_new_posts),
+          up_to_date=_no_new_posts, pods=lambda spec: spec["resources"]["nodes"]),
     Stage("publish", Phase.PUBLISHING, "Published", _hub_secrets,
           _cpu_stage(lambda settings: settings.publish_resources, "publish"), reruns_on="output.hub"),
 )}
@@ -237,12 +241,48 @@ def pod_failure_policy(stage: str) -> dict:
     ]}
 
 
+def _gang(job_spec: dict, pod_spec: dict, name: str, run_id: str, pods: int) -> None:
+    """`pods` pods started together: an Indexed Job, pod i named <job>-i in the DNS of the headless Service
+    <job> (`headless_service`). Each pod's torch.distributed.run finds the others through a c10d rendezvous on
+    pod 0, reading the PET_ variables Kubeflow Trainer gives its pods. One pod failing restarts the ranks of all
+    (torch.distributed.run's restarts) from the newest checkpoint in S3 once the Job controller replaces it."""
+    job_spec.update(completionMode="Indexed", completions=pods, parallelism=pods)
+    pod_spec["subdomain"] = name
+    first = f"{name}-0.{name}"
+    pod_spec["containers"][0]["env"] += [
+        {"name": "PET_NNODES", "value": str(pods)},
+        {"name": "PET_NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX}}},
+        {"name": "PET_MASTER_ADDR", "value": first},
+        {"name": "PET_MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+        {"name": "PET_RDZV_BACKEND", "value": "c10d"},
+        {"name": "PET_RDZV_ENDPOINT", "value": f"{first}:{RENDEZVOUS_PORT}"},
+        {"name": "PET_RDZV_ID", "value": run_id},
+    ]
+
+
+def headless_service(job: dict) -> dict | None:
+    """The Service whose DNS names a gang's pods (<job>-<index>.<job>), or None for a Job of one pod. Owned by
+    the Job (the caller adds the reference): it goes with it."""
+    subdomain = job["spec"]["template"]["spec"].get("subdomain")
+    if not subdomain:
+        return None
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": subdomain, "namespace": job["metadata"]["namespace"], "labels": dict(job["metadata"]["labels"])},
+        # Not-ready addresses too: the rendezvous runs before any readiness could be told.
+        "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
+                 "selector": {"batch.kubernetes.io/job-name": job["metadata"]["name"]},
+                 "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "protocol": "TCP"}]},
+    }
+
+
 def desired_job(bot: dict, run_id: str, stage: str, settings: Settings, named: str | None = None,
                 lineage: Lineage = Lineage()) -> dict:
     """The Job manifest of one stage of one run (owner reference added by the caller with kopf.adopt), named
     `job_name`'s way unless `named` says otherwise."""
     spec = with_defaults(bot)
-    name = bot["metadata"]["name"]
+    name, job = bot["metadata"]["name"], named or job_name(bot, run_id, stage)
     wanted = spec["resources"]
     labels = {
         "app.kubernetes.io/name": "tweetbot",
@@ -288,9 +328,12 @@ def desired_job(bot: dict, run_id: str, stage: str, settings: Settings, named: s
     # the Job controller would delete it on time whether or not its result had been read.
     if spec.get("activeDeadlineSeconds") is not None:
         job_spec["activeDeadlineSeconds"] = spec["activeDeadlineSeconds"]
+    pods = REGISTRY[stage].pods(spec)
+    if pods > 1:
+        _gang(job_spec, pod_spec, job, run_id, pods)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": named or job_name(bot, run_id, stage), "namespace": bot["metadata"]["namespace"], "labels": labels},
+        "metadata": {"name": job, "namespace": bot["metadata"]["namespace"], "labels": labels},
         "spec": job_spec,
     }

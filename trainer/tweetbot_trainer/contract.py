@@ -110,7 +110,7 @@ SPEC_DEFAULTS = Defaults({
         "wandb": Defaults({"project": "tweetbot", "apiKeySecretRef": Defaults({"key": "apiKey"})}),
         "mlflow": Defaults({"experiment": "tweetbot", "tokenSecretRef": _SECRET_KEY}),
     }, always=True),
-    "resources": Defaults({"gpus": 1, "cpu": "4", "memory": "16Gi"}, always=True),
+    "resources": Defaults({"gpus": 1, "nodes": 1, "cpu": "4", "memory": "16Gi"}, always=True),
     "output": Defaults({
         "s3": Defaults({"prefix": "tweetbot", "region": "us-east-1"}),
         "hub": Defaults({"private": False, "tokenSecretRef": _SECRET_KEY, "checkpoints": False,

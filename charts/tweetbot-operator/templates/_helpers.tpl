@@ -33,6 +33,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   resources: [pods]  # termination messages of finished stage pods
   verbs: [list]
 - apiGroups: [""]
+  resources: [services]  # a multi-node training's headless Service, owned by its Job
+  verbs: [get, create]
+- apiGroups: [""]
   resources: [secrets]  # a referenced Secret's keys; S3 credentials for progress and deletion
   verbs: [get]
 - apiGroups: ["", events.k8s.io]

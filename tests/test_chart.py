@@ -79,7 +79,8 @@ def test_network_policies_deny_by_default_and_select_the_pods_they_guard(cluster
                    "--set", "watchNamespaces={bots,more}").stdout
     documents = [doc for doc in yaml.safe_load_all(rendered) if doc]
     policies = {(doc["metadata"]["namespace"], doc["metadata"]["name"]): doc for doc in documents if doc["kind"] == "NetworkPolicy"}
-    assert sorted(policies) == [("bots", "tweetbot-stages"), ("more", "tweetbot-stages"), (RELEASE_NS, f"{RELEASE}-tweetbot-operator")]
+    assert sorted(policies) == [("bots", "tweetbot-stages"), ("bots", "tweetbot-training-gangs"), ("more", "tweetbot-stages"),
+                                ("more", "tweetbot-training-gangs"), (RELEASE_NS, f"{RELEASE}-tweetbot-operator")]
     deployment = next(doc for doc in documents if doc["kind"] == "Deployment")
     operator_policy = policies[(RELEASE_NS, f"{RELEASE}-tweetbot-operator")]
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -91,6 +92,12 @@ def test_network_policies_deny_by_default_and_select_the_pods_they_guard(cluster
         assert spec["policyTypes"] == ["Ingress", "Egress"] and "ingress" not in spec  # nothing may connect in
         blocks = [peer["ipBlock"] for rule in spec["egress"] for peer in rule.get("to", []) if "ipBlock" in peer]
         assert blocks and all("169.254.0.0/16" in block["except"] for block in blocks)  # no cloud metadata
+        # A multi-node training's pods reach each other and only each other; scrape and publish pods are not among them.
+        gang = policies[(namespace, "tweetbot-training-gangs")]["spec"]
+        train_only = gang["podSelector"]["matchLabels"]
+        assert train_only.items() <= stage_pod.items()
+        assert not train_only.items() <= desired_job(STAGE_BOT, "abc123", "scrape", Settings())["spec"]["template"]["metadata"]["labels"].items()
+        assert [peer["podSelector"]["matchLabels"] for rule in gang["ingress"] + gang["egress"] for peer in rule["from" if "from" in rule else "to"]] == [train_only] * 2
     off = run(cluster, "helm", "template", RELEASE, str(CHART), "--kube-version", "v1.34.4", "--set", "networkPolicy.enabled=false").stdout
     assert "NetworkPolicy" not in off
 

@@ -83,12 +83,21 @@ class CheckpointUploads:
         return [checkpoint_step(path.name) for path in self.directory.glob("checkpoint-*") if path.is_dir()]
 
 
+NODE_WAIT_SECONDS = 3600  # the first node waits this long for the others' parts of a checkpoint
+
+
 class S3CheckpointStore:
     """One run's checkpoints in S3 (`S3Layout.checkpoints`): each under checkpoint-<step>/, complete once its
-    manifest is written, the newest `keep` complete ones kept."""
+    manifest is written, the newest `keep` complete ones kept.
 
-    def __init__(self, storage: Storage, layout: S3Layout, keep: int):
+    With several nodes (pods), each uploads the files its ranks wrote and then its part of the manifest
+    (nodes/<node>.json); the first node, once every node's part is there, writes the manifest naming them all.
+    A part counts only if it was written by the same attempt (`resumed`: the step every node resumed from)."""
+
+    def __init__(self, storage: Storage, layout: S3Layout, keep: int, node: int = 0, nodes: int = 1,
+                 resumed: int | None = None, poll_seconds: float = 1.0):
         self.storage, self.layout, self.keep = storage, layout, keep
+        self.node, self.nodes, self.resumed, self.poll_seconds = node, nodes, resumed, poll_seconds
 
     def prefix(self, step: int) -> str:
         return f"{self.layout.checkpoints}checkpoint-{step}/"
@@ -103,13 +112,39 @@ class S3CheckpointStore:
         returns what the upload took: {"step", "bytes", "seconds"}."""
         started = time.monotonic()
         prefix = self.prefix(step)
-        manifest = self.storage.upload_directory(local, self.layout.bucket, prefix, manifest_key=prefix + "manifest.json")
+        if self.nodes == 1:
+            manifest = self.storage.upload_directory(local, self.layout.bucket, prefix, manifest_key=prefix + "manifest.json")
+        else:
+            manifest = self.storage.upload_directory(local, self.layout.bucket, prefix)
+            part = {**manifest, "resumed": self.resumed}
+            self.storage.put(self.layout.bucket, f"{prefix}nodes/{self.node}.json", json.dumps(part).encode())
+            if self.node != 0:
+                return {"step": step, "bytes": sum(file["bytes"] for file in manifest["files"].values()),
+                        "seconds": round(time.monotonic() - started, 3)}
+            manifest = self._all_parts(prefix)
+            self.storage.put(self.layout.bucket, prefix + "manifest.json", json.dumps(manifest, indent=1).encode())
         seconds = time.monotonic() - started
         for old in self.complete()[:-self.keep]:
             self.storage.delete_prefix(self.layout.bucket, old.rsplit("/", 1)[0] + "/")
         size = sum(file["bytes"] for file in manifest["files"].values())
         log.info("checkpoint %d uploaded to s3://%s/%s (%.0f MB in %.1fs)", step, self.layout.bucket, prefix, size / 1e6, seconds)
         return {"step": step, "bytes": size, "seconds": round(seconds, 3)}
+
+    def _all_parts(self, prefix: str) -> dict:
+        """Every node's files of one checkpoint, once every node of this attempt has uploaded its part."""
+        deadline = time.monotonic() + NODE_WAIT_SECONDS
+        while True:
+            parts = {}
+            for key in self.storage.list_keys(self.layout.bucket, prefix + "nodes/", suffix=".json"):
+                part = json.loads(self.storage.read(f"s3://{self.layout.bucket}/{key}"))
+                if part.get("resumed") == self.resumed:
+                    parts[key] = part
+            if len(parts) == self.nodes:
+                return {"files": {name: file for part in parts.values() for name, file in part["files"].items()}}
+            if time.monotonic() > deadline:
+                raise CheckpointUploadFailed(f"{prefix}: {len(parts)} of {self.nodes} nodes uploaded their part "
+                                             f"within {NODE_WAIT_SECONDS}s")
+            time.sleep(self.poll_seconds)
 
     def download_newest(self, directory: Path) -> int | None:
         """The newest complete checkpoint downloaded to `directory`/checkpoint-<step>; its step, or None if S3 has none."""

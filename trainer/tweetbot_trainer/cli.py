@@ -127,6 +127,11 @@ def write_termination_message(result: StageResult) -> None:
         pass  # not in a container: the printed result is the output
 
 
+def pods() -> int:
+    """The pods of the training (spec.resources.nodes)."""
+    return int(os.environ.get("PET_NNODES", "1"))
+
+
 def launch_ranks(argv: list[str], processes: int) -> int:
     """`processes` ranks of `tweetbot-trainer <argv>` under torch.distributed.run, as `torchrun --standalone` starts
     them, but with the pod's exit code and termination message those of one rank: torchrun itself exits 1 whatever
@@ -138,8 +143,11 @@ def launch_ranks(argv: list[str], processes: int) -> int:
     messages = Path(tempfile.mkdtemp(prefix="tweetbot-rank-messages-"))
     os.environ[RANK_MESSAGES_ENV] = str(messages)
     exit_codes: dict[int, int] = {}
+    # One pod: a rendezvous of its own. Several: torch.distributed.run reads the rest from the PET_ variables the
+    # operator sets (nodes, rendezvous endpoint and id), as Kubeflow Trainer's pods have them.
+    alone = ["--standalone"] if pods() == 1 else []
     try:
-        run(parse_args(["--standalone", f"--nproc-per-node={processes}", "-m", "tweetbot_trainer.cli", *argv]))
+        run(parse_args([*alone, f"--nproc-per-node={processes}", "-m", "tweetbot_trainer.cli", *argv]))
     except ChildFailedError as failed:
         first = sorted(failed.failures.items(), key=lambda item: (item[1].timestamp, item[0]))
         exit_codes = {rank: failure.exitcode for rank, failure in first}
@@ -197,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             if not (args.source and args.handles and args.out):
                 parser.error("by hand, --source, --handles and --out are required")
             request = request_from_flags(args)
-        if args.nproc_per_node > 1 and "RANK" not in os.environ:  # a rank itself runs the stage
+        if (args.nproc_per_node > 1 or pods() > 1) and "RANK" not in os.environ:  # a rank itself runs the stage
             return launch_ranks(argv, args.nproc_per_node)
         result = run_stage(request)
     except StageError as error:

@@ -80,7 +80,7 @@ class S3Checkpoints(TrainerCallback):
             action(local, step)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        if state.is_local_process_zero:
             self.uploads.check()
             if control.should_save:
                 with self.times.phase("checkpointUploadWait"):
@@ -88,9 +88,10 @@ class S3Checkpoints(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         # Each rank writes its own ZeRO shards and random state into the checkpoint, in the directory the pod's
-        # ranks share: once all are written, rank 0 uploads the whole checkpoint, manifest last.
+        # ranks share: once all are written, each pod's first rank uploads the pod's files (the store writes the
+        # manifest last, after every pod's).
         args.distributed_state.wait_for_everyone()
-        if state.is_world_process_zero:
+        if state.is_local_process_zero:
             self.uploads.submit(state.global_step)
 
     def wait(self):

@@ -360,11 +360,11 @@ def work_directory(run_id: str) -> Path:
 
 
 def on_rank_zero(training_args, workdir: Path, name: str, download: Callable[[], str | int | None]):
-    """`download()` on rank 0 alone, into the directory the ranks share, and its result on every rank: ranks that
-    downloaded side by side would overwrite the files the others read. The result passes through that directory,
-    which needs nothing of the process group's backend but a barrier."""
+    """`download()` on the pod's first rank alone, into the directory the pod's ranks share, and its result on
+    every rank: ranks that downloaded side by side would overwrite the files the others read. The result passes
+    through that directory, which needs nothing of the process group's backend but a barrier."""
     result = workdir / f"{name}.json"
-    if training_args.process_index == 0:
+    if training_args.local_process_index == 0:
         result.write_text(json.dumps(download()))
     training_args.distributed_state.wait_for_everyone()
     return json.loads(result.read_text())
@@ -509,9 +509,12 @@ def run_train(request: StageRequest, storage: Storage, workdir: Path | None = No
     for name in BLOCK_SETTINGS:
         setattr(training_args, name, settings[name])
 
-    store = S3CheckpointStore(storage, layout, args.keep_checkpoints)
+    # torch.distributed.run numbers the pods of a multi-node training (GROUP_RANK); the first holds global rank 0.
+    node, nodes = int(os.environ.get("GROUP_RANK", "0")), int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    store = S3CheckpointStore(storage, layout, args.keep_checkpoints, node=node, nodes=nodes)
     with times.phase("resumeDownload"):
         resumed_step = on_rank_zero(training_args, workdir, "resumed", lambda: download_newest_checkpoint(store, output_dir))
+    store.resumed = resumed_step
     resume_from = output_dir / f"checkpoint-{resumed_step}" if resumed_step is not None else None
 
     with times.phase("trainerInit"):
@@ -519,9 +522,9 @@ def run_train(request: StageRequest, storage: Storage, workdir: Path | None = No
         saves = TimedCheckpoints(args.checkpoint_every_minutes, args.checkpoint_every_steps)
         # After `saves`: it acts on their decision. Each checkpoint, once in S3, goes to the Hub's branch, and
         # TensorBoard's events follow it to S3.
-        hub = HubCheckpoints.wanted(request, os.environ)
+        hub = HubCheckpoints.wanted(request, os.environ) if node == 0 else None
         after_upload = [hub.push] if hub else []
-        if "tensorboard" in tracking.report_to:
+        if "tensorboard" in tracking.report_to and node == 0:
             after_upload.append(lambda local, step: upload_tensorboard(storage, layout, trackers.tensorboard_dir))
         uploads = S3Checkpoints(store, output_dir, times, uploaded=resumed_step, then=after_upload)
         progress = ProgressReports(storage, layout, tokens_per_step=args.batch_size * blocks.size * world_size)

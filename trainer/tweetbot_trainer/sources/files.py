@@ -82,7 +82,9 @@ class FileSource:
         """`stream(uri)` gives the file's bytes in chunks (`Storage.stream`)."""
         self.uri, self.stream, self.max_bytes = uri, stream, max_bytes
 
-    def fetch(self, handle: str, limit: int) -> Timeline:
+    def fetch(self, handle: str, limit: int, since: str = "") -> Timeline:
+        """`since` is not used: a file has no order to trust, so it is read whole (the scrape's merge drops the
+        posts it knew)."""
         shown = redact_url(self.uri)
         name = shown.rsplit("/", 1)[-1]  # without the query, so a signed URL's name still ends in .csv
         try:

@@ -70,7 +70,8 @@ def _csv_rows(lines: Iterable[str], name: str) -> Iterator[dict]:
         raise MalformedInput(f"{name} record {number + 1} is not CSV ({error})") from None
 
 
-def _post(row: dict, index: int) -> Post:
+def post_of_row(row: dict, index: int) -> Post:
+    """A posts file's record (with a text) as a Post; `index` is its id when it has none."""
     return Post(str(row.get("id", index)), row["text"], str(row.get("is_repost", "")).strip().lower() in TRUE,
                 str(row.get("created_at") or row.get("date") or ""))
 
@@ -98,6 +99,6 @@ class FileSource:
             if str(row.get("handle", handle)).lstrip("@").lower() != handle:
                 continue
             if len(posts) < limit:
-                posts.append(_post(row, matched))
+                posts.append(post_of_row(row, matched))
             matched += 1
         return Timeline(handle, "", posts)

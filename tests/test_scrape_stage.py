@@ -282,3 +282,13 @@ def test_a_scheduled_scrape_of_a_run_without_posts_scrapes_everything(world):
         assert f"{earlier} has no posts.jsonl" in logs
         assert read_jsonl(s3, bucket, run_id, "dataset.jsonl") == read_jsonl(s3, bucket, "run001", "dataset.jsonl")
     assert not timeline_requests(server, since="10000")
+
+
+def test_new_posts_counts_each_kept_post_once_when_balancing_repeats_it(world):
+    dev_env, s3, bucket, server, tmp_path = world
+    manifest_bot = bot(bucket, dev_env.s3_endpoint, server.url, data={"balanceHandles": True})
+    first, _ = scrape(world, manifest_bot, "run001")
+    assert first.metrics["newPosts"] == sum(s.kept for s in first.data) < first.metrics["posts"]
+    add_posts(server, "turtlebreezee", 4)
+    second, _ = scrape(world, manifest_bot, "run002", extends_run="run001")
+    assert second.metrics["newPosts"] == 3

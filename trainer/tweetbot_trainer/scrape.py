@@ -128,9 +128,9 @@ def run_scrape(request: StageRequest, storage: Storage, environ: dict[str, str] 
          layout.posts: posts_file(raw)},
         manifest_key=scrape_manifest(layout),
     )
-    # The dataset's posts the earlier run did not have (all of them for a full scrape): the operator's
-    # schedule.minNewPosts is held to it.
-    new_posts = sum(post_id in new_ids[handle] for handle, posts in texts.items() for post_id, _ in posts)
+    # The kept posts the earlier run did not have (all of them for a full scrape), each once: balancing's
+    # repeats would make a few new posts reach the operator's schedule.minNewPosts.
+    new_posts = sum(post_id in new_ids[handle] for handle, c in curated.items() for post_id, _ in c.kept)
     return StageResult(
         stage="scrape",
         run_id=request.run_id,

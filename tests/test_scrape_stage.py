@@ -14,8 +14,10 @@ import pytest
 from tweetbot_dev.fakes import FakeAccount, FakePost, FakeSocialServer, tweets_js
 from tweetbot_operator.stages import desired_job
 from tweetbot_operator.settings import Settings
-from tweetbot_trainer.contract import TERMINATION_MESSAGE_LIMIT, HandleStats, StageResult
-from tweetbot_trainer.scrape import merge_posts
+from tweetbot_trainer.contract import TERMINATION_MESSAGE_LIMIT, HandleStats, S3Layout, StageResult
+from tweetbot_trainer import scrape as scrape_module
+from tweetbot_trainer.errors import MalformedInput
+from tweetbot_trainer.scrape import merge_posts, read_previous_posts, scrape_manifest
 from tweetbot_trainer.sources import MAX_DISPLAY_NAME, Post
 
 pytestmark = pytest.mark.s3
@@ -186,6 +188,36 @@ def test_merge_posts_puts_the_new_first_drops_the_known_and_keeps_the_newest():
     assert new_ids == {"7", "6"}
     assert merge_posts([], previous, limit=10) == (previous, set())
     assert merge_posts(fetched, [], limit=2) == (fetched[:2], {"7", "6"})
+
+
+class PostsFileStorage:
+    """A Storage's read and stream over one earlier run's manifest and posts.jsonl, in memory."""
+
+    def __init__(self, layout, body: bytes):
+        self.files = {f"s3://{layout.bucket}/{scrape_manifest(layout)}": json.dumps({"files": {layout.posts: {}}}).encode(),
+                      f"s3://{layout.bucket}/{layout.posts}": body}
+
+    def read(self, uri):
+        return b"".join(self.stream(uri))
+
+    def stream(self, uri):
+        if uri not in self.files:
+            raise FileNotFoundError(uri)
+        return iter([self.files[uri][i:i + 1000] for i in range(0, len(self.files[uri]), 1000)])
+
+
+def test_the_earlier_posts_are_read_within_a_cap_per_post_and_handle(monkeypatch):
+    layout = S3Layout(bucket="b", prefix="tweetbot", namespace="bots", bot="cyborg", run_id="run001")
+    rows = [{"handle": handle, "id": str(i), "text": "x" * 100, "is_repost": i == 1, "created_at": ""}
+            for handle in ("alice", "bob", "carol") for i in range(3, 0, -1)]
+    storage = PostsFileStorage(layout, "".join(json.dumps(row) + "\n" for row in rows).encode())
+    posts = read_previous_posts(storage, layout, ["alice", "bob"], limit=2)
+    assert {handle: [(p.id, p.is_repost) for p in kept] for handle, kept in posts.items()} == {
+        "alice": [("3", False), ("2", False)], "bob": [("3", False), ("2", False)]}
+    assert read_previous_posts(storage, layout.of_run("run000"), ["alice"], limit=2) is None
+    monkeypatch.setattr(scrape_module, "POSTS_FILE_BYTES_PER_POST", 100)
+    with pytest.raises(MalformedInput, match=r"posts.jsonl is larger than 400 bytes.*scrape.POSTS_FILE_BYTES_PER_POST"):
+        read_previous_posts(storage, layout, ["alice", "bob"], limit=2)
 
 
 def scrape(world, manifest_bot, run_id, extends_run=""):

@@ -76,8 +76,10 @@ def test_x_api_serves_at_most_the_newest_3200(server):
 
 
 def test_x_api_since_id_fetches_only_newer_posts(server):
-    got = XApiSource(server.url, server.x_bearer_token, since_id="99990", **FAST).fetch("alice", 3200)
+    got = XApiSource(server.url, server.x_bearer_token, **FAST).fetch("alice", 3200, since="99990")
     assert [p.id for p in got.posts] == [str(100_000 - i) for i in range(10)]
+    timeline_requests = [path for path in server.requests if "/tweets" in path]
+    assert len(timeline_requests) == 1 and "since_id=99990" in timeline_requests[0]
 
 
 def test_x_api_long_posts_come_from_note_tweet(server):
@@ -143,6 +145,13 @@ def test_mastodon_follows_link_headers_and_turns_html_into_text(server):
         MastodonSource(server.url, **FAST).fetch("nobody", 10)
 
 
+def test_mastodon_since_id_fetches_only_newer_posts_on_every_page(server):
+    got = MastodonSource(server.url, **FAST).fetch("alice", 3200, since="99950")
+    assert [p.id for p in got.posts] == [str(100_000 - i) for i in range(50)]
+    pages = [path for path in server.requests if "/statuses" in path]
+    assert len(pages) == 2 and all("since_id=99950" in path for path in pages)
+
+
 def test_mastodon_rate_limit_reset_is_an_iso_time(server):
     server.rate_limited_requests = 1
     slept = []
@@ -157,6 +166,27 @@ def test_bluesky_follows_cursors_and_counts_reposts(server):
     assert sum(p.is_repost for p in got.posts) == 25
     with pytest.raises(UnknownHandle, match="Profile not found"):
         BlueskySource(server.url, **FAST).fetch("nobody", 10)
+
+
+def test_bluesky_since_stops_paging_at_the_known_post(server):
+    known = "at://did:plc:fake/app.bsky.feed.post/99850"
+    got = BlueskySource(server.url, **FAST).fetch("alice", 3200, since=known)
+    assert [p.id for p in got.posts] == [f"at://did:plc:fake/app.bsky.feed.post/{100_000 - i}" for i in range(150)]
+    assert got.display_name == "Alice A."
+    assert sum("getAuthorFeed" in path for path in server.requests) == 2  # not the third page of 50
+
+
+def test_bluesky_since_is_not_matched_by_a_repost(server):
+    """A repost's URI is the reposted post's, which can come again (a person reposting their own post):
+    only an original post ends the new ones."""
+    server.accounts["alice"].posts[5].is_repost = True  # 99995, now a repost of that URI
+    got = BlueskySource(server.url, **FAST).fetch("alice", 3200, since="at://did:plc:fake/app.bsky.feed.post/99995")
+    assert len(got.posts) == 250
+
+
+def test_a_since_no_source_knows_changes_nothing(server):
+    assert len(BlueskySource(server.url, **FAST).fetch("alice", 3200, since="at://gone").posts) == 250
+    assert len(MastodonSource(server.url, **FAST).fetch("alice", 3200, since="1").posts) == 250
 
 
 # --- archives and files, over HTTP and from the real S3 server -----------------------------------------
@@ -176,6 +206,9 @@ def test_archive_parsing_and_malformed_files():
 def test_archive_over_http(server):
     got = XArchiveSource(f"{server.url}/archives/{{handle}}/tweets.js", Storage().stream).fetch("alice", 5000)
     assert len(got.posts) == 250 and got.posts[0].id == "100000"
+    # Files are read whole whatever the since: the scrape's merge drops the posts it had.
+    source = XArchiveSource(f"{server.url}/archives/{{handle}}/tweets.js", Storage().stream)
+    assert source.fetch("alice", 5000, since="99990").posts == got.posts
 
 
 @pytest.fixture
@@ -216,6 +249,7 @@ def test_posts_files_in_s3(s3, storage):
     s3.put_object(Bucket="files", Key="broken.jsonl", Body=b'{"text": "ok"}\nnot json\n')
     source = open_source({"file": {"uri": "s3://files/posts.jsonl"}}, storage, {})
     assert [p.id for p in source.fetch("alice", 10).posts] == ["1", "3"]
+    assert [p.id for p in source.fetch("alice", 10, since="3").posts] == ["1", "3"]
     assert source.fetch("bob", 10).posts[0].is_repost
     csv_posts = open_source({"file": {"uri": "s3://files/posts.csv"}}, storage, {}).fetch("anyone", 10).posts
     assert [(p.text, p.is_repost) for p in csv_posts] == [("a, quoted post", False), ("RT @x: shared", True)]

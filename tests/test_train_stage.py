@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import boto3
@@ -187,6 +188,35 @@ def test_a_base_model_that_cannot_be_loaded_fails_clearly(world, tmp_path):
     assert process.wait(timeout=300) == 20
     error = StageResult.from_termination_message((tmp_path / "termination-log").read_text()).error
     assert error.startswith(f"BaseModelUnavailable: cannot load the base model '{tmp_path / 'no-such-model'}'")
+
+
+def test_a_scheduled_run_starts_from_the_earlier_runs_final_model(world, tmp_path):
+    dev_env, s3, bucket = world
+    request = replace(request_for(bucket, dev_env.s3_endpoint, "run-next", epochs=1), starts_from_run="run-earlier")
+    # The earlier run's model has one layer where the spec's base model has two: the one loaded shows.
+    earlier = request.s3.of_run("run-earlier").final_model
+    model_dir = build_tiny_gpt2(tmp_path / "earlier", posts(400), n_layer=1, seed=7)
+    for path in model_dir.iterdir():
+        s3.upload_file(str(path), bucket, earlier + path.name)
+    put_dataset(s3, bucket, request.s3, 100)
+
+    missing = replace(request, starts_from_run="run-unfinished")
+    process = start_train(dev_env, missing, tmp_path)
+    assert process.wait(timeout=300) == 18, (tmp_path / "train.log").read_text()[-5000:]
+    error = StageResult.from_termination_message((tmp_path / "termination-log").read_text()).error
+    assert error.startswith("MissingInput: no complete final model of the run run-unfinished at "
+                            f"s3://{bucket}/tweetbot/bots/dreamer/run-unfinished/final/")
+
+    process = start_train(dev_env, request, tmp_path)  # the earlier model has no manifest yet: not complete
+    assert process.wait(timeout=300) == 18, (tmp_path / "train.log").read_text()[-5000:]
+    s3.put_object(Bucket=bucket, Key=earlier + "manifest.json", Body=json.dumps({"files": {}}).encode())
+    process = start_train(dev_env, request, tmp_path)
+    assert process.wait(timeout=600) == 0, (tmp_path / "train.log").read_text()[-5000:]
+    final = request.s3.final_model
+    config = json.loads(s3.get_object(Bucket=bucket, Key=final + "config.json")["Body"].read())
+    assert config["n_layer"] == 1
+    facts = json.loads(s3.get_object(Bucket=bucket, Key=final + "training.json")["Body"].read())
+    assert facts["baseModel"] == f"s3://{bucket}/base/tiny-gpt2/"  # the spec's: the card names what the bot grew from
 
 
 def test_one_cpu_process_starts_deepspeed_without_a_compiler(tmp_path):

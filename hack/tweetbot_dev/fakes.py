@@ -196,6 +196,8 @@ class FakeSocialServer:
             posts = account.posts
             if query.get("max_id"):
                 posts = [p for p in posts if p.id < int(query["max_id"])]
+            if query.get("since_id"):
+                posts = [p for p in posts if p.id > int(query["since_id"])]
             page = posts[: min(int(query.get("limit", 20)), 40)]
             headers = {}
             if len(page) < len(posts):

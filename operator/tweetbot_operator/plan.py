@@ -205,10 +205,14 @@ def _next_schedule_time(spec: dict, now: datetime) -> str | None:
 
 
 def _lineage(spec: dict, history: list[dict], digest: str) -> Lineage:
-    """The newest earlier run of the same spec that scraped (its posts are extended) and the model it left."""
-    same = next((entry for entry in history if entry.get("specDigest") == digest and "posts" in entry), {})
+    """The earlier runs of the same spec a scheduled run builds on: the one that trained the bot's model (its
+    posts are extended, so new posts count from it, not from an UpToDate run since: a trickle adds up to
+    minNewPosts), else the newest that scraped; and with resumeFrom previous, that model."""
+    same = [entry for entry in history if entry.get("specDigest") == digest]
+    model = next((entry["modelRunId"] for entry in same if entry.get("modelRunId")), "")
+    scraped = next((entry["runId"] for entry in same if "posts" in entry), "")
     resume = (spec.get("schedule") or {}).get("resumeFrom") == "previous"
-    return Lineage(extends_run=same.get("runId", ""), starts_from_run=same.get("modelRunId", "") if resume else "")
+    return Lineage(extends_run=model or scraped, starts_from_run=model if resume else "")
 
 
 def _history(status: dict, history: list[dict], outcome: _Outcome, limit: int, now: datetime) -> list[dict]:

@@ -214,6 +214,22 @@ def resolve_model(storage: Storage, name: str, cache: Path) -> str:
     return str(target)
 
 
+def model_to_load(storage: Storage, request: StageRequest, args: TrainArguments) -> str:
+    """What `resolve_model` loads: spec.model's name, or for a scheduled run that goes on from an earlier one
+    (`starts_from_run`), that run's final model in S3. baseModel (training.json, the card) stays spec.model's."""
+    if not request.starts_from_run:
+        return args.model_name
+    earlier = request.s3.of_run(request.starts_from_run)
+    uri = f"s3://{earlier.bucket}/{earlier.final_model}"
+    try:
+        storage.read(uri + "manifest.json")  # written last: without it the model is not complete
+    except (FileNotFoundError, PermissionError):
+        raise MissingInput(f"no complete final model of the run {request.starts_from_run} at {uri}: "
+                           "its train stage did not finish, or the run was deleted") from None
+    log.info("starting from the final model of the run %s", request.starts_from_run)
+    return uri
+
+
 def load_model_and_tokenizer(source: str, revision: str):
     """Any causal LM whose architecture transformers itself implements: code shipped in a model's repository is
     never run (trust_remote_code=False). From the Hub, huggingface_hub sends the token in HF_TOKEN, which the
@@ -495,7 +511,8 @@ def run_train(request: StageRequest, storage: Storage, workdir: Path | None = No
     with times.phase("dataLoad"):
         posts = load_posts(storage, layout)
     with times.phase("modelLoad"):
-        source = on_rank_zero(training_args, workdir, "base-model", lambda: resolve_model(storage, args.model_name, workdir))
+        name = model_to_load(storage, request, args)  # on every rank: one failing alone would leave the others waiting
+        source = on_rank_zero(training_args, workdir, "base-model", lambda: resolve_model(storage, name, workdir))
         model, tokenizer = load_model_and_tokenizer(source, args.revision)
     lora_targets = None
     if args.lora:

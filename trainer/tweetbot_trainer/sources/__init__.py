@@ -1,4 +1,4 @@
-"""Post sources behind one interface: `open_source(request_source, storage, environ).fetch(handle, limit)`."""
+"""Post sources behind one interface: `open_source(request_source, storage, environ).fetch(handle, limit, since)`."""
 
 from __future__ import annotations
 
@@ -88,7 +88,10 @@ class Pages:
 class Source(Protocol):
     network: str
 
-    def fetch(self, handle: str, limit: int) -> Timeline: ...
+    def fetch(self, handle: str, limit: int, since: str = "") -> Timeline:
+        """The handle's newest `limit` posts, newest first. `since`: the id of a post fetched before, a hint
+        that the posts from it on are known; a source may leave them out (each network as its API allows),
+        but never returns fewer posts newer than it because of it."""
 
 
 def _x_api(settings: dict, storage, env: Mapping[str, str]) -> Source:

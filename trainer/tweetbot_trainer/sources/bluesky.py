@@ -17,11 +17,13 @@ class BlueskySource:
         self.app_view_url = app_view_url.rstrip("/")
         self.http = HttpClient(**http_options)
 
-    def fetch(self, handle: str, limit: int) -> Timeline:
+    def fetch(self, handle: str, limit: int, since: str = "") -> Timeline:
+        """getAuthorFeed has no since: the feed is newest first, so paging stops at the post `since` names."""
         params = {"actor": handle, "limit": PAGE_SIZE}
         posts: list[Post] = []
         display_name = ""
         pages = Pages(f"{host_of(self.app_view_url)} for {handle}")
+        known = False
         while len(posts) < limit:
             response = self.http.get(f"{self.app_view_url}/xrpc/app.bsky.feed.getAuthorFeed", params)
             if response.status_code == 400:
@@ -38,9 +40,14 @@ class BlueskySource:
                 reposted = (item.get("reason") or {}).get("$type") == REPOST
                 if not reposted and not display_name:
                     display_name = post.get("author", {}).get("displayName", "")
+                # Only an original post ends the new ones: a repost carries the reposted post's URI, which
+                # comes again when a person reposts their own post.
+                if since and not reposted and post.get("uri") == since:
+                    known = True
+                    break
                 record = post.get("record", {})
                 posts.append(Post(post.get("uri", ""), record.get("text", ""), reposted, record.get("createdAt", "")))
-            if not page.get("cursor") or not page.get("feed"):
+            if known or not page.get("cursor") or not page.get("feed"):
                 break
             pages.follow(len(page["feed"]), page["cursor"])
             params["cursor"] = page["cursor"]

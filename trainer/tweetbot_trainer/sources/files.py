@@ -70,7 +70,8 @@ def _csv_rows(lines: Iterable[str], name: str) -> Iterator[dict]:
         raise MalformedInput(f"{name} record {number + 1} is not CSV ({error})") from None
 
 
-def _post(row: dict, index: int) -> Post:
+def post_of_row(row: dict, index: int) -> Post:
+    """A posts file's record (with a text) as a Post; `index` is its id when it has none."""
     return Post(str(row.get("id", index)), row["text"], str(row.get("is_repost", "")).strip().lower() in TRUE,
                 str(row.get("created_at") or row.get("date") or ""))
 
@@ -82,7 +83,9 @@ class FileSource:
         """`stream(uri)` gives the file's bytes in chunks (`Storage.stream`)."""
         self.uri, self.stream, self.max_bytes = uri, stream, max_bytes
 
-    def fetch(self, handle: str, limit: int) -> Timeline:
+    def fetch(self, handle: str, limit: int, since: str = "") -> Timeline:
+        """`since` is not used: a file has no order to trust, so it is read whole (the scrape's merge drops the
+        posts it knew)."""
         shown = redact_url(self.uri)
         name = shown.rsplit("/", 1)[-1]  # without the query, so a signed URL's name still ends in .csv
         try:
@@ -96,6 +99,6 @@ class FileSource:
             if str(row.get("handle", handle)).lstrip("@").lower() != handle:
                 continue
             if len(posts) < limit:
-                posts.append(_post(row, matched))
+                posts.append(post_of_row(row, matched))
             matched += 1
         return Timeline(handle, "", posts)

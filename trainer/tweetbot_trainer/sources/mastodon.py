@@ -62,9 +62,11 @@ class MastodonSource:
             raise StageError(f"{self.instance} answered {response.status_code} for {handle}")
         return response
 
-    def fetch(self, handle: str, limit: int) -> Timeline:
+    def fetch(self, handle: str, limit: int, since: str = "") -> Timeline:
         account = self._get("/api/v1/accounts/lookup", handle, {"acct": handle}).json()
-        params = {"limit": PAGE_SIZE}
+        # since_id (not min_id, which pages oldest first) keeps the newest first; it stays on every page, as the
+        # Link header's next URL leaves it out.
+        params = {"limit": PAGE_SIZE, **({"since_id": since} if since else {})}
         posts: list[Post] = []
         pages = Pages(f"{self.instance} for {handle}")
         while len(posts) < limit:

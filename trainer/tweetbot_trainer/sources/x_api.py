@@ -13,9 +13,8 @@ PAGE_SIZE = 100
 class XApiSource:
     network = "X"
 
-    def __init__(self, api_url: str, bearer_token: str, since_id: str = "", **http_options):
+    def __init__(self, api_url: str, bearer_token: str, **http_options):
         self.api_url = api_url.rstrip("/")
-        self.since_id = since_id
         self.http = HttpClient({"Authorization": f"Bearer {bearer_token}"}, **http_options)
 
     def _get(self, path: str, handle: str, params: dict | None = None) -> dict:
@@ -30,7 +29,7 @@ class XApiSource:
             raise StageError(f"the X API answered {response.status_code} for @{handle}")
         return response.json()
 
-    def fetch(self, handle: str, limit: int) -> Timeline:
+    def fetch(self, handle: str, limit: int, since: str = "") -> Timeline:
         user = self._get(f"/2/users/by/username/{handle}", handle)
         if "data" not in user:
             # The API reports a missing or suspended user as 200 with an `errors` list.
@@ -41,8 +40,8 @@ class XApiSource:
         user_id = user["data"]["id"]
         limit = min(limit, TIMELINE_CAP)
         params = {"max_results": PAGE_SIZE, "tweet.fields": "created_at,referenced_tweets,note_tweet"}
-        if self.since_id:
-            params["since_id"] = self.since_id
+        if since:
+            params["since_id"] = since  # every page then holds only posts newer than it
         posts: list[Post] = []
         pages = Pages(f"the X API for @{handle}")
         while len(posts) < limit:

@@ -117,7 +117,8 @@ class XArchiveSource:
         """`stream(uri)` gives a file's bytes in chunks (`Storage.stream`)."""
         self.uri, self.stream, self.max_bytes = uri, stream, max_bytes
 
-    def fetch(self, handle: str, limit: int) -> Timeline:
+    def fetch(self, handle: str, limit: int, since: str = "") -> Timeline:
+        """`since` is not used: an archive is read whole (the scrape's merge drops the posts it knew)."""
         uri = self.uri.replace("{handle}", handle)
         # heapq.nlargest holds only `limit` posts at a time, and equals a stable sort's first `limit`.
         posts = heapq.nlargest(limit, self._posts(uri, ByteCap(self.max_bytes, f"{handle}'s X archive", "x_archive.MAX_ARCHIVE_BYTES")), key=_newest_first)

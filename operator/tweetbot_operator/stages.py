@@ -244,10 +244,8 @@ def pod_failure_policy(stage: str) -> dict:
 def _gang(job_spec: dict, pod_spec: dict, name: str, run_id: str, pods: int) -> None:
     """`pods` pods started together: an Indexed Job, pod i named <job>-i in the DNS of the headless Service
     <job> (`headless_service`). Each pod's torch.distributed.run finds the others through a c10d rendezvous on
-    pod 0, reading the PET_ variables Kubeflow Trainer gives its pods. A pod lost or failed is replaced by the
-    Job controller (counted against backoffLimit, a disruption not); the other pods' ranks fail with it and
-    their launchers restart them (as many times as backoffLimit allows) in a new rendezvous with the
-    replacement, every rank resuming from the newest checkpoint all pods completed in S3."""
+    pod 0, reading the PET_ variables Kubeflow Trainer gives its pods. Every rank resumes from the newest
+    checkpoint all pods completed in S3."""
     job_spec.update(completionMode="Indexed", completions=pods, parallelism=pods)
     pod_spec["subdomain"] = name
     first = f"{name}-0.{name}"
@@ -259,7 +257,6 @@ def _gang(job_spec: dict, pod_spec: dict, name: str, run_id: str, pods: int) -> 
         {"name": "PET_RDZV_BACKEND", "value": "c10d"},
         {"name": "PET_RDZV_ENDPOINT", "value": f"{first}:{RENDEZVOUS_PORT}"},
         {"name": "PET_RDZV_ID", "value": run_id},
-        {"name": "PET_MAX_RESTARTS", "value": str(job_spec["backoffLimit"])},
     ]
 
 

@@ -243,3 +243,31 @@ def test_two_pods_of_one_rank_train_as_one_pod_of_two_ranks(world, tmp_path):
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 
+
+
+def test_a_gang_started_again_after_a_pod_failed_resumes_every_pod_to_the_uninterrupted_result(world, tmp_path):
+    """What the operator does when a pod of two fails: the Job fails (podFailurePolicy) and goes with its pods, and
+    a new Job's two pods resume from the newest checkpoint both completed."""
+    dev_env, s3, bucket = world
+    whole, killed = (two_rank_request(bucket, dev_env.s3_endpoint, run_id) for run_id in ("gang-whole", "gang-killed"))
+    for request in (whole, killed):
+        put_dataset(s3, bucket, request.s3, 300)
+    pods = start_pods(dev_env, killed, tmp_path / "first", free_port())
+    try:
+        wait_for(lambda: checkpoint_steps(s3, bucket, killed.s3) or any(pod.poll() is not None for pod in pods),
+                 timeout=300, interval=0.1, what="a checkpoint in S3")
+    finally:
+        for pod in pods:
+            kill_pod(pod)
+    resumed_from = max(checkpoint_steps(s3, bucket, killed.s3))
+    assert resumed_from < STEPS, "training finished before it could be killed"
+    first, second = start_pods(dev_env, killed, tmp_path / "again", free_port())
+    result = finished(first, tmp_path / "again" / "pod-0")
+    assert second.wait(timeout=600) == 0
+    for pod in ("pod-0", "pod-1"):
+        assert f"resuming from checkpoint {resumed_from}" in (tmp_path / "again" / pod / "train.log").read_text()
+    reference = finished(start_ranks(dev_env, whole, tmp_path / "whole"), tmp_path / "whole")
+    assert result.metrics["steps"] == reference.metrics["steps"] == STEPS
+    expected, got = final_weights(s3, bucket, whole), final_weights(s3, bucket, killed)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)

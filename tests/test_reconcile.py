@@ -682,3 +682,38 @@ def test_a_gangs_status_counts_its_ready_pods():
     decided, _ = step(bot, Observed(jobs=[scrape, train], results={scrape["metadata"]["name"]: result(bot, "scrape")},
                                     secrets=ALL_SECRETS))
     assert decided.status["stages"]["train"]["pods"] == 4 and decided.status["stages"]["train"]["readyPods"] == 3
+
+
+def test_a_gang_whose_pod_failed_starts_again_as_a_whole_backoff_limit_times():
+    bot = make_bot(resources={"gpus": 8, "nodes": 2}, backoffLimit=2)
+    scrape = job(bot, "scrape", "Succeeded")
+    results = {scrape["metadata"]["name"]: result(bot, "scrape")}
+    train_name = job_name(bot, run_id_for(bot), "train")
+    rules = desired_job(bot, run_id_for(bot), "train", SETTINGS)["spec"]["podFailurePolicy"]["rules"]
+    assert rules[-1] == {"action": "FailJob", "onExitCodes": {"containerName": "train", "operator": "NotIn", "values": [0]}}
+    _, bot = step(bot, Observed(jobs=[scrape], results=results, secrets=ALL_SECRETS))
+    for attempt in (1, 2, 3):
+        failed = job(bot, "train", "Failed", failed=1)
+        failed["metadata"]["uid"] = f"uid-{attempt}"
+        gone = {**results, train_name: result(bot, "train", ok=False, error="StageFailed: gloo: Connection reset by peer")}
+        decided, bot = step(bot, Observed(jobs=[scrape, failed], results=gone, secrets=ALL_SECRETS))
+        if attempt == 3:
+            break
+        assert decided.delete == [train_name] and bot["status"]["phase"] == "Training"
+        assert condition(bot["status"], "Ready")["reason"] == "GangRestarting"
+        assert bot["status"]["stages"]["train"]["restarts"] == attempt
+        decided, bot = step(bot, Observed(jobs=[scrape, failed], results=gone, secrets=ALL_SECRETS))  # still going
+        assert bot["status"]["stages"]["train"]["restarts"] == attempt
+        decided, bot = step(bot, Observed(jobs=[scrape], results=results, secrets=ALL_SECRETS))  # gone: again
+        assert [m["metadata"]["name"] for m in decided.create] == [train_name]
+        assert bot["status"]["stages"]["train"]["restarts"] == attempt
+    assert bot["status"]["phase"] == "Failed" and "Connection reset by peer" in bot["status"]["lastError"]
+
+
+def test_a_gang_failing_with_an_error_no_retry_mends_is_not_restarted():
+    bot = make_bot(resources={"gpus": 8, "nodes": 2})
+    scrape, failed = job(bot, "scrape", "Succeeded"), job(bot, "train", "Failed", failed=1)
+    decided, bot = step(bot, Observed(jobs=[scrape, failed], secrets=ALL_SECRETS, results={
+        scrape["metadata"]["name"]: result(bot, "scrape"),
+        failed["metadata"]["name"]: result(bot, "train", ok=False, error="DatasetTooSmall: 3 posts")}))
+    assert decided.delete == [] and bot["status"]["phase"] == "Failed"

@@ -59,6 +59,7 @@ class Reason(StrEnum):
     QUEUED = "Queued"
     SUSPENDED = "Suspended"
     SUCCEEDED = "Succeeded"
+    GANG_RESTARTING = "GangRestarting"  # a pod of a multi-node training failed: all its pods start again
     UP_TO_DATE = "UpToDate"  # a scheduled run found too few new posts to train: the model stands
     STAGE_FAILED = "StageFailed"
     NO_STAGE_RESULT = "NoStageResult"

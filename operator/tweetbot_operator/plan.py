@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from enum import Enum
 
 from tweetbot_trainer.contract import Progress, StageResult
+from tweetbot_trainer.errors import is_permanent
 
 from .jobs import ended_at, job_state
 from .names import ENDED, FINALIZER, FINISHED, Condition, JobState, Phase, Reason, stage_reason
@@ -313,7 +314,7 @@ class _Walk:
                 return _Outcome(Phase.QUEUED, Reason.WAITING_FOR_TRAINING_SLOT,
                                 f"all {limit} training slots of the operator are in use")
         self.result.create.append(desired_job(self.bot, self.run_id, stage.name, self.settings, name, self.lineage))
-        self.status["stages"][stage.name] = {"jobName": name, "state": JobState.PENDING}
+        self.status["stages"][stage.name] = {"jobName": name, "state": JobState.PENDING, **_restarts(record, name)}
         return _Outcome(stage.phase, Reason.JOB_CREATED, f"created Job {name}")
 
     def _present(self, stage: Stage, name: str, job: dict, record: dict) -> _Outcome | None:
@@ -323,6 +324,7 @@ class _Walk:
         stage_status = {"jobName": name, "state": JobState.PENDING if state == JobState.QUEUED else state,
                         "attempts": job_status.get("failed", 0) + job_status.get("succeeded", 0) + job_status.get("active", 0)}
         stage_status.update({key: job_status[key] for key in ("startTime", "completionTime") if job_status.get(key)})
+        stage_status.update(_restarts(record, name))
         pods = stage.pods(self.spec)
         if pods > 1 and state not in ENDED:
             stage_status.update(pods=pods, readyPods=job_status.get("ready", 0))
@@ -341,6 +343,9 @@ class _Walk:
             return None
         if state == JobState.FAILED:
             stage_status["message"] = detail = _failure_detail(self.observed.results.get(name), record, name, job_status)
+            restart = self._gang_restart(stage, name, job, record, stage_status, detail)
+            if restart is not None:
+                return restart
             return _Outcome(Phase.FAILED, Reason.STAGE_FAILED,
                             f"stage {stage.name} failed after {job_status.get('failed', 0)} attempt(s): {detail}".rstrip(": "),
                             stalled=True)
@@ -349,6 +354,23 @@ class _Walk:
         if state == JobState.QUEUED:
             return _Outcome(Phase.QUEUED, Reason.QUEUED, f"Job {name} is queued")
         return _Outcome(stage.phase, stage_reason(stage.name, state), f"Job {name} is {state.lower()}")
+
+    def _gang_restart(self, stage: Stage, name: str, job: dict, record: dict, stage_status: dict, detail: str) -> _Outcome | None:
+        """A multi-node training's failed attempt starts again as a whole, as JobSet restarts its Jobs: the Job
+        goes and is created anew, every pod resuming from the newest checkpoint all of them completed; at most
+        backoffLimit times, and not for an error no retry can mend. None: the stage failed."""
+        pods, limit = stage.pods(self.spec), self.spec["backoffLimit"]
+        if pods == 1 or is_permanent(detail):
+            return None
+        restarts, uid = (record.get("restarts", 0) if record.get("jobName") == name else 0), job["metadata"].get("uid", "")
+        if record.get("restartedJob") != uid:  # this failed Job is not answered yet
+            if restarts >= limit:
+                return None
+            restarts += 1
+        self.result.delete.append(name)
+        stage_status.update(state=JobState.PENDING, restarts=restarts, restartedJob=uid)
+        return _Outcome(stage.phase, Reason.GANG_RESTARTING, f"a pod of Job {name} failed ({detail}); its {pods} pods "
+                        f"start again from the newest checkpoint (restart {restarts} of {limit})".replace(" ()", ""))
 
     def _live_progress(self) -> dict | None:
         progress = self.observed.progress
@@ -374,6 +396,11 @@ class _Walk:
             elif need.key not in secret.keys:
                 problems.append(f"Secret {need.name!r} (named by {need.field}) has no key {need.key!r}")
         return "; ".join(dict.fromkeys(problems))
+
+
+def _restarts(record: dict, name: str) -> dict:
+    """A gang's restarts so far, carried to its next Job of the same name."""
+    return {"restarts": record["restarts"]} if record.get("jobName") == name and record.get("restarts") else {}
 
 
 def _failure_detail(stage_result: StageResult | None, record: dict, name: str, job_status: dict) -> str:

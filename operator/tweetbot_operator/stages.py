@@ -232,13 +232,17 @@ def _without_secret_refs(value):
     return value
 
 
-def pod_failure_policy(stage: str) -> dict:
+def pod_failure_policy(stage: str, pods: int = 1) -> dict:
     """A pod evicted, preempted or drained away (DisruptionTarget) is retried without counting against backoffLimit;
-    an exit code of an error no retry can mend fails the Job at once. The rules are tried in order."""
-    return {"rules": [
+    an exit code of an error no retry can mend fails the Job at once, and so does any failure of a gang's pod (the
+    operator starts the whole gang again: `plan`). The rules are tried in order."""
+    rules = [
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         {"action": "FailJob", "onExitCodes": {"containerName": stage, "operator": "In", "values": permanent_exit_codes()}},
-    ]}
+    ]
+    if pods > 1:
+        rules.append({"action": "FailJob", "onExitCodes": {"containerName": stage, "operator": "NotIn", "values": [0]}})
+    return {"rules": rules}
 
 
 def _gang(job_spec: dict, pod_spec: dict, name: str, run_id: str, pods: int) -> None:
@@ -320,7 +324,8 @@ def desired_job(bot: dict, run_id: str, stage: str, settings: Settings, named: s
                                 "capabilities": {"drop": ["ALL"]}},
         }],
     )
-    job_spec: dict = {"backoffLimit": spec["backoffLimit"], "podFailurePolicy": pod_failure_policy(stage),
+    pods = REGISTRY[stage].pods(spec)
+    job_spec: dict = {"backoffLimit": spec["backoffLimit"], "podFailurePolicy": pod_failure_policy(stage, pods),
                       "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec}}
     if wanted.get("queueName"):
         job_spec["suspend"] = True  # Kueue admits it by unsuspending, as its webhook would have done
@@ -328,7 +333,6 @@ def desired_job(bot: dict, run_id: str, stage: str, settings: Settings, named: s
     # the Job controller would delete it on time whether or not its result had been read.
     if spec.get("activeDeadlineSeconds") is not None:
         job_spec["activeDeadlineSeconds"] = spec["activeDeadlineSeconds"]
-    pods = REGISTRY[stage].pods(spec)
     if pods > 1:
         _gang(job_spec, pod_spec, job, run_id, pods)
     return {

@@ -123,12 +123,21 @@ class LoraTargetsNotFound(StageError):
     retryable = False
 
 
-def permanent_exit_codes() -> list[int]:
-    """The exit codes of the errors no retry can mend: each stage Job's podFailurePolicy fails the Job on them."""
-    pending, codes = [StageError], set()
+def _permanent() -> list[type[StageError]]:
+    pending, found = [StageError], []
     while pending:
         cls = pending.pop()
         pending += cls.__subclasses__()
         if not cls.retryable:
-            codes.add(cls.exit_code)
-    return sorted(codes)
+            found.append(cls)
+    return found
+
+
+def permanent_exit_codes() -> list[int]:
+    """The exit codes of the errors no retry can mend: each stage Job's podFailurePolicy fails the Job on them."""
+    return sorted({cls.exit_code for cls in _permanent()})
+
+
+def is_permanent(error: str) -> bool:
+    """Whether a stage's reported error ("<reason>: <message>") is one no retry can mend."""
+    return error.split(":", 1)[0] in {cls.reason for cls in _permanent()}

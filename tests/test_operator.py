@@ -348,6 +348,31 @@ def test_a_four_node_training_places_one_pod_per_node_behind_its_own_service(ope
             core.delete_node(node["metadata"]["name"])
 
 
+def test_a_gang_whose_pod_fails_starts_again_as_a_whole(operator, apis, namespace, secrets):
+    custom, batch, core = apis
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot(
+        resources={"gpus": 0, "nodes": 2, "cpu": "1", "memory": "1Gi"}, backoffLimit=1))
+    succeed(core, wait_job(batch, namespace, "scrape"), data=SCRAPE_STATS)
+    first = wait_job(batch, namespace, "train")
+    wait_for(lambda: len([pod for pod in core.list_namespaced_pod(namespace, label_selector=f"job-name={first.metadata.name}").items
+                          if pod.status.phase == "Running"]) == 2, what="both pods running")
+    labels = first.metadata.labels
+    play_container(core, namespace, first.metadata.name, StageResult(stage="train", run_id=labels[RUN_LABEL], ok=False,
+                                                                      error="StageFailed: gloo: Connection reset by peer"), exit_code=1)
+    # The Job controller fails the Job at once (podFailurePolicy); the operator makes a new one of the same name.
+    second = wait_for(lambda: next((job for job in stage_jobs(batch, namespace, stage="train")
+                                    if job.metadata.uid != first.metadata.uid), None), what="the gang's next Job")
+    assert second.metadata.name == first.metadata.name
+    bot = wait_for(lambda: (b := get_bot(custom, namespace))["status"]["stages"]["train"].get("restarts") == 1 and b,
+                   what="the restart in the status")
+    assert bot["status"]["phase"] == "Training"
+    for _ in range(2):
+        succeed(core, second, metrics={"evalLoss": 3.0})
+    succeed(core, wait_job(batch, namespace, "publish"), artifacts={"hubCommit": "abc123"})
+    status = wait_phase(custom, namespace, "Succeeded")["status"]
+    assert status["stages"]["train"]["restarts"] == 1 and status["metrics"]["evalLoss"] == 3.0
+
+
 def test_suspend_stops_the_run_and_resume_continues_it(operator, apis, namespace, secrets):
     custom, batch, core = apis
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot())

@@ -348,6 +348,10 @@ def test_a_four_node_training_places_one_pod_per_node_behind_its_own_service(ope
             core.delete_node(node["metadata"]["name"])
 
 
+def condition_message(bot: dict, type_: str) -> str:
+    return next(c["message"] for c in bot["status"]["conditions"] if c["type"] == type_)
+
+
 def test_a_gang_whose_pod_fails_starts_again_as_a_whole(operator, apis, namespace, secrets):
     custom, batch, core = apis
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot(
@@ -365,7 +369,8 @@ def test_a_gang_whose_pod_fails_starts_again_as_a_whole(operator, apis, namespac
     assert second.metadata.name == first.metadata.name
     bot = wait_for(lambda: (b := get_bot(custom, namespace))["status"]["stages"]["train"].get("restarts") == 1 and b,
                    what="the restart in the status")
-    assert bot["status"]["phase"] == "Training"
+    assert bot["status"]["phase"] == "Training" and bot["status"]["stages"]["train"]["failedPod"] in (0, 1)
+    assert f"pod {bot['status']['stages']['train']['failedPod']} of Job" in condition_message(bot, "Ready")
     for _ in range(2):
         succeed(core, second, metrics={"evalLoss": 3.0})
     succeed(core, wait_job(batch, namespace, "publish"), artifacts={"hubCommit": "abc123"})

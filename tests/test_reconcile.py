@@ -695,13 +695,16 @@ def test_a_gang_whose_pod_failed_starts_again_as_a_whole_backoff_limit_times():
     for attempt in (1, 2, 3):
         failed = job(bot, "train", "Failed", failed=1)
         failed["metadata"]["uid"] = f"uid-{attempt}"
+        failed["status"]["conditions"][0].update(reason="PodFailurePolicy", message=(
+            f"Container train for pod bots/{train_name}-1-k5vdx failed with exit code 1 matching FailJob rule at index 2"))
         gone = {**results, train_name: result(bot, "train", ok=False, error="StageFailed: gloo: Connection reset by peer")}
         decided, bot = step(bot, Observed(jobs=[scrape, failed], results=gone, secrets=ALL_SECRETS))
         if attempt == 3:
             break
         assert decided.delete == [train_name] and bot["status"]["phase"] == "Training"
         assert condition(bot["status"], "Ready")["reason"] == "GangRestarting"
-        assert bot["status"]["stages"]["train"]["restarts"] == attempt
+        assert bot["status"]["stages"]["train"]["restarts"] == attempt and bot["status"]["stages"]["train"]["failedPod"] == 1
+        assert "pod 1 of Job" in condition(bot["status"], "Ready")["message"]
         decided, bot = step(bot, Observed(jobs=[scrape, failed], results=gone, secrets=ALL_SECRETS))  # still going
         assert bot["status"]["stages"]["train"]["restarts"] == attempt
         decided, bot = step(bot, Observed(jobs=[scrape], results=results, secrets=ALL_SECRETS))  # gone: again

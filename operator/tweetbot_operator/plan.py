@@ -8,6 +8,7 @@ fields the operator owns recomputed: a field someone else added is kept.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -360,7 +361,12 @@ class _Walk:
         goes and is created anew, every pod resuming from the newest checkpoint all of them completed; at most
         backoffLimit times, and not for an error no retry can mend. None: the stage failed."""
         pods, limit = stage.pods(self.spec), self.spec["backoffLimit"]
-        if pods == 1 or is_permanent(detail):
+        if pods == 1:
+            return None
+        failed = _failed_pod(job, name)
+        if failed is not None:
+            stage_status["failedPod"] = failed
+        if is_permanent(detail):
             return None
         restarts, uid = (record.get("restarts", 0) if record.get("jobName") == name else 0), job["metadata"].get("uid", "")
         if record.get("restartedJob") != uid:  # this failed Job is not answered yet
@@ -369,7 +375,8 @@ class _Walk:
             restarts += 1
         self.result.delete.append(name)
         stage_status.update(state=JobState.PENDING, restarts=restarts, restartedJob=uid)
-        return _Outcome(stage.phase, Reason.GANG_RESTARTING, f"a pod of Job {name} failed ({detail}); its {pods} pods "
+        which = "a pod" if failed is None else f"pod {failed}"
+        return _Outcome(stage.phase, Reason.GANG_RESTARTING, f"{which} of Job {name} failed ({detail}); its {pods} pods "
                         f"start again from the newest checkpoint (restart {restarts} of {limit})".replace(" ()", ""))
 
     def _live_progress(self) -> dict | None:
@@ -398,9 +405,26 @@ class _Walk:
         return "; ".join(dict.fromkeys(problems))
 
 
+# The Job controller's message when a pod failure policy rule fails the Job: "Container train for pod <ns>/<pod>
+# failed with exit code 1 matching FailJob rule at index 2".
+_FAILED_POD = re.compile(r"for pod [^/\s]+/(\S+) failed")
+
+
+def _failed_pod(job: dict, name: str) -> int | None:
+    """The index of the gang's pod whose failure failed the Job (an Indexed Job's pods are <job>-<index>-<suffix>)."""
+    for condition in (job.get("status") or {}).get("conditions") or []:
+        found = _FAILED_POD.search(condition.get("message") or "") if condition.get("type") in ("Failed", "FailureTarget") else None
+        index = found.group(1).removeprefix(f"{name}-").split("-")[0] if found else ""
+        if index.isdigit():
+            return int(index)
+    return None
+
+
 def _restarts(record: dict, name: str) -> dict:
-    """A gang's restarts so far, carried to its next Job of the same name."""
-    return {"restarts": record["restarts"]} if record.get("jobName") == name and record.get("restarts") else {}
+    """A gang's restarts so far and the pod that failed last, carried to its next Job of the same name."""
+    if record.get("jobName") != name:
+        return {}
+    return {key: record[key] for key in ("restarts", "failedPod") if record.get(key) is not None}
 
 
 def _failure_detail(stage_result: StageResult | None, record: dict, name: str, job_status: dict) -> str:

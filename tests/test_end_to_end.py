@@ -181,3 +181,23 @@ def test_a_scheduled_bot_retrains_on_new_posts_only(world):
         assert row["downloaded"] == 230 and row["kept"] == kept + trained["newPosts"]
     repo = world.hub.repos["demo/diarist"]
     assert [commit.id for commit in repo.history("main")][-2:] == [first_commit, trained["hubCommit"]]
+
+
+def test_two_pods_train_one_model_through_cluster_dns(world):
+    """A training on two nodes of one CPU each: an Indexed Job whose pods meet at <job>-0.<job> (the headless
+    Service the operator made, cluster DNS on the real node) and train one model."""
+    bot = demo_bot("pair", ["gardener"], world.env, world.hub.url)
+    bot["spec"]["resources"].update(nodes=2, cpu="600m")
+    bot["spec"]["training"]["checkpoint"] = {"everySteps": 5, "keep": 2}
+    bot["spec"]["output"].pop("hub")
+    world.apply(bot)
+    status = world.wait("pair", timeout=900)
+    assert status["phase"] == "Succeeded", status.get("lastError")
+    assert status["metrics"]["steps"] > 0 and status["metrics"]["evalLoss"] > 0
+    pods = pods_of(world, "pair", "train")
+    assert sorted(pod.spec.hostname for pod in pods) == [f"{status['stages']['train']['jobName']}-{index}" for index in range(2)]
+    for pod in pods:
+        assert pod.status.container_statuses[0].state.terminated.exit_code == 0
+    listed = world.s3.list_objects_v2(Bucket=BUCKET, Prefix=f"tweetbot/{NAMESPACE}/pair/{status['runId']}/checkpoints/")
+    parts = {item["Key"].rsplit("/", 1)[1] for item in listed.get("Contents", []) if "/nodes/" in item["Key"]}
+    assert parts == {"0.json", "1.json"}  # both pods uploaded their part of each checkpoint

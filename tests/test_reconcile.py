@@ -666,6 +666,10 @@ def test_a_multi_node_training_is_one_indexed_job_of_pods_that_find_each_other()
         single = desired_job(bot, run, stage, SETTINGS)
         assert "completionMode" not in single["spec"] and headless_service(single) is None
     assert headless_service(desired_job(make_bot(), run, "train", SETTINGS)) is None
+    # Queued: created suspended with its queue's label, for Kueue to admit the whole Indexed Job as one workload.
+    queued = desired_job(make_bot(resources={"gpus": 8, "nodes": 4, "queueName": "team-a"}), run, "train", SETTINGS)
+    assert queued["spec"]["suspend"] is True and queued["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "team-a"
+    assert queued["spec"]["parallelism"] == 4
 
 
 def test_gpus_beyond_what_a_node_holds_are_refused():

@@ -511,8 +511,8 @@ def run_train(request: StageRequest, storage: Storage, workdir: Path | None = No
     with times.phase("dataLoad"):
         posts = load_posts(storage, layout)
     with times.phase("modelLoad"):
-        name = model_to_load(storage, request, args)  # on every rank: one failing alone would leave the others waiting
-        source = on_rank_zero(training_args, workdir, "base-model", lambda: resolve_model(storage, name, workdir))
+        wanted = model_to_load(storage, request, args)  # on every rank: one failing alone would leave the others waiting
+        source = on_rank_zero(training_args, workdir, "base-model", lambda: resolve_model(storage, wanted, workdir))
         model, tokenizer = load_model_and_tokenizer(source, args.revision)
     lora_targets = None
     if args.lora:

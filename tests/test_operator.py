@@ -348,10 +348,6 @@ def test_a_four_node_training_places_one_pod_per_node_behind_its_own_service(ope
             core.delete_node(node["metadata"]["name"])
 
 
-def condition_message(bot: dict, type_: str) -> str:
-    return next(c["message"] for c in bot["status"]["conditions"] if c["type"] == type_)
-
-
 def test_a_gang_whose_pod_fails_starts_again_as_a_whole(operator, apis, namespace, secrets):
     custom, batch, core = apis
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot(
@@ -370,7 +366,16 @@ def test_a_gang_whose_pod_fails_starts_again_as_a_whole(operator, apis, namespac
     bot = wait_for(lambda: (b := get_bot(custom, namespace))["status"]["stages"]["train"].get("restarts") == 1 and b,
                    what="the restart in the status")
     assert bot["status"]["phase"] == "Training" and bot["status"]["stages"]["train"]["failedPod"] in (0, 1)
-    assert f"pod {bot['status']['stages']['train']['failedPod']} of Job" in condition_message(bot, "Ready")
+    event = wait_for(lambda: next((e for e in core.list_namespaced_event(namespace).items if e.reason == "GangRestarting"), None),
+                     what="a GangRestarting event")
+    assert f"pod {bot['status']['stages']['train']['failedPod']} of Job {first.metadata.name} failed" in event.message
+
+    def only_the_new_jobs_pods():  # the old Job's pods, named alike, are still going away
+        pods = core.list_namespaced_pod(namespace, label_selector=f"job-name={second.metadata.name}").items
+        return len(pods) == 2 and all(pod.metadata.owner_references[0].uid == second.metadata.uid
+                                      and pod.status.phase == "Running" for pod in pods)
+
+    wait_for(only_the_new_jobs_pods, what="the new Job's two pods alone")
     for _ in range(2):
         succeed(core, second, metrics={"evalLoss": 3.0})
     succeed(core, wait_job(batch, namespace, "publish"), artifacts={"hubCommit": "abc123"})

@@ -709,8 +709,9 @@ def test_a_gang_whose_pod_failed_starts_again_as_a_whole_backoff_limit_times():
         assert condition(bot["status"], "Ready")["reason"] == "GangRestarting"
         assert bot["status"]["stages"]["train"]["restarts"] == attempt and bot["status"]["stages"]["train"]["failedPod"] == 1
         assert "pod 1 of Job" in condition(bot["status"], "Ready")["message"]
+        assert [(kind, reason) for kind, reason, _ in decided.events if reason == "GangRestarting"] == [("Warning", "GangRestarting")]
         decided, bot = step(bot, Observed(jobs=[scrape, failed], results=gone, secrets=ALL_SECRETS))  # still going
-        assert bot["status"]["stages"]["train"]["restarts"] == attempt
+        assert bot["status"]["stages"]["train"]["restarts"] == attempt and not decided.events
         decided, bot = step(bot, Observed(jobs=[scrape], results=results, secrets=ALL_SECRETS))  # gone: again
         assert [m["metadata"]["name"] for m in decided.create] == [train_name]
         assert bot["status"]["stages"]["train"]["restarts"] == attempt

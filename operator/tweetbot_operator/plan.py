@@ -369,15 +369,19 @@ class _Walk:
         if is_permanent(detail):
             return None
         restarts, uid = (record.get("restarts", 0) if record.get("jobName") == name else 0), job["metadata"].get("uid", "")
-        if record.get("restartedJob") != uid:  # this failed Job is not answered yet
+        answered = record.get("restartedJob") == uid
+        if not answered:
             if restarts >= limit:
                 return None
             restarts += 1
         self.result.delete.append(name)
         stage_status.update(state=JobState.PENDING, restarts=restarts, restartedJob=uid)
         which = "a pod" if failed is None else f"pod {failed}"
-        return _Outcome(stage.phase, Reason.GANG_RESTARTING, f"{which} of Job {name} failed ({detail}); its {pods} pods "
-                        f"start again from the newest checkpoint (restart {restarts} of {limit})".replace(" ()", ""))
+        message = (f"{which} of Job {name} failed ({detail}); its {pods} pods start again from the newest checkpoint "
+                   f"(restart {restarts} of {limit})").replace(" ()", "")
+        if not answered:
+            self.result.events.append(("Warning", Reason.GANG_RESTARTING, message))
+        return _Outcome(stage.phase, Reason.GANG_RESTARTING, message)
 
     def _live_progress(self) -> dict | None:
         progress = self.observed.progress

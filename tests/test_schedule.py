@@ -48,6 +48,7 @@ def test_missed_ticks_start_one_run_and_a_deadline_skips_a_late_one():
 @pytest.mark.parametrize("schedule, message", [
     ({"cron": "61 * * * *"}, "not a cron schedule"),
     ({"cron": "0 4 * * * 2026"}, "not a cron schedule of five fields"),
+    ({"cron": "0 0 31 2 *"}, "names no date that exists"),  # croniter accepts it, then fails at every tick
     ({"cron": "0 4 * * *", "timeZone": "Mars/Olympus_Mons"}, "not an IANA time zone"),
 ])
 def test_the_operator_refuses_a_schedule_the_schema_lets_through(schedule, message):

@@ -6,7 +6,9 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
+
+_ANY_YEAR = datetime(2000, 1, 1, tzinfo=timezone.utc)  # a leap year's start: every date a cron can name follows
 
 
 def check(schedule: dict) -> None:
@@ -15,6 +17,10 @@ def check(schedule: dict) -> None:
     if not isinstance(cron, str) or len(cron.split()) != 5 or not croniter.is_valid(cron):
         raise ValueError(f"spec.schedule.cron {cron!r} is not a cron schedule of five fields "
                          "(minute hour day-of-month month day-of-week)")
+    try:
+        croniter(cron, _ANY_YEAR).get_next(datetime)
+    except CroniterBadDateError:  # e.g. "0 0 31 2 *": valid fields that name no date
+        raise ValueError(f"spec.schedule.cron {cron!r} names no date that exists: it would never tick") from None
     _zone(schedule)
 
 

@@ -3,7 +3,7 @@ result its pod reported."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 
 from tweetbot_trainer.contract import GROUP, STAGE_LABEL, ContractError, StageResult
 
@@ -34,11 +34,16 @@ def job_fingerprint(job: dict) -> tuple:
             status.get("startTime"), status.get("completionTime"))
 
 
+def parse_time(text: str) -> datetime:
+    """A time as the API server (and the operator's status) writes it: RFC 3339, "Z" for UTC."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
 def ended_at(job: dict) -> datetime | None:
     status = job.get("status") or {}
     ended = status.get("completionTime") or next(
         (c.get("lastTransitionTime") for c in status.get("conditions") or [] if c.get("type") == "Failed"), None)
-    return datetime.strptime(ended, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc) if ended else None
+    return parse_time(ended) if ended else None
 
 
 def occupies_training_slot(job: dict) -> bool:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import threading
-from datetime import datetime
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from tweetbot_trainer.contract import STAGES
 
+from .jobs import parse_time
 from .names import JobState, Phase
 
 BOTS_BY_PHASE = Gauge("tweetbot_bots", "TweetBots by phase", ["phase"])
@@ -37,7 +37,7 @@ def observe(namespace: str, name: str, old_status: dict, new_status: dict) -> No
         new = (new_status.get("stages") or {}).get(stage) or {}
         if new.get("state") == JobState.SUCCEEDED and (old_stages.get(stage) or {}).get("state") != JobState.SUCCEEDED:
             if new.get("startTime") and new.get("completionTime"):
-                STAGE_SECONDS.labels(stage).observe((_parse(new["completionTime"]) - _parse(new["startTime"])).total_seconds())
+                STAGE_SECONDS.labels(stage).observe((parse_time(new["completionTime"]) - parse_time(new["startTime"])).total_seconds())
 
 
 def forget(namespace: str, name: str) -> None:
@@ -50,6 +50,3 @@ def _publish_phases() -> None:
     for phase in Phase:
         BOTS_BY_PHASE.labels(phase).set(sum(1 for value in _phases.values() if value == phase))
 
-
-def _parse(timestamp: str) -> datetime:
-    return datetime.fromisoformat(timestamp.replace("Z", "+00:00"))

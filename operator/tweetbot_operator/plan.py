@@ -17,10 +17,10 @@ from enum import Enum
 from tweetbot_trainer.contract import Progress, StageResult
 from tweetbot_trainer.errors import is_permanent
 
-from .jobs import ended_at, job_state
+from . import schedule as schedules
+from .jobs import ended_at, job_state, parse_time
 from .names import ENDED, FINALIZER, FINISHED, Condition, JobState, Phase, Reason, stage_reason
 from .settings import Settings
-from . import schedule as schedules
 from .spec import (
     SECRET_OPT_IN_LABEL,
     InvalidSpec,
@@ -174,7 +174,7 @@ def _plan_run(bot: dict, observed: Observed, settings: Settings, now: datetime, 
         expired, result.requeue_after = _expired_jobs(jobs, recorded, status["stages"], spec["ttlSecondsAfterFinished"], now)
         result.delete += expired
     if status["nextScheduleTime"]:
-        due = max((_parse(status["nextScheduleTime"]) - now).total_seconds(), 1.0)
+        due = max((parse_time(status["nextScheduleTime"]) - now).total_seconds(), 1.0)
         result.requeue_after = min(result.requeue_after or due, due)
     if outcome.phase in FINISHED:
         status["history"] = _history(status, old_status.get("history") or [], outcome, spec["historyLimit"], now)
@@ -182,28 +182,28 @@ def _plan_run(bot: dict, observed: Observed, settings: Settings, now: datetime, 
     return _finish(result, old_status, status, bot["metadata"].get("generation"), now, outcome, walk.done)
 
 
-def _parse(time: str) -> datetime:
-    return datetime.fromisoformat(time.replace("Z", "+00:00"))
+def _active_schedule(spec: dict) -> dict | None:
+    """spec.schedule, unless it or the bot is suspended."""
+    schedule = spec.get("schedule")
+    return schedule if schedule and not schedule["suspend"] and not spec["suspend"] else None
 
 
 def _due_tick(bot: dict, spec: dict, old_status: dict, now: datetime) -> str:
     """The spec.schedule tick that starts a run now, or "": only once the current run has finished and no change
     waits for a run of its own."""
-    schedule = spec.get("schedule")
-    if not schedule or schedule["suspend"] or spec["suspend"]:
+    schedule = _active_schedule(spec)
+    if not schedule:
         return ""
     if old_status.get("phase") not in FINISHED or run_id_for(bot) != old_status.get("runId"):
         return ""
     since = old_status.get("lastScheduleTime") or bot["metadata"].get("creationTimestamp") or old_status.get("startTime")
-    tick = schedules.due_tick(schedule, _parse(since), now) if since else None
+    tick = schedules.due_tick(schedule, parse_time(since), now) if since else None
     return timestamp(tick) if tick else ""
 
 
 def _next_schedule_time(spec: dict, now: datetime) -> str | None:
-    schedule = spec.get("schedule")
-    if not schedule or schedule["suspend"] or spec["suspend"]:
-        return None
-    return timestamp(schedules.next_tick(schedule, now))
+    schedule = _active_schedule(spec)
+    return timestamp(schedules.next_tick(schedule, now)) if schedule else None
 
 
 def _lineage(spec: dict, history: list[dict], digest: str) -> Lineage:
@@ -240,7 +240,7 @@ def _current_job_name(bot: dict, run_id: str, stage: str, record: dict, old_stat
     """The stage's Job name; a Job an earlier operator named without the digest of the field its stage re-runs on
     stays the stage's Job while the spec has not changed since."""
     name = job_name(bot, run_id, stage)
-    unsuffixed = f"{bot['metadata']['name']}-{run_id[:5]}-{stage}"
+    unsuffixed = job_name(bot, run_id, stage, rerun_digest=False)
     if (name != unsuffixed and record.get("jobName") == unsuffixed
             and old_status.get("observedGeneration") == bot["metadata"].get("generation")):
         return unsuffixed

@@ -169,13 +169,12 @@ def run_id_for(bot: dict, tick: str = "") -> str:
     fields are as it recorded them (`status.specDigest`); otherwise the run is named by a digest of them, the
     annotation and the tick.
     """
-    status, rerun = bot.get("status") or {}, rerun_requested(bot)
-    unchanged = (status.get("observedGeneration") == bot["metadata"].get("generation")
-                 or status.get("specDigest") == spec_digest(bot))
+    status, rerun, defining = bot.get("status") or {}, rerun_requested(bot), spec_digest(bot)
+    unchanged = status.get("observedGeneration") == bot["metadata"].get("generation") or status.get("specDigest") == defining
     if not tick and status.get("runId") and unchanged and (status.get("rerun") or "") == rerun:
         return status["runId"]
     answers = {key: value for key, value in (("rerun", rerun), ("scheduleTime", tick)) if value}
-    return digest(bot["metadata"]["uid"], spec_digest(bot), answers)[:6]
+    return digest(bot["metadata"]["uid"], defining, answers)[:6]
 
 
 def spec_field(spec: dict, path: str):

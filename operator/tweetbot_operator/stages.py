@@ -171,8 +171,8 @@ def _no_new_posts(spec: dict, status: dict) -> str:
     schedule, new = spec.get("schedule"), (status.get("metrics") or {}).get("newPosts")
     if not status.get("scheduleTime") or not schedule or new is None or new >= schedule["minNewPosts"]:
         return ""
-    return (f"{new} new post(s) since the last run, fewer than spec.schedule.minNewPosts ({schedule['minNewPosts']}): "
-            "the model stays as it is")
+    return (f"{new} new post(s) since the model's run, fewer than spec.schedule.minNewPosts "
+            f"({schedule['minNewPosts']}): the model stays as it is")
 
 
 REGISTRY: dict[str, Stage] = {stage.name: stage for stage in (
@@ -185,12 +185,12 @@ REGISTRY: dict[str, Stage] = {stage.name: stage for stage in (
 )}
 
 
-def job_name(bot: dict, run_id: str, stage: str) -> str:
+def job_name(bot: dict, run_id: str, stage: str, rerun_digest: bool = True) -> str:
     """<bot>-<run>-<stage>[-<digest of the field it re-runs on>]: at most 40 + 18 characters, within the
-    63 of a label value (the pods' job-name label)."""
+    63 of a label value (the pods' job-name label). `rerun_digest=False`: the name an earlier operator gave."""
     name = f"{bot['metadata']['name']}-{run_id[:5]}-{stage}"
     field_path = REGISTRY[stage].reruns_on
-    return f"{name}-{digest(spec_field(bot['spec'], field_path))[:4]}" if field_path else name
+    return f"{name}-{digest(spec_field(bot['spec'], field_path))[:4]}" if field_path and rerun_digest else name
 
 
 def secret_needs(bot: dict, stage: str) -> list[SecretNeed]:

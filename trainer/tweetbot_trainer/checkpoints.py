@@ -111,21 +111,20 @@ class S3CheckpointStore:
         """Uploads one checkpoint, manifest last, then deletes the complete ones older than the newest `keep`;
         returns what the upload took: {"step", "bytes", "seconds"}."""
         started = time.monotonic()
-        prefix = self.prefix(step)
+        prefix, manifest_key = self.prefix(step), self.prefix(step) + "manifest.json"
         if self.nodes == 1:
-            manifest = self.storage.upload_directory(local, self.layout.bucket, prefix, manifest_key=prefix + "manifest.json")
+            manifest = self.storage.upload_directory(local, self.layout.bucket, prefix, manifest_key=manifest_key)
         else:
             manifest = self.storage.upload_directory(local, self.layout.bucket, prefix)
             part = {**manifest, "resumed": self.resumed}
             self.storage.put(self.layout.bucket, f"{prefix}nodes/{self.node}.json", json.dumps(part).encode())
-            if self.node != 0:
-                return {"step": step, "bytes": sum(file["bytes"] for file in manifest["files"].values()),
-                        "seconds": round(time.monotonic() - started, 3)}
-            manifest = self._all_parts(prefix)
-            self.storage.put(self.layout.bucket, prefix + "manifest.json", json.dumps(manifest, indent=1).encode())
+            if self.node == 0:
+                manifest = self._all_parts(prefix)
+                self.storage.put(self.layout.bucket, manifest_key, json.dumps(manifest, indent=1).encode())
         seconds = time.monotonic() - started
-        for old in self.complete()[:-self.keep]:
-            self.storage.delete_prefix(self.layout.bucket, old.rsplit("/", 1)[0] + "/")
+        if self.node == 0:  # the pod that completes checkpoints retires the old ones
+            for old in self.complete()[:-self.keep]:
+                self.storage.delete_prefix(self.layout.bucket, old.rsplit("/", 1)[0] + "/")
         size = sum(file["bytes"] for file in manifest["files"].values())
         log.info("checkpoint %d uploaded to s3://%s/%s (%.0f MB in %.1fs)", step, self.layout.bucket, prefix, size / 1e6, seconds)
         return {"step": step, "bytes": size, "seconds": round(seconds, 3)}

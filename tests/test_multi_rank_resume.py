@@ -162,6 +162,8 @@ def test_the_pod_reports_rank_0_unless_it_was_stopped_before_it_could(tmp_path):
     assert pod_outcome(written(r0="DatasetTooSmall", r1="DatasetTooSmall"), {1: 19, 0: 19}) == ("DatasetTooSmall", 19)
     # Rank 1 ran out of memory first; the launcher stopped rank 0 (SIGTERM) before it wrote anything.
     assert pod_outcome(written(r1="OutOfMemory"), {1: 21, 0: -15}) == ("OutOfMemory", 21)
+    # Both failed alike; rank 0 wrote its message and was stopped before it could exit with its code (seen in CI).
+    assert pod_outcome(written(r0="DatasetTooSmall", r1="DatasetTooSmall"), {1: 19, 0: -15}) == ("DatasetTooSmall", 19)
     assert pod_outcome(written(), {0: -9, 1: -9}) == (None, 137)
 
 

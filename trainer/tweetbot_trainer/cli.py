@@ -163,15 +163,15 @@ def launch_ranks(argv: list[str], processes: int) -> int:
 
 
 def pod_outcome(messages: Path, exit_codes: dict[int, int]) -> tuple[str | None, int]:
-    """The termination message and exit code of the pod from its ranks': rank 0's, unless it wrote no message
-    (stopped by the launcher when another rank failed first), then the first failed rank's that wrote one.
+    """The termination message and exit code of the pod from its ranks': rank 0's, unless the launcher stopped it
+    (a signal) when another rank failed first, then the first failed rank's that wrote a message and exited.
     `exit_codes`: the failed ranks' codes, first failure first (negative: killed by that signal)."""
     written = {int(path.name): path.read_text() for path in messages.iterdir()}
-    rank = next((rank for rank in (0, *exit_codes) if rank in written), None)
-    if rank is not None:
-        return written[rank], exit_codes.get(rank, 0)
-    code = next(iter(exit_codes.values()), 0)
-    return None, code if code >= 0 else 128 - code  # a signal's number as a shell reports it
+    order = [0, *exit_codes]
+    rank = next((rank for rank in order if rank in written and exit_codes.get(rank, 0) >= 0),
+                next((rank for rank in order if rank in written), None))
+    code = exit_codes.get(rank, 0) if rank is not None else next(iter(exit_codes.values()), 0)
+    return written.get(rank), code if code >= 0 else 128 - code  # a signal's number as a shell reports it
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from tweetbot_operator.names import FINALIZER
 from tweetbot_operator.settings import Settings
 from tweetbot_operator.spec import SECRET_OPT_IN_LABEL
 from tweetbot_operator.workqueue import Request
-from tweetbot_trainer.contract import BOT_LABEL
+from tweetbot_trainer.contract import BOT_LABEL, StageResult
 
 from test_crd import merge  # JSON merge patch, as the API server applies it
 
@@ -39,7 +39,7 @@ class FakeKube:
     def _parse(path: str):
         parts = path.split("/")
         namespace = parts[parts.index("namespaces") + 1] if "namespaces" in parts else None
-        plural_at = max(i for i, part in enumerate(parts) if part in ("tweetbots", "jobs", "secrets", "pods", "events"))
+        plural_at = max(i for i, part in enumerate(parts) if part in ("tweetbots", "jobs", "services", "secrets", "pods", "events"))
         name = parts[plural_at + 1] if len(parts) > plural_at + 1 else None
         return parts[plural_at], namespace, name, path.endswith("/status")
 
@@ -256,3 +256,46 @@ def test_deleting_keeps_the_finalizer_until_the_artifacts_are_gone(world):
     controller.reconcile((NS, "cyborg"), Request(fresh=True))
     assert ("tweetbots", NS, "cyborg") not in kube.objects
     assert artifacts.deleted and events[-1][1] == "ArtifactsDeleted"
+
+
+def test_a_gangs_service_is_created_by_the_next_pass_when_the_one_that_created_its_job_did_not_get_to_it(world):
+    """Without it, the pods of a Job created just before the operator died would wait for a rendezvous name that
+    never resolves."""
+    controller, kube, *_ = world
+    add_bot(controller, kube, resources={"gpus": 1, "nodes": 2})
+    controller.reconcile((NS, "cyborg"))
+    scrape = next(obj for (plural, *_), obj in kube.objects.items() if plural == "jobs")
+    name = scrape["metadata"]["name"]
+    scrape["status"] = {"conditions": [{"type": "Complete", "status": "True"}], "succeeded": 1,
+                        "startTime": "2026-12-02T00:00:00Z", "completionTime": "2026-12-02T00:01:00Z"}
+    message = StageResult(stage="scrape", run_id=scrape["metadata"]["labels"]["huggingtweets.dev/run"], ok=True,
+                          artifacts={"datasetUri": "s3://bots/d.jsonl"}).to_termination_message()
+    kube.put("pods", {"metadata": {"name": f"{name}-a", "namespace": NS, "labels": {"job-name": name},
+                                   "creationTimestamp": "2026-12-02T00:00:00Z"},
+                      "status": {"phase": "Succeeded",
+                                 "containerStatuses": [{"state": {"terminated": {"exitCode": 0, "message": message}}}]}})
+    controller.job_event("MODIFIED", kube.put("jobs", scrape))
+    kube.fail[("POST", f"/api/v1/namespaces/{NS}/services")] = ApiException(status=503, reason="Service Unavailable")
+    controller.reconcile((NS, "cyborg"))
+    train = next(obj for (plural, *_), obj in kube.objects.items()
+                 if plural == "jobs" and obj["metadata"]["labels"]["huggingtweets.dev/stage"] == "train")
+    assert not [key for key in kube.objects if key[0] == "services"]
+    controller.reconcile((NS, "cyborg"), Request(fresh=True))
+    service = kube.objects[("services", NS, train["metadata"]["name"])]
+    assert service["metadata"]["ownerReferences"][0]["uid"] == train["metadata"]["uid"]
+    kube.calls.clear()
+    controller.reconcile((NS, "cyborg"), Request(fresh=True))
+    assert not [call for call in kube.calls if "/services" in call[1]]  # once known, not asked for again
+
+
+def test_a_restarted_gang_takes_over_the_service_its_deleted_job_still_owned(world):
+    """The gang's Job is deleted and created again under the same name: the old Job's Service would go with it
+    (garbage collection) and leave the new pods without their names."""
+    controller, kube, *_ = world
+    add_bot(controller, kube, resources={"gpus": 1, "nodes": 2})
+    job = {"metadata": {"name": "cyborg-1-train", "namespace": NS, "uid": "second", "labels": {BOT_LABEL: "cyborg"}},
+           "spec": {"template": {"spec": {"subdomain": "cyborg-1-train"}}}, "status": {}}
+    kube.put("services", {"metadata": {"name": "cyborg-1-train", "namespace": NS,
+                                       "ownerReferences": [{"kind": "Job", "name": "cyborg-1-train", "uid": "first"}]}})
+    controller._ensure_services([job])
+    assert [owner["uid"] for owner in kube.objects[("services", NS, "cyborg-1-train")]["metadata"]["ownerReferences"]] == ["second"]

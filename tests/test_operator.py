@@ -376,11 +376,15 @@ def test_a_gang_whose_pod_fails_starts_again_as_a_whole(operator, apis, namespac
                                       and pod.status.phase == "Running" for pod in pods)
 
     wait_for(only_the_new_jobs_pods, what="the new Job's two pods alone")
+    # Its predecessor's Service, taken over before the garbage collector could delete it with the old Job.
+    owned = lambda: [ref.uid for ref in core.read_namespaced_service(second.metadata.name, namespace).metadata.owner_references]
+    wait_for(lambda: owned() == [second.metadata.uid], what="the Service owned by the new Job")
     for _ in range(2):
         succeed(core, second, metrics={"evalLoss": 3.0})
     succeed(core, wait_job(batch, namespace, "publish"), artifacts={"hubCommit": "abc123"})
     status = wait_phase(custom, namespace, "Succeeded")["status"]
     assert status["stages"]["train"]["restarts"] == 1 and status["metrics"]["evalLoss"] == 3.0
+    assert owned() == [second.metadata.uid]  # still there: the collector did not take it
 
 
 def test_suspend_stops_the_run_and_resume_continues_it(operator, apis, namespace, secrets):

@@ -54,6 +54,9 @@ def test_only_what_reconciling_reads_is_kept():
                    "status": {"active": 1}})
     assert cache.jobs(("ns", "a")) == [{"metadata": {"name": "a-scrape", "namespace": "ns", "labels": {BOT_LABEL: "a"}},
                                         "spec": {"suspend": True}, "status": {"active": 1}}]
+    cache.put_job({"metadata": {"name": "a-train", "namespace": "ns", "labels": {BOT_LABEL: "a"}},
+                   "spec": {"template": {"spec": {"subdomain": "a-train", "containers": [{"name": "stage"}]}}}})
+    assert cache.jobs(("ns", "a"))[1]["spec"] == {"suspend": None, "template": {"spec": {"subdomain": "a-train"}}}
 
 
 def test_api_paths_for_core_and_group_resources():

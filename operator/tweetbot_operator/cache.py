@@ -13,6 +13,8 @@ from collections import defaultdict
 
 from tweetbot_trainer.contract import BOT_LABEL
 
+from .jobs import gang_subdomain
+
 Key = tuple[str, str]  # (namespace, name)
 
 
@@ -80,9 +82,14 @@ def _slim_metadata(metadata: dict) -> dict:
 
 
 def _slim_job(job: dict) -> dict:
-    """What reconciling reads of a Job (name, labels, suspend, status): a tenth of its size, 3,000 Jobs at 1,000 bots."""
-    return {"metadata": _slim_metadata(job["metadata"]), "spec": {"suspend": job.get("spec", {}).get("suspend")},
+    """What reconciling reads of a Job (name, labels, suspend, a gang's subdomain, status): a tenth of its size,
+    3,000 Jobs at 1,000 bots."""
+    subdomain = gang_subdomain(job)
+    slim = {"metadata": _slim_metadata(job["metadata"]), "spec": {"suspend": job.get("spec", {}).get("suspend")},
             "status": job.get("status") or {}}
+    if subdomain:
+        slim["spec"]["template"] = {"spec": {"subdomain": subdomain}}
+    return slim
 
 
 def _key(obj: dict) -> Key:

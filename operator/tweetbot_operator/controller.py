@@ -88,6 +88,7 @@ class Controller:
         self._requeues: dict[Key, float] = {}  # when each bot's next timed pass is due
         self._rejections: dict[Key, tuple[float, str]] = {}  # Jobs the API server refused: when, and its message
         self._job_fingerprints: dict[Key, tuple] = {}  # what the last pass knew of each Job
+        self._gang_services: set[str] = set()  # uids of the unfinished gang Jobs whose Service is known to exist
 
     # --- triggers ---------------------------------------------------------------------------------
 
@@ -183,6 +184,7 @@ class Controller:
             return
         metrics.RECONCILES.inc()
         self._delete_jobs(key[0], jobs, decided.delete)
+        self._ensure_services([job for job in jobs if job["metadata"]["name"] not in decided.delete])
         if decided.create and not self._create_jobs(bot, decided.create, defer=decided.first_job_only):
             observed.rejected = self._recent_rejections(key[0], jobs)
             decided = self._plan(bot, observed)
@@ -343,6 +345,13 @@ class Controller:
             self._create_service(manifest, created)
         return True
 
+    def _ensure_services(self, jobs: list[dict]) -> None:
+        """The Service of every unfinished gang Job, in case the pass that created the Job did not get to it (the
+        operator stopped, the API server refused): its pods would wait for a name that never resolves."""
+        for job in jobs:
+            if job["metadata"].get("uid") not in self._gang_services and job_state(job) not in (JobState.SUCCEEDED, JobState.FAILED):
+                self._create_service(job, job)
+
     def _create_service(self, manifest: dict, job: dict | None) -> None:
         """A gang's headless Service, owned by its Job (read again if an earlier pass created the Job)."""
         service = headless_service(manifest)
@@ -350,13 +359,30 @@ class Controller:
             return
         namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
         job = job or self.kube.get(path("batch/v1", "jobs", namespace, name))
-        service["metadata"]["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": name,
-                                                   "uid": job["metadata"]["uid"]}]
-        try:
-            self.kube.create(path("v1", "services", namespace), service)
-        except ApiException as error:
-            if error.status != 409:
-                raise
+        owners = [{"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": job["metadata"]["uid"]}]
+        service["metadata"]["ownerReferences"] = owners
+        for _ in range(3):
+            try:
+                self.kube.create(path("v1", "services", namespace), service)
+                break
+            except ApiException as error:
+                if error.status != 409:
+                    raise
+            # A restarted gang's Job has its predecessor's name, and so had the Service: take it over before the
+            # garbage collector deletes it with the old Job (404: it just did, create it again).
+            try:
+                existing = self.kube.get(path("v1", "services", namespace, name))
+                if [owner.get("uid") for owner in existing["metadata"].get("ownerReferences") or []] == [owners[0]["uid"]]:
+                    break
+                self.kube.merge_patch(path("v1", "services", namespace, name), {"metadata": {
+                    "ownerReferences": owners, "resourceVersion": existing["metadata"]["resourceVersion"]}})
+                break
+            except ApiException as error:
+                if error.status not in (404, 409):
+                    raise
+        else:
+            raise RuntimeError(f"the Service {namespace}/{name} changed under every attempt to create it")
+        self._gang_services.add(job["metadata"]["uid"])
 
     def _recent_rejections(self, namespace: str, jobs: list[dict]) -> dict[str, str]:
         """Refusals of the last resync interval, for Jobs that still do not exist."""

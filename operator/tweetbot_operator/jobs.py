@@ -57,6 +57,11 @@ def occupies_training_slot(job: dict) -> bool:
             and job_state(job) in (JobState.PENDING, JobState.RUNNING))
 
 
+def gang_subdomain(job: dict) -> str | None:
+    """The subdomain of a Job whose pods find each other by DNS (several nodes), or None."""
+    return ((job.get("spec", {}).get("template") or {}).get("spec") or {}).get("subdomain")
+
+
 def stage_result_from_pod(pod: dict, stage: str) -> StageResult | None:
     """What a finished stage pod reported in its termination message, or why it could not: a container the
     kernel killed for its memory wrote none (the kubelet would put its log's tail there instead)."""

@@ -28,6 +28,7 @@ from tweetbot_trainer.contract import (
 )
 from tweetbot_trainer.errors import permanent_exit_codes
 
+from .jobs import gang_subdomain
 from .names import Phase
 from .settings import Settings, StageResources
 from .spec import digest, normalize_handles, s3_layout, spec_field, with_defaults
@@ -267,7 +268,7 @@ def _gang(job_spec: dict, pod_spec: dict, name: str, run_id: str, pods: int) -> 
 def headless_service(job: dict) -> dict | None:
     """The Service whose DNS names a gang's pods (<job>-<index>.<job>), or None for a Job of one pod. Owned by
     the Job (the caller adds the reference): it goes with it."""
-    subdomain = job["spec"]["template"]["spec"].get("subdomain")
+    subdomain = gang_subdomain(job)
     if not subdomain:
         return None
     return {

@@ -33,8 +33,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   resources: [pods]  # termination messages of finished stage pods
   verbs: [list]
 - apiGroups: [""]
-  resources: [services]  # a multi-node training's headless Service, owned by its Job
-  verbs: [get, create]
+  resources: [services]  # a multi-node training's headless Service, owned by its Job (a restarted gang's Job takes it over)
+  verbs: [get, create, patch]
 - apiGroups: [""]
   resources: [secrets]  # a referenced Secret's keys; S3 credentials for progress and deletion
   verbs: [get]

@@ -39,7 +39,7 @@ class FakeKube:
     def _parse(path: str):
         parts = path.split("/")
         namespace = parts[parts.index("namespaces") + 1] if "namespaces" in parts else None
-        plural_at = max(i for i, part in enumerate(parts) if part in ("tweetbots", "jobs", "services", "secrets", "pods", "events"))
+        plural_at = max(i for i, part in enumerate(parts) if part in ("tweetbots", "jobs", "services", "secrets", "pods", "events", "workloads"))
         name = parts[plural_at + 1] if len(parts) > plural_at + 1 else None
         return parts[plural_at], namespace, name, path.endswith("/status")
 
@@ -299,3 +299,23 @@ def test_a_restarted_gang_takes_over_the_service_its_deleted_job_still_owned(wor
                                        "ownerReferences": [{"kind": "Job", "name": "cyborg-1-train", "uid": "first"}]}})
     controller._ensure_services([job])
     assert [owner["uid"] for owner in kube.objects[("services", NS, "cyborg-1-train")]["metadata"]["ownerReferences"]] == ["second"]
+
+
+def test_a_queued_job_s_status_says_why_kueue_keeps_it_waiting(world):
+    controller, kube, *_ = world
+    add_bot(controller, kube, resources={"gpus": 1, "queueName": "team-a"})
+    controller.reconcile((NS, "cyborg"))
+    scrape = next(obj for (plural, *_), obj in kube.objects.items() if plural == "jobs")
+    controller.job_event("ADDED", scrape)
+    kube.put("workloads", {"metadata": {"name": "job-x", "namespace": NS, "creationTimestamp": "2026-12-02T00:00:00Z",
+                                        "labels": {"kueue.x-k8s.io/job-uid": scrape["metadata"]["uid"]}},
+                           "status": {"conditions": [{"type": "QuotaReserved", "status": "False",
+                                                      "message": "LocalQueue team-a doesn't exist"}]}})
+    kube.put("workloads", {"metadata": {"name": "job-y", "namespace": NS, "creationTimestamp": "2026-12-02T00:00:00Z",
+                                        "labels": {"kueue.x-k8s.io/job-uid": "another-job"}},
+                           "status": {"conditions": [{"type": "QuotaReserved", "status": "False", "message": "not ours"}]}})
+    controller.reconcile((NS, "cyborg"))
+    status = bot_status(kube)
+    assert status["phase"] == "Queued"
+    reconciling = next(c for c in status["conditions"] if c["type"] == "Reconciling")
+    assert reconciling["message"] == f"Job {scrape['metadata']['name']} is queued: LocalQueue team-a doesn't exist"

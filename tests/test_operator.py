@@ -619,3 +619,87 @@ def test_a_result_is_read_before_a_zero_ttl_removes_its_job(operator, apis, name
     wait_for(lambda: not stage_jobs(batch, namespace, stage="scrape"), what="the operator to remove the scrape Job")
     assert len(stage_jobs(batch, namespace, stage="train")) == 1  # no stage re-ran
     assert get_bot(custom, namespace)["status"]["stages"]["scrape"]["state"] == "Succeeded"
+
+
+@pytest.fixture
+def kueue(dev_env, tmp_path):
+    """Kueue's manager for one test: left running, it would suspend the Jobs other tests admit by hand."""
+    from tweetbot_dev.kueue import KueueProcess
+
+    process = KueueProcess(dev_env, tmp_path)
+    process.start()
+    yield process
+    process.stop()
+
+
+def test_kueue_admits_a_queued_gang_as_one_workload_all_or_nothing(operator, apis, api_client, namespace, secrets, kueue):
+    from tweetbot_dev.cluster import fake_node
+
+    custom, batch, core = apis
+    objects = client.CustomObjectsApi(api_client)
+    pool = namespace[-6:]
+    nodes = [fake_node(f"kwok-queued-{pool}-{i}", gpus=8) for i in range(4)]
+    for node in nodes:
+        node["metadata"]["labels"]["pool"] = pool
+        core.create_node(node)
+    kueue_api = ("kueue.x-k8s.io", "v1beta2")
+    objects.create_cluster_custom_object(*kueue_api, "resourceflavors", {
+        "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": f"a100-{pool}"}})
+    # GPUs for one gang of four 8-GPU pods at a time.
+    objects.create_cluster_custom_object(*kueue_api, "clusterqueues", {
+        "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": f"gpus-{pool}"},
+        "spec": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+                 "resourceGroups": [{"coveredResources": ["cpu", "memory", "nvidia.com/gpu"], "flavors": [{
+                     "name": f"a100-{pool}", "resources": [{"name": "cpu", "nominalQuota": "200"},
+                                                            {"name": "memory", "nominalQuota": "2Ti"},
+                                                            {"name": "nvidia.com/gpu", "nominalQuota": "32"}]}]}]}})
+    objects.create_namespaced_custom_object(*kueue_api, namespace, "localqueues", {
+        "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue", "metadata": {"name": "team-a"},
+        "spec": {"clusterQueue": f"gpus-{pool}"}})
+    try:
+        resources = {"gpus": 8, "nodes": 4, "cpu": "8", "memory": "64Gi", "nodeSelector": {"pool": pool}, "queueName": "team-a"}
+        trains = {}
+        for name in ("cyborg", "twin"):
+            custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tweetbot(name, resources=resources))
+            succeed(core, wait_job(batch, namespace, "scrape", bot=name), data=SCRAPE_STATS)  # Kueue admitted it
+            trains[name] = wait_job(batch, namespace, "train", bot=name)
+
+        def pods_of(job):
+            return core.list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job.metadata.name}").items
+
+        def workloads_of(job):
+            return [w for w in objects.list_namespaced_custom_object(*kueue_api, namespace, "workloads")["items"]
+                    if [ref["uid"] for ref in w["metadata"].get("ownerReferences", [])] == [job.metadata.uid]]
+
+        def admitted(workload):
+            return any(c["type"] == "Admitted" and c["status"] == "True" for c in workload.get("status", {}).get("conditions", []))
+
+        # One of the two gangs holds all 32 GPUs; the other waits whole, suspended, without a single pod.
+        first = wait_for(lambda: next((name for name, job in trains.items() if any(map(admitted, workloads_of(job)))), None),
+                         what="a gang admitted")
+        second = next(name for name in trains if name != first)
+        [workload] = workloads_of(trains[first])
+        assert [(p["count"]) for p in workload["spec"]["podSets"]] == [4]  # the gang is one workload of four pods
+        placed = wait_for(lambda: (pods := pods_of(trains[first])) and len(pods) == 4 and all(p.spec.node_name for p in pods) and pods,
+                          what="the admitted gang's four pods placed")
+        assert sorted(p.spec.node_name for p in placed) == sorted(n["metadata"]["name"] for n in nodes)
+        time.sleep(5)  # Kueue's scheduler has had cycles enough to admit the second, were there room
+        assert batch.read_namespaced_job(trains[second].metadata.name, namespace).spec.suspend is True
+        assert pods_of(trains[second]) == [] and not any(map(admitted, workloads_of(trains[second])))
+        # Kueue's reason reaches the waiting bot's status.
+        waiting = wait_for(lambda: (m := next(c["message"] for c in get_bot(custom, namespace, second)["status"]["conditions"]
+                                               if c["type"] == "Reconciling")) and "nvidia.com/gpu" in m and m,
+                           what="Kueue's reason in the status")
+        assert waiting.startswith(f"Job {trains[second].metadata.name} is queued: ") and "quota" in waiting
+        assert get_bot(custom, namespace, second)["status"]["phase"] == "Queued"
+
+        # The first gang finishes: its quota goes to the second, whole.
+        for _ in range(4):
+            succeed(core, trains[first], metrics={"evalLoss": 3.0})
+        wait_for(lambda: any(map(admitted, workloads_of(trains[second]))), timeout=90, what="the second gang admitted")
+        wait_for(lambda: len(pods_of(trains[second])) == 4, what="the second gang's four pods")
+    finally:
+        for node in nodes:
+            core.delete_node(node["metadata"]["name"])
+        objects.delete_cluster_custom_object(*kueue_api, "clusterqueues", f"gpus-{pool}")
+        objects.delete_cluster_custom_object(*kueue_api, "resourceflavors", f"a100-{pool}")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tweetbot_operator.jobs import job_fingerprint, job_state
+from tweetbot_operator.jobs import admission_message, job_fingerprint, job_state
 from tweetbot_operator.plan import Observed, plan, status_patch
 from tweetbot_operator.spec import RERUN_ANNOTATION, InvalidSpec, SecretView, normalize_handles, run_id_for, validate_spec
 from tweetbot_operator.stages import KUEUE_QUEUE_LABEL, desired_job, job_name
@@ -93,6 +93,7 @@ def settle(bot, observed, settings=SETTINGS, now=NOW):
             secrets={**dict.fromkeys(needs.secrets), **observed.secrets},
             progress=None if needs.progress else observed.progress,
             other_active_trainings=0 if needs.training_slots else observed.other_active_trainings,
+            admission={**dict.fromkeys(needs.admission), **observed.admission},
         )
     raise AssertionError(f"the plan keeps asking for {decided.needs}")
 
@@ -583,6 +584,37 @@ def test_a_started_job_is_running_until_it_ends_even_between_pods():
     assert job_state(between_pods) == "Running"
     assert job_state({"metadata": {}, "spec": {}, "status": {}}) == "Pending"
     assert job_state({"metadata": {}, "spec": {"suspend": True}, "status": {}}) == "Queued"
+
+
+def test_a_queued_stage_says_why_kueue_has_not_admitted_it():
+    bot = make_bot(resources={"gpus": 8, "nodes": 4, "queueName": "team-a"})
+    queued = job(bot, "scrape", "Pending")
+    queued["spec"]["suspend"] = True
+    name = queued["metadata"]["name"]
+    waiting = "couldn't assign flavors to pod set main: insufficient quota for nvidia.com/gpu in flavor a100, request > maximum capacity (64 > 32)"
+    decided = settle(bot, Observed(jobs=[queued], secrets=ALL_SECRETS, admission={name: waiting}))
+    assert decided.status["phase"] == "Queued" and decided.status["stages"]["scrape"]["state"] == "Pending"
+    assert condition(decided.status, "Reconciling")["message"] == f"Job {name} is queued: {waiting}"
+    # What the plan asks for, the controller reads: nothing there (no Kueue) keeps the plain message.
+    assert plan(bot, Observed(jobs=[queued], secrets=ALL_SECRETS), SETTINGS, NOW).needs.admission == (name,)
+    assert condition(settle(bot, Observed(jobs=[queued], secrets=ALL_SECRETS)).status, "Reconciling")["message"] == f"Job {name} is queued"
+
+
+def test_the_admission_message_is_the_newest_workloads_unmet_condition():
+    def workload(created, *conditions):
+        return {"metadata": {"creationTimestamp": created},
+                "status": {"conditions": [{"type": t, "status": s, "message": m} for t, s, m in conditions]}}
+
+    assert admission_message([]) is None
+    assert admission_message([workload("2026-12-03T10:00:00Z", ("QuotaReserved", "True", "Quota reserved"),
+                                       ("Admitted", "True", "The workload is admitted"))]) is None
+    old = workload("2026-12-03T09:00:00Z", ("QuotaReserved", "False", "LocalQueue team-a doesn't exist"))
+    new = workload("2026-12-03T10:00:00Z", ("QuotaReserved", "False", "insufficient quota for nvidia.com/gpu"))
+    assert admission_message([new, old]) == admission_message([old, new]) == "insufficient quota for nvidia.com/gpu"
+    checks = workload("2026-12-03T10:00:00Z", ("QuotaReserved", "True", "Quota reserved"),
+                      ("Admitted", "False", "The workload has not all checks ready"))
+    assert admission_message([checks]) == "The workload has not all checks ready"
+    assert len(admission_message([workload("2026-12-03T10:00:00Z", ("QuotaReserved", "False", "x" * 5000))])) <= 512
 
 
 def test_job_fingerprint_ignores_pod_bookkeeping_but_not_outcomes():

@@ -1,4 +1,4 @@
-"""Build the pinned control-plane, kwok, helm and MinIO binaries from Go modules, once per machine.
+"""Build the pinned control-plane, kwok, helm, MinIO, CoreDNS and Kueue binaries from Go modules, once per machine.
 
 Binaries land in ``~/.cache/tweetbot/bin/<stamp>/``; the stamp hashes every pin, the Go wrapper module
 and the Go toolchain version, so changing any of them builds a fresh set next to the old one.
@@ -35,6 +35,9 @@ class GoTool:
         return self.package.rstrip("/").rsplit("/", 1)[-1]
 
 
+# An admission queue for the tests of queued and gang-scheduled training (kueue.py).
+KUEUE = GoTool("sigs.k8s.io/kueue/cmd/kueue", "v0.17.0")
+
 # Modules without replace directives install straight from the proxy at a pinned version.
 GO_TOOLS = (
     GoTool("sigs.k8s.io/kwok/cmd/kwok", "v0.7.0"),
@@ -44,6 +47,7 @@ GO_TOOLS = (
     GoTool("github.com/minio/minio", "v0.0.0-20260212201848-7aac2a2c5b7c"),
     # Cluster DNS for the real node's pods.
     GoTool("github.com/coredns/coredns", "v1.15.0"),
+    KUEUE,
 )
 
 # Built from the wrapper module in hack/controlplane (k8s.io/kubernetes needs its replaces).

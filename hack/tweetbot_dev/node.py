@@ -54,6 +54,7 @@ DEBIAN_PACKAGES = {
     "gcc": "gcc",
     "buildah": "buildah",
     "mmdebstrap": "mmdebstrap",
+    "openssl": "openssl",  # Kueue's self-signed certificates in the tests (kueue.py)
 }
 
 

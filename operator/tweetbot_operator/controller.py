@@ -25,7 +25,8 @@ from tweetbot_trainer.contract import BOT_LABEL, STAGE_LABEL, Progress, S3Layout
 
 from . import metrics
 from .cache import Key, WatchCache
-from .jobs import job_fingerprint, job_state, occupies_training_slot, stage_result_from_pod
+from .jobs import (KUEUE_JOB_UID_LABEL, admission_message, job_fingerprint, job_state, occupies_training_slot,
+                   stage_result_from_pod)
 from .kube import path
 from .names import BOTS, FINISHED, KIND, PLURAL, JobState, Reason
 from .plan import Needs, Observed, Plan, plan, status_patch
@@ -222,6 +223,9 @@ class Controller:
             observed.progress = self._progress(bot)
         if needs.training_slots:
             observed.other_active_trainings = self._active_trainings(exclude_bot=(namespace, bot["metadata"]["name"]))
+        if needs.admission:
+            jobs = {job["metadata"]["name"]: job for job in observed.jobs}
+            observed.admission = {**observed.admission, **{name: self._admission(jobs[name]) for name in needs.admission}}
 
     # --- reads ------------------------------------------------------------------------------------
 
@@ -254,6 +258,19 @@ class Controller:
                 result = stage_result_from_pod(pod, metadata["labels"].get(STAGE_LABEL, ""))
                 if result is not None:
                     return result
+        return None
+
+    def _admission(self, job: dict) -> str | None:
+        """Why Kueue keeps a queued Job waiting, from its Workloads (none: no Kueue, or not allowed to read them)."""
+        for version in KUEUE_VERSIONS:
+            try:
+                workloads = list(self.kube.items(path(version, "workloads", job["metadata"]["namespace"]),
+                                                 labelSelector=f"{KUEUE_JOB_UID_LABEL}={job['metadata']['uid']}"))
+            except ApiException as error:
+                if error.status in (403, 404):
+                    continue
+                raise
+            return admission_message(workloads)
         return None
 
     def _progress(self, bot: dict) -> Progress | None:
@@ -424,6 +441,10 @@ class Controller:
             raise ArtifactsLeft(message) from None
         self._deletion_errors.pop(key, None)
         self.post_event(bot, "Normal", Reason.ARTIFACTS_DELETED, f"deleted {deleted} objects of {len(runs)} run(s) under {where}")
+
+
+# Kueue's Workload API: v1beta2 in recent releases, v1beta1 in older ones.
+KUEUE_VERSIONS = ("kueue.x-k8s.io/v1beta2", "kueue.x-k8s.io/v1beta1")
 
 
 def owner_reference(bot: dict) -> dict:

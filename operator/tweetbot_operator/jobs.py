@@ -57,6 +57,25 @@ def occupies_training_slot(job: dict) -> bool:
             and job_state(job) in (JobState.PENDING, JobState.RUNNING))
 
 
+# Kueue's label on the Workload it makes for a Job.
+KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
+MAX_ADMISSION_MESSAGE = 512
+
+
+def admission_message(workloads: list[dict]) -> str | None:
+    """Why Kueue has not admitted a queued Job, from its newest Workload: the first of quota reservation and
+    admission that is not met, with Kueue's message (bounded: it names every pod set); None if nothing says."""
+    if not workloads:
+        return None
+    newest = max(workloads, key=lambda workload: workload["metadata"].get("creationTimestamp", ""))
+    conditions = {c.get("type"): c for c in (newest.get("status") or {}).get("conditions") or []}
+    for kind in ("QuotaReserved", "Admitted"):
+        condition = conditions.get(kind)
+        if condition is not None and condition.get("status") != "True" and condition.get("message"):
+            return condition["message"][:MAX_ADMISSION_MESSAGE]
+    return None
+
+
 def gang_subdomain(job: dict) -> str | None:
     """The subdomain of a Job whose pods find each other by DNS (several nodes), or None."""
     return ((job.get("spec", {}).get("template") or {}).get("spec") or {}).get("subdomain")

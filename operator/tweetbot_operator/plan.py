@@ -54,9 +54,10 @@ class Needs:
     results: tuple[str, ...] = ()  # ended Jobs whose pods' termination messages are not in the status yet
     progress: bool = False  # the running train stage's report in S3
     training_slots: bool = False  # train Jobs of other bots holding the operator's training slots
+    admission: tuple[str, ...] = ()  # queued Jobs whose Kueue Workload may say why they wait
 
     def __bool__(self) -> bool:
-        return bool(self.secrets or self.results or self.progress or self.training_slots)
+        return bool(self.secrets or self.results or self.progress or self.training_slots or self.admission)
 
 
 @dataclass
@@ -72,6 +73,8 @@ class Observed:
     rejected: dict[str, str] = field(default_factory=dict)
     other_active_trainings: int | None = None  # None: not counted
     progress: Progress | None | _NotRead = NOT_READ  # None: no report (yet), or none the operator may read
+    # Why Kueue keeps each queued Job of `Needs.admission` waiting; None: nothing says (or no Kueue).
+    admission: Mapping[str, str | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -353,7 +356,10 @@ class _Walk:
         if stage.name == "train" and state == JobState.RUNNING:
             self.status["progress"] = self._live_progress()
         if state == JobState.QUEUED:
-            return _Outcome(Phase.QUEUED, Reason.QUEUED, f"Job {name} is queued")
+            if name not in self.observed.admission:
+                raise _Unread(Needs(admission=(name,)))
+            waiting = self.observed.admission[name]
+            return _Outcome(Phase.QUEUED, Reason.QUEUED, f"Job {name} is queued" + (f": {waiting}" if waiting else ""))
         return _Outcome(stage.phase, stage_reason(stage.name, state), f"Job {name} is {state.lower()}")
 
     def _gang_restart(self, stage: Stage, name: str, job: dict, record: dict, stage_status: dict, detail: str) -> _Outcome | None:

@@ -35,6 +35,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [""]
   resources: [services]  # a multi-node training's headless Service, owned by its Job (a restarted gang's Job takes it over)
   verbs: [get, create, patch]
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]  # why Kueue keeps a queued Job waiting, for the bot's status
+  verbs: [list]
 - apiGroups: [""]
   resources: [secrets]  # a referenced Secret's keys; S3 credentials for progress and deletion
   verbs: [get]

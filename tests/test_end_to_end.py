@@ -203,3 +203,38 @@ def test_two_pods_train_one_model_through_cluster_dns(world):
     listed = world.s3.list_objects_v2(Bucket=BUCKET, Prefix=f"tweetbot/{NAMESPACE}/pair/{status['runId']}/checkpoints/")
     parts = {item["Key"].rsplit("/", 1)[1] for item in listed.get("Contents", []) if "/nodes/" in item["Key"]}
     assert parts == {"0.json", "1.json"}  # both pods uploaded their part of each checkpoint
+
+
+def test_a_gang_whose_pod_is_killed_after_a_checkpoint_resumes_both_pods_from_it(world):
+    """One of two training pods dies after a checkpoint both completed: the attempt fails as a whole, and the
+    gang the operator starts again resumes both ranks from that checkpoint to the uninterrupted step count."""
+    bot = demo_bot("pair-killed", ["gardener"], world.env, world.hub.url)
+    bot["spec"]["resources"].update(nodes=2, cpu="600m")
+    bot["spec"]["training"].update(epochs=20, checkpoint={"everySteps": 10, "keep": 2})
+    bot["spec"]["output"].pop("hub")
+    world.apply(bot)
+    prefix = f"tweetbot/{NAMESPACE}/pair-killed/"
+
+    def pod_1_after_a_checkpoint():
+        progress = (world.bot("pair-killed").get("status") or {}).get("progress") or {}
+        listed = world.s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
+        checkpointed = any("/checkpoints/" in item["Key"] and item["Key"].endswith("/manifest.json") for item in listed)
+        pods = {pod.metadata.labels.get("batch.kubernetes.io/job-completion-index"): pod for pod in pods_of(world, "pair-killed", "train")}
+        statuses = pods["1"].status.container_statuses if "1" in pods else None
+        running = statuses and statuses[0].state.running and statuses[0].container_id
+        return (running, progress["totalSteps"]) if running and checkpointed and progress.get("step", 0) >= 12 else None
+
+    container_id, total_steps = wait_for(pod_1_after_a_checkpoint, timeout=600, interval=0.5, what="both pods past a checkpoint")
+    first_job = pods_of(world, "pair-killed", "train")[0].metadata.owner_references[0].uid
+    kill_container(container_id)
+
+    status = world.wait("pair-killed", timeout=900)
+    assert status["phase"] == "Succeeded", status.get("lastError")
+    train = status["stages"]["train"]
+    assert train["restarts"] == 1 and train["failedPod"] == 1
+    assert status["metrics"]["steps"] == total_steps  # what the uninterrupted run would have done
+    core = client.CoreV1Api(world.api)
+    pods = pods_of(world, "pair-killed", "train")
+    assert len(pods) == 2 and all(pod.metadata.owner_references[0].uid != first_job for pod in pods)
+    for pod in pods:
+        assert "resuming from checkpoint" in core.read_namespaced_pod_log(pod.metadata.name, NAMESPACE)

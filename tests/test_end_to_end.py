@@ -231,7 +231,9 @@ def test_a_gang_whose_pod_is_killed_after_a_checkpoint_resumes_both_pods_from_it
     status = world.wait("pair-killed", timeout=900)
     assert status["phase"] == "Succeeded", status.get("lastError")
     train = status["stages"]["train"]
-    assert train["restarts"] == 1 and train["failedPod"] == 1
+    # Pod 0 fails a moment later (its peer's connection reset) and the kubelet may report both in one update:
+    # the Job controller names whichever it matched first.
+    assert train["restarts"] == 1 and train["failedPod"] in (0, 1)
     assert status["metrics"]["steps"] == total_steps  # what the uninterrupted run would have done
     core = client.CoreV1Api(world.api)
     pods = pods_of(world, "pair-killed", "train")

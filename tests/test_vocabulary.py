@@ -100,3 +100,22 @@ def test_every_status_field_the_plan_writes_is_in_the_crd():
     assert decided.status["phase"] == "Succeeded" and decided.status["history"] and decided.status["nextScheduleTime"]
     for status in [*written, decided.status]:
         assert unknown_fields(status, SCHEMA["status"]) == []
+
+
+def undescribed(schema: dict, path: str) -> list[str]:
+    """The paths under `schema` (its properties, list items and map values) that have no description."""
+    missing = [] if str(schema.get("description") or "").strip() else [path]
+    for name, child in (schema.get("properties") or {}).items():
+        missing += undescribed(child, f"{path}.{name}")
+    if isinstance(schema.get("items"), dict):
+        missing += undescribed(schema["items"], f"{path}[]")
+    if isinstance(schema.get("additionalProperties"), dict):
+        missing += undescribed(schema["additionalProperties"], f"{path}.*")
+    return missing
+
+
+def test_every_field_of_the_crd_has_a_description():
+    """`kubectl explain tweetbot.spec...` is the reference: no field of any version goes without a description."""
+    missing = [path for version in yaml.safe_load(CRD.read_text())["spec"]["versions"]
+               for path in undescribed(version["schema"]["openAPIV3Schema"], version["name"])]
+    assert not missing, f"{len(missing)} fields of the CRD have no description:\n" + "\n".join(missing)

@@ -20,6 +20,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 CRD = Path("crds/huggingtweets.dev_tweetbots.yaml")
 OUT = Path("docs/api-reference.md")
+VERSIONING = Path("docs/api-versioning.md")  # the API versioning policy, linked from the header
 
 
 def load(path: Path) -> dict:
@@ -127,6 +128,8 @@ def render(crd: dict) -> str:
         "",
         f"Generated from [`{CRD}`](../{CRD}), the one source of truth (`kubectl explain tweetbot.spec` shows the",
         "same descriptions). Defaults are filled in by the API server; a constraint is enforced at `kubectl apply`.",
+        f"The versioning policy, [{VERSIONING.name}]({VERSIONING.name}), says what may change within a version and",
+        "how the next one will be served and stored.",
     ]
     for version in spec["versions"]:
         schema = version["schema"]["openAPIV3Schema"]

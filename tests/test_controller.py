@@ -319,3 +319,20 @@ def test_a_queued_job_s_status_says_why_kueue_keeps_it_waiting(world):
     assert status["phase"] == "Queued"
     reconciling = next(c for c in status["conditions"] if c["type"] == "Reconciling")
     assert reconciling["message"] == f"Job {scrape['metadata']['name']} is queued: LocalQueue team-a doesn't exist"
+
+
+def test_a_pass_from_the_watch_cache_sees_the_rerun_annotation(world):
+    """The cache keeps what the plan reads of metadata: without the annotation, passes from watch events and
+    fresh passes would name different runs and create Jobs for both."""
+    from tweetbot_operator.spec import RERUN_ANNOTATION, run_id_for
+
+    controller, kube, *_ = world
+    bot = tweetbot()
+    bot["metadata"]["annotations"] = {RERUN_ANNOTATION: "2026-12-03T10:00:00Z",
+                                      "kubectl.kubernetes.io/last-applied-configuration": "{" + "x" * 10000 + "}"}
+    bot = kube.put("tweetbots", bot)
+    controller.bot_event("ADDED", bot)
+    assert "kubectl.kubernetes.io/last-applied-configuration" not in controller.cache.bot((NS, "cyborg"))["metadata"]["annotations"]
+    controller.reconcile((NS, "cyborg"))
+    [scrape] = [obj for (plural, *_), obj in kube.objects.items() if plural == "jobs"]
+    assert scrape["metadata"]["labels"]["huggingtweets.dev/run"] == run_id_for(bot)

@@ -76,9 +76,16 @@ def _older(new: dict, cached: dict | None) -> bool:
     return new_version.isdigit() and cached_version.isdigit() and int(new_version) < int(cached_version)
 
 
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
 def _slim_metadata(metadata: dict) -> dict:
-    # managedFields and kubectl's last-applied annotation are most of an object's size and nothing we read.
-    return {key: value for key, value in metadata.items() if key not in ("managedFields", "annotations")}
+    """Without managedFields and kubectl's last-applied annotation: most of an object's size and nothing we read.
+    The other annotations stay (the plan reads the rerun annotation)."""
+    slim = {key: value for key, value in metadata.items() if key != "managedFields"}
+    if LAST_APPLIED in (metadata.get("annotations") or {}):
+        slim["annotations"] = {key: value for key, value in metadata["annotations"].items() if key != LAST_APPLIED}
+    return slim
 
 
 def _slim_job(job: dict) -> dict:

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -65,7 +66,8 @@ def test_lint_and_render_for_the_pinned_kubernetes(cluster):
                        "--kube-version", "v1.34.4", *values).stdout
         kinds = sorted(doc["kind"] for doc in yaml.safe_load_all(rendered) if doc)
         assert "CustomResourceDefinition" in kinds and "Deployment" in kinds
-        assert ("Role" in kinds) == bool(values) and kinds.count("ClusterRole") == (1 if values else 2)
+        # The operator's (CRDs, and everything else when cluster-wide) and the view and edit roles for people.
+        assert ("Role" in kinds) == bool(values) and kinds.count("ClusterRole") == (3 if values else 4)
         accounts = [doc for doc in yaml.safe_load_all(rendered) if doc and doc["kind"] == "ServiceAccount"]
         trainer_accounts = [a for a in accounts if a["metadata"]["name"] == "tweetbot-trainer"]
         assert sorted(a["metadata"]["namespace"] for a in trainer_accounts) == (["bots", "more"] if values else [])
@@ -103,7 +105,10 @@ def test_network_policies_deny_by_default_and_select_the_pods_they_guard(cluster
 
 
 def test_every_rendered_object_and_example_is_accepted_by_the_api_server(cluster):
-    rendered = run(cluster, "helm", "template", RELEASE, str(CHART), "--namespace", "default", "--kube-version", "v1.34.4").stdout
+    # The `helm test` pod names the operator's ServiceAccount, which a dry run does not create: it is checked
+    # once the chart is installed.
+    rendered = run(cluster, "helm", "template", RELEASE, str(CHART), "--namespace", "default", "--kube-version", "v1.34.4",
+                   "--skip-tests").stdout
     run(cluster, "kubectl", "apply", "--dry-run=server", "-f", "-", input=rendered)
 
 
@@ -121,6 +126,40 @@ def test_install_creates_everything(cluster, api):
     assert not env["TWEETBOT_TRAINER_SERVICE_ACCOUNT"]  # cluster-wide: each namespace's default account
     run(cluster, "kubectl", "wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
     run(cluster, "kubectl", "apply", "--dry-run=server", "-n", "default", "-f", str(REPO / "examples"))
+    run(cluster, "kubectl", "apply", "--dry-run=server", "-n", RELEASE_NS, "-f", "-", input=hook_manifest(cluster))
+
+
+def hook_manifest(cluster) -> str:
+    return run(cluster, "helm", "template", RELEASE, str(CHART), "--namespace", RELEASE_NS, "--kube-version", "v1.34.4",
+               "--show-only", "templates/tests/test-operator.yaml").stdout
+
+
+def test_the_built_in_view_edit_and_admin_roles_reach_tweetbots(cluster, api):
+    """The chart's aggregated ClusterRoles: a namespace's viewers read its bots, its editors and admins also
+    write them, without anyone writing RBAC for TweetBots."""
+    client.CoreV1Api(api).create_namespace({"metadata": {"name": "team"}})
+    rbac = client.RbacAuthorizationV1Api(api)
+    for user, role in (("viewer", "view"), ("editor", "edit"), ("admin", "admin")):
+        rbac.create_namespaced_role_binding("team", {
+            "metadata": {"name": user}, "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]})
+
+    def can(user: str, verb: str, subresource: str = "", namespace: str = "team") -> bool:
+        args = [f"--subresource={subresource}"] if subresource else []
+        return run(cluster, "kubectl", "auth", "can-i", verb, "tweetbots.huggingtweets.dev", *args, "-n", namespace,
+                   f"--as={user}", check=False).stdout.strip() == "yes"
+
+    # The aggregation controller copies the rules into the built-in roles shortly after the install.
+    wait_for(lambda: can("viewer", "list") and can("editor", "create") and can("admin", "delete"),
+             timeout=60, what="the built-in roles to take in the chart's rules")
+    for user in ("viewer", "editor", "admin"):
+        assert can(user, "get") and can(user, "watch") and can(user, "get", "status")
+        assert not can(user, "patch", "status")  # the operator's alone
+        assert not can(user, "get", namespace="other")  # only where the user is bound
+    for user in ("editor", "admin"):
+        for verb in ("update", "patch", "deletecollection"):
+            assert can(user, verb), f"{user} {verb}"
+    assert not can("viewer", "create") and not can("viewer", "delete")
 
 
 def operator_kubeconfig(cluster, api, directory: Path) -> Path:
@@ -137,6 +176,14 @@ def test_the_operator_with_only_the_charts_rights_drives_a_bot_to_succeeded(clus
     operator = OperatorProcess(cluster, tmp_path, kubeconfig=operator_kubeconfig(cluster, api, tmp_path))
     operator.start()
     try:
+        # `helm test`'s check, run here as its pod would run it (no kubelet runs pods in this cluster): as the
+        # operator's ServiceAccount, against the real API server and the running operator's health endpoint.
+        hook = next(doc for doc in yaml.safe_load_all(hook_manifest(cluster)) if doc)["spec"]["containers"][0]
+        hook_env = {key: value for key, value in os.environ.items() if key != "KUBERNETES_SERVICE_HOST"}
+        hook_env.update({item["name"]: item["value"] for item in hook["env"]})
+        hook_env.update({"KUBECONFIG": str(tmp_path / "operator-kubeconfig"), "TWEETBOT_HEALTH_URL": operator.health_url})
+        checked = subprocess.run([sys.executable, *hook["command"][1:]], env=hook_env, capture_output=True, text=True, timeout=120)
+        assert checked.returncode == 0 and checked.stdout.count("ok: ") == 2, checked.stdout + checked.stderr
         custom.create_namespaced_custom_object("huggingtweets.dev", "v1alpha1", BOTS_NS, "tweetbots", {
             "apiVersion": "huggingtweets.dev/v1alpha1", "kind": "TweetBot", "metadata": {"name": "chartbot"},
             "spec": {"handles": ["a"], "source": {"x": {"bearerTokenSecretRef": {"name": "x-api"}}},

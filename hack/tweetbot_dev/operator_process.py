@@ -47,6 +47,7 @@ class OperatorProcess:
             env=env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
         )
         self.metrics_url = f"http://127.0.0.1:{env['TWEETBOT_METRICS_PORT']}/metrics"
+        self.health_url = f"http://127.0.0.1:{health}/healthz"
 
         def healthy():
             assert self.process.poll() is None, self.log.read_text()[-3000:]

@@ -15,6 +15,33 @@ app.kubernetes.io/name: tweetbot-operator
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/* The `helm test` pod's: not the operator's, so no Service, Deployment or policy of the operator selects it. */}}
+{{- define "tweetbot.testSelectorLabels" -}}
+app.kubernetes.io/name: tweetbot-operator-test
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "tweetbot.testLabels" -}}
+{{ include "tweetbot.testSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "tweetbot.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{/* The stage pods' image: repository and tag (the tag defaults to the appVersion), or one string as before. */}}
+{{- define "tweetbot.trainerImage" -}}
+{{- $image := .Values.trainer.image -}}
+{{- if kindIs "string" $image -}}
+{{ $image }}
+{{- else -}}
+{{ $image.repository }}:{{ $image.tag | default .Chart.AppVersion }}
+{{- end -}}
+{{- end -}}
+
 {{/* The operator's rights: exactly what operator/tweetbot_operator/handlers.py calls. */}}
 {{- define "tweetbot.rules" -}}
 - apiGroups: [huggingtweets.dev]

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from test_reconcile import ALL_SECRETS, condition, job, make_bot, result, settle, step
+from test_reconcile import ALL_SECRETS, condition, job, make_bot, result, settle
 from tweetbot_operator.plan import Observed
 from tweetbot_operator.schedule import due_tick, latest_tick, next_tick
 from tweetbot_operator.settings import Settings

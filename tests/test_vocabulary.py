@@ -116,6 +116,8 @@ def undescribed(schema: dict, path: str) -> list[str]:
 
 def test_every_field_of_the_crd_has_a_description():
     """`kubectl explain tweetbot.spec...` is the reference: no field of any version goes without a description."""
+    # The API server refuses anything but a type for the root's metadata; kubectl explain shows ObjectMeta's.
     missing = [path for version in yaml.safe_load(CRD.read_text())["spec"]["versions"]
-               for path in undescribed(version["schema"]["openAPIV3Schema"], version["name"])]
+               for path in undescribed(version["schema"]["openAPIV3Schema"], version["name"])
+               if path != f"{version['name']}.metadata"]
     assert not missing, f"{len(missing)} fields of the CRD have no description:\n" + "\n".join(missing)

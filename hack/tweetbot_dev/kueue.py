@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import urllib.request
 from pathlib import Path
 
 import yaml
 
 from .binaries import KUEUE, ensure_binaries
-from .polling import wait_for
+from .polling import stop_child, wait_serving
 from .s3 import free_port
 
 # Kueue reads its metrics server's certificate from this fixed path when it does not manage certificates.
@@ -74,21 +73,7 @@ class KueueProcess:
             stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
         )
 
-        def ready():
-            assert self.process.poll() is None, self.log.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{health}/readyz", timeout=1) as response:
-                    return response.status == 200
-            except OSError:
-                return False
-
-        wait_for(ready, timeout=120, what="Kueue's readiness endpoint")
+        wait_serving(self.process, self.log, f"http://127.0.0.1:{health}/readyz", what="Kueue's readiness endpoint", timeout=120)
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_child(self.process)

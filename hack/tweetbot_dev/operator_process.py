@@ -10,13 +10,12 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
 from tweetbot_trainer.contract import StageResult
 
-from .polling import wait_for
+from .polling import stop_child, wait_for, wait_serving
 from .s3 import free_port
 
 
@@ -48,16 +47,7 @@ class OperatorProcess:
         )
         self.metrics_url = f"http://127.0.0.1:{env['TWEETBOT_METRICS_PORT']}/metrics"
         self.health_url = f"http://127.0.0.1:{health}/healthz"
-
-        def healthy():
-            assert self.process.poll() is None, self.log.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=1) as response:
-                    return response.status == 200
-            except OSError:
-                return False
-
-        wait_for(healthy, timeout=60, what="the operator's liveness endpoint")
+        wait_serving(self.process, self.log, self.health_url, what="the operator's liveness endpoint")
 
     def kill(self) -> None:
         if self.process and self.process.poll() is None:
@@ -65,12 +55,7 @@ class OperatorProcess:
             self.process.wait()
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_child(self.process)
 
 
 def play_container(core, namespace, job_name, result: StageResult, exit_code=0, disrupted=False):

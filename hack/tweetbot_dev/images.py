@@ -312,10 +312,21 @@ def ensure_image(name: str, log=print, root: Path = REPO) -> Image:
             return image
         started = time.monotonic()
         log(f"building {image.ref}")
+        earlier = _untagged()
         _build(name, image, root, log)
         log(f"{image.ref} ready in {time.monotonic() - started:.0f}s")
         _prune(name, image, log)
+        # Each build leaves its build stage's last image untagged: the whole trainer venv, 6 GB, a new one for
+        # every change of the code. Older ones are cache no build will use again (their cached parents, shared
+        # with this build's, stay); left there, they filled this machine's disk in a day.
+        if earlier:
+            subprocess.run(["buildah", "rmi", *earlier], capture_output=True)
     return image
+
+
+def _untagged() -> list[str]:
+    listed = subprocess.run(["buildah", "images", "--quiet", "--filter", "dangling=true"], capture_output=True, text=True)
+    return listed.stdout.split()
 
 
 PAUSE_IMAGE = "localhost/tweetbot-pause:3.10"

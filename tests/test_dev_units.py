@@ -126,4 +126,4 @@ def test_tweetbot_dev_carries_the_tooling_verbs():
     usage = subprocess.run(
         [Path(sys.executable).with_name("tweetbot-dev"), "--help"], capture_output=True, text=True, check=True
     )
-    assert usage.stdout.startswith("usage: tweetbot-dev [-h] {build,up,env,down,demo,bench} ...")
+    assert usage.stdout.startswith("usage: tweetbot-dev [-h] {build,up,env,down,demo,bench,release} ...")

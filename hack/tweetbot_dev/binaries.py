@@ -1,4 +1,5 @@
-"""Build the pinned control-plane, kwok, helm, MinIO, CoreDNS and Kueue binaries from Go modules, once per machine.
+"""Build the pinned control-plane, kwok, helm, MinIO, CoreDNS, Kueue and actionlint binaries from Go modules, once
+per machine.
 
 Binaries land in ``~/.cache/tweetbot/bin/<stamp>/``; the stamp hashes every pin, the Go wrapper module
 and the Go toolchain version, so changing any of them builds a fresh set next to the old one.
@@ -48,6 +49,8 @@ GO_TOOLS = (
     # Cluster DNS for the real node's pods.
     GoTool("github.com/coredns/coredns", "v1.15.0"),
     KUEUE,
+    # The linter of the GitHub workflows (tests/test_release.py); it runs shellcheck on their scripts.
+    GoTool("github.com/rhysd/actionlint/cmd/actionlint", "v1.7.12"),
 )
 
 # Built from the wrapper module in hack/controlplane (k8s.io/kubernetes needs its replaces).

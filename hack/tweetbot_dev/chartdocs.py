@@ -106,6 +106,23 @@ def values_table(values_text: str) -> list[str]:
     return lines
 
 
+def published_address(chart_dir: Path) -> str | None:
+    """Where the release workflow pushes the chart: `charts/<name>` beside the operator's image
+    (ghcr.io/<owner>/tweetbot-operator -> oci://ghcr.io/<owner>/charts/tweetbot-operator); None without one."""
+    chart = yaml.safe_load((Path(chart_dir) / "Chart.yaml").read_text())
+    values = yaml.safe_load((Path(chart_dir) / "values.yaml").read_text()) or {}
+    repository = (values.get("image") or {}).get("repository")
+    return f"oci://{repository.rsplit('/', 1)[0]}/charts/{chart['name']}" if repository else None
+
+
+def _install_lines(chart_dir: Path, version: str) -> list[str]:
+    address = published_address(chart_dir)
+    if address is None:
+        return [f"helm install tweetbot {CHART} --namespace tweetbot-system --create-namespace"]
+    return [f"helm install tweetbot {address} --version {version} \\",
+            "    --namespace tweetbot-system --create-namespace"]
+
+
 def render(chart_dir: Path) -> str:
     chart = yaml.safe_load((Path(chart_dir) / "Chart.yaml").read_text())
     values_text = (Path(chart_dir) / "values.yaml").read_text()
@@ -123,7 +140,7 @@ def render(chart_dir: Path) -> str:
         "## Installing",
         "",
         "```sh",
-        f"helm install tweetbot {CHART} --namespace tweetbot-system --create-namespace",
+        *_install_lines(chart_dir, chart["version"]),
         "helm test tweetbot --namespace tweetbot-system   # the CRD is established and the operator healthy",
         "```",
         "",

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import release as release_command  # its arguments; PyYAML and the standard library only
+
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -92,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tweetbot-dev", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, handler, help_text in (
-        ("build", run_build, "install the Debian packages the real node needs, build (or find cached) the pinned "
-                             "Kubernetes, etcd, kwok, helm, MinIO and CoreDNS binaries and both images"),
+        ("build", run_build, "install the Debian packages the real node and the tests need, build (or find cached) "
+                             "the pinned Kubernetes, etcd, kwok, helm, MinIO, CoreDNS, Kueue and actionlint binaries "
+                             "and both images"),
         ("up", run_up, "start the cluster (a real node and kwok GPU nodes) and S3; prints the kubeconfig path"),
         ("env", run_env, "print shell exports: KUBECONFIG, the AWS_* variables for S3, PATH with kubectl and helm"),
         ("down", run_down, "stop the cluster and S3 and delete their data"),
@@ -113,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--only", action="append", default=[], choices=["scrape", "train", "s3", "operator"],
                        help="run only this benchmark (repeatable)")
     bench.set_defaults(handler=run_bench)
+
+    release = commands.add_parser(
+        "release", help="a release locally: check the versions, lint and package the chart, write the notes "
+                        "(--dry-run, what the release workflow does before pushing), or set a new version (--bump)")
+    release_command.add_arguments(release)
+    release.set_defaults(handler=release_command.main)
     return parser
 
 

@@ -44,7 +44,7 @@ SOCKET = RUN / "containerd.sock"
 OWNER = RUN / "owner"
 CNI_BIN = Path("/usr/lib/cni")  # Debian's containernetworking-plugins
 
-# What the node needs from Debian, by the command that shows it is there.
+# What the node (and the tests) need from Debian, by the command that shows it is there.
 DEBIAN_PACKAGES = {
     "containerd": "containerd",
     "runc": "runc",
@@ -55,6 +55,7 @@ DEBIAN_PACKAGES = {
     "buildah": "buildah",
     "mmdebstrap": "mmdebstrap",
     "openssl": "openssl",  # Kueue's self-signed certificates in the tests (kueue.py)
+    "shellcheck": "shellcheck",  # actionlint's check of the workflows' scripts (tests/test_release.py)
 }
 
 

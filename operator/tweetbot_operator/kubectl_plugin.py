@@ -9,6 +9,7 @@ an instance role; `--s3-endpoint` or AWS_ENDPOINT_URL for a store other than AWS
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -392,14 +393,16 @@ def run_download(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    try:
-        from transformers import pipeline, set_seed
-    except ImportError:
-        raise Refusal("generate needs transformers and torch: pip install 'tweetbot[trainer]'") from None
     cluster = Cluster(args)
     bot = cluster.bot(args.bot)
     source = model_source(bot, args.source)
-    with tempfile.TemporaryDirectory(prefix="kubectl-tweetbot-") as scratch:
+    # stdout carries the posts alone: what the libraries print while they load (DeepSpeed's accelerator warning,
+    # whose handler keeps the stream it was created with) goes to stderr.
+    with tempfile.TemporaryDirectory(prefix="kubectl-tweetbot-") as scratch, contextlib.redirect_stdout(sys.stderr):
+        try:
+            from transformers import pipeline, set_seed
+        except ImportError:
+            raise Refusal("generate needs transformers and torch: pip install 'tweetbot[trainer]'") from None
         if source.kind == "s3":
             model = Path(scratch) / "model"
             download_model(model_location(bot), model, args.s3_endpoint, args.max_bytes)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -74,6 +75,11 @@ def test_one_handle_from_apply_to_generated_posts(world):
         [container] = pod.status.container_statuses
         assert container.state.terminated.exit_code == 0
         assert container.image_id == image_id(trainer.ref), (container.image_id, trainer.ref)
+    # `kubectl tweetbot logs` finds the run's train pod and prints what the kubelet kept of its log.
+    logs = subprocess.run([sys.executable, "-m", "tweetbot_operator.kubectl_plugin", "logs", "dreamer", "--stage", "train",
+                           "-n", NAMESPACE, "--kubeconfig", str(world.env.kubeconfig)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert logs.returncode == 0 and " train blocks, " in logs.stdout, logs.stderr
 
 
 def test_the_stage_pod_runs_as_non_root_on_a_read_only_root_with_cluster_dns(world):

@@ -14,6 +14,8 @@ KIND = "TweetBot"
 BOTS = f"{GROUP}/{VERSION}"  # the group/version the API paths use
 # Only on bots whose deletionPolicy is Delete: released once the bot's artifacts are deleted.
 FINALIZER = f"{GROUP}/artifacts"
+# A new value starts a new run without an edit of the spec (GitOps: Flux's reconcile.fluxcd.io/requestedAt).
+RERUN_ANNOTATION = f"{GROUP}/rerun"
 
 
 class Phase(StrEnum):

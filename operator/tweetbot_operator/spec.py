@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from tweetbot_trainer.contract import GROUP, MAX_HANDLES, SPEC_DEFAULTS, TRACKERS, S3Layout
 
 from . import schedule
+from .names import RERUN_ANNOTATION  # noqa: F401 (spec's callers import it from here too)
 from .settings import Settings
 
 # A Secret a TweetBot may name carries this label: without the opt-in, anyone allowed to create TweetBots
@@ -146,8 +147,6 @@ def s3_identity(bot: dict, settings: Settings) -> str | None:
 # ttlSecondsAfterFinished, deletionPolicy, resources): it applies to the run's next Jobs and spends no GPU
 # time again.
 RUN_DEFINING = ("handles", "source", "data", "model", "training", "output.s3")
-# A new value starts a new run without an edit of the spec (GitOps: Flux's reconcile.fluxcd.io/requestedAt).
-RERUN_ANNOTATION = f"{GROUP}/rerun"
 
 
 def rerun_requested(bot: dict) -> str:

@@ -1,0 +1,387 @@
+"""What `kubectl tweetbot` decides from a TweetBot and what the cluster holds, as plain functions: the table
+`get` prints, whether `wait` is done, which Job and pods `logs` means, where a run's model and samples are in
+S3, which files `download` fetches, and the exit codes. No client: `kubectl_plugin` reads and writes around
+these.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from enum import IntEnum
+from pathlib import PurePosixPath
+from urllib.parse import urlsplit
+
+from tweetbot_trainer.contract import STAGES
+
+from .names import ENDED, FINISHED, RERUN_ANNOTATION, Condition, Phase
+
+
+class Exit(IntEnum):
+    """The plugin's exit codes; `kubectl tweetbot --help` and the user guide list them."""
+
+    OK = 0
+    ERROR = 1  # the API server or S3 refused, the bot does not exist, anything unforeseen
+    USAGE = 2  # a command line argparse refuses
+    FAILED = 3  # wait: the run failed (phase Failed); its lastError is printed
+    STALLED = 4  # wait: Stalled is True, the bot waits for a fix (a Secret, a refused Job); the message is printed
+    TIMEOUT = 5  # wait: neither within --timeout
+    UNAVAILABLE = 6  # logs, samples, download, generate: what was asked for is not there (not yet, or cleaned up)
+
+
+EXIT_CODES_HELP = "exit codes: " + ", ".join(f"{code.value} {code.name.lower()}" for code in Exit)
+
+
+class Refusal(Exception):
+    """Something the plugin cannot do, told to the user as it is, with the exit code it ends with."""
+
+    def __init__(self, message: str, code: Exit = Exit.ERROR):
+        super().__init__(message)
+        self.code = code
+
+
+# --- get ---------------------------------------------------------------------------------------------------
+
+COLUMNS = ("NAME", "PHASE", "PROGRESS", "ETA", "LOSS", "HUB", "AGE")
+NONE = "-"  # an empty cell: whitespace-separated columns stay aligned for awk and cut
+
+
+def human_duration(seconds: float) -> str:
+    """kubectl's way of telling an age (`duration.HumanDuration`): 45s, 3m20s, 95m, 5h10m, 30h, 3d4h, 12d, 3y45d."""
+    seconds = max(0, int(seconds))
+    minutes, hours, days = seconds // 60, seconds // 3600, seconds // 86400
+    if seconds < 120:
+        return f"{seconds}s"
+    if minutes < 10:
+        return f"{minutes}m{seconds % 60}s" if seconds % 60 else f"{minutes}m"
+    if minutes < 180:
+        return f"{minutes}m"
+    if hours < 8:
+        return f"{hours}h{minutes % 60}m" if minutes % 60 else f"{hours}h"
+    if hours < 48:
+        return f"{hours}h"
+    if hours < 192:
+        return f"{days}d{hours % 24}h" if hours % 24 else f"{days}d"
+    if days < 365 * 2:
+        return f"{days}d"
+    years = days // 365
+    return f"{years}y{days % 365}d" if days % 365 else f"{years}y"
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def row(bot: dict, now: datetime) -> dict[str, str]:
+    """One bot's cells of the `get` table, by column."""
+    status = bot.get("status") or {}
+    phase = status.get("phase") or ""
+    progress = status.get("progress") or {}
+    metrics = status.get("metrics") or {}
+    eta = progress.get("etaSeconds")
+    # While it trains, the live loss of the last logged step; after, the evaluation's.
+    loss = progress.get("loss") if phase == Phase.TRAINING else None
+    if loss is None:
+        loss = metrics.get("evalLoss", progress.get("loss"))
+    created = bot["metadata"].get("creationTimestamp")
+    return {
+        "NAMESPACE": bot["metadata"].get("namespace") or NONE,
+        "NAME": bot["metadata"]["name"],
+        "PHASE": phase or NONE,
+        "PROGRESS": progress.get("summary") or NONE,
+        "ETA": human_duration(eta) if eta is not None and phase not in FINISHED else NONE,
+        "LOSS": f"{loss:.3f}" if isinstance(loss, (int, float)) else NONE,
+        "HUB": (status.get("artifacts") or {}).get("hubUrl") or NONE,
+        "AGE": human_duration((now - parse_time(created)).total_seconds()) if created else NONE,
+    }
+
+
+def table(bots: list[dict], now: datetime, all_namespaces: bool = False) -> str:
+    """kubectl's table: upper-case headers, columns three spaces apart; a cell with whitespace or control
+    characters cannot break a line or shift the columns (a Hub URL is the bot author's to choose)."""
+    columns = ("NAMESPACE", *COLUMNS) if all_namespaces else COLUMNS
+    rows = [[_cell(cells[column]) for column in columns] for cells in (row(bot, now) for bot in bots)]
+    widths = [max(len(line[index]) for line in [list(columns), *rows]) for index in range(len(columns))]
+    lines = ["   ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in [list(columns), *rows]]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return re.sub(r"\s", "_", "".join(c if c.isprintable() else "?" for c in text)) or NONE
+
+
+def for_output(bots: list[dict], single: bool) -> dict:
+    """What `-o json|yaml` prints: the bot, or a List as kubectl prints one; managedFields left out as
+    kubectl leaves them out."""
+    cleaned = []
+    for bot in bots:
+        metadata = {key: value for key, value in bot["metadata"].items() if key != "managedFields"}
+        cleaned.append({**bot, "metadata": metadata})
+    if single:
+        return cleaned[0]
+    return {"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": ""}, "items": cleaned}
+
+
+# --- wait --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    code: Exit
+    message: str
+
+
+def wait_verdict(bot: dict) -> Verdict | None:
+    """Whether `wait` is done with this copy of the bot: Ready True for the current generation and the current
+    rerun annotation (Succeeded), Failed, or Stalled True; None: not yet. A status the operator wrote for an
+    older generation or rerun value says nothing about the run asked for."""
+    metadata, status = bot["metadata"], bot.get("status") or {}
+    generation = metadata.get("generation")
+    name = f"tweetbot {metadata.get('namespace', '')}/{metadata['name']}".replace(" /", " ")
+    if status.get("observedGeneration") != generation:
+        return None
+    if (status.get("rerun") or "") != ((metadata.get("annotations") or {}).get(RERUN_ANNOTATION) or ""):
+        return None
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+
+    def true(kind: str) -> dict | None:
+        condition = conditions.get(kind) or {}
+        current = condition.get("observedGeneration", generation) == generation
+        return condition if condition.get("status") == "True" and current else None
+
+    if true(Condition.READY):
+        where = (status.get("artifacts") or {}).get("hubUrl") or (status.get("artifacts") or {}).get("modelUri")
+        return Verdict(Exit.OK, f"{name} is {Phase.SUCCEEDED} (run {status.get('runId', '?')})"
+                       + (f": {where}" if where else ""))
+    stalled = true(Condition.STALLED)
+    if status.get("phase") == Phase.FAILED:
+        why = status.get("lastError") or (stalled or {}).get("message") or "no message"
+        return Verdict(Exit.FAILED, f"{name} is {Phase.FAILED} (run {status.get('runId', '?')}): {why}")
+    if stalled:
+        why = status.get("lastError") or stalled.get("message") or "no message"
+        return Verdict(Exit.STALLED, f"{name} is stalled ({stalled.get('reason', '?')}): {why}")
+    return None
+
+
+def still_waiting(bot: dict) -> str:
+    status = bot.get("status") or {}
+    return f"phase {status.get('phase') or 'not set yet'}, progress {(status.get('progress') or {}).get('summary') or '-'}"
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of a Go-style duration as kubectl takes them (30m, 1h30m, 90s, 500ms) or a plain number of seconds."""
+    text = text.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = _DURATION.findall(text)
+    if not text or "".join(number + unit for number, unit in parts) != text:
+        raise ValueError(f"{text!r} is not a duration (e.g. 30m, 1h30m, 90s)")
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    return sum(float(number) * scale[unit] for number, unit in parts)
+
+
+# --- rerun -------------------------------------------------------------------------------------------------
+
+
+def rerun_value(now: datetime, current: str = "") -> str:
+    """The rerun annotation's new value: the UTC time (as `date -u +%FT%TZ`), with microseconds if the second's
+    value is already there (the operator answers each value once)."""
+    value = now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if value == current else value
+
+
+def rerun_patch(value: str) -> dict:
+    return {"metadata": {"annotations": {RERUN_ANNOTATION: value}}}
+
+
+# --- logs --------------------------------------------------------------------------------------------------
+
+INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+ACTIVE_STATES = ("Pending", "Queued", "Running")
+
+
+@dataclass(frozen=True)
+class LogsTarget:
+    bot: str
+    stage: str
+    job: str
+    run_id: str
+
+
+def logs_target(bot: dict, stage: str | None = None) -> LogsTarget:
+    """The current run's Job of `stage`; without one, of the stage that runs, else of the last that started."""
+    status = bot.get("status") or {}
+    stages = status.get("stages") or {}
+    name, run_id = bot["metadata"]["name"], status.get("runId") or "?"
+    if stage is None:
+        started = [each for each in STAGES if (stages.get(each) or {}).get("jobName")]
+        running = [each for each in started if stages[each].get("state") in ACTIVE_STATES]
+        if not started:
+            raise Refusal(f"no stage of {name}'s run {run_id} has started yet (phase {status.get('phase') or 'not set'})",
+                          Exit.UNAVAILABLE)
+        stage = (running or started)[-1]
+    job = (stages.get(stage) or {}).get("jobName")
+    if not job:
+        raise Refusal(f"the {stage} stage of {name}'s run {run_id} has no Job (phase {status.get('phase') or 'not set'})",
+                      Exit.UNAVAILABLE)
+    return LogsTarget(name, stage, job, run_id)
+
+
+def pods_to_show(pods: list[dict], all_pods: bool = False) -> list[tuple[int, dict]]:
+    """(completion index, pod): the newest pod of each index (a retried pod leaves the failed one beside it),
+    index 0 alone (a gang's rank 0, which alone reports) unless `all_pods`."""
+    newest: dict[int, dict] = {}
+    for pod in pods:
+        metadata = pod["metadata"]
+        index = int((metadata.get("annotations") or {}).get(INDEX_ANNOTATION) or 0)
+        age = (metadata.get("creationTimestamp") or "", metadata["name"])
+        if index not in newest or age > (newest[index]["metadata"].get("creationTimestamp") or "", newest[index]["metadata"]["name"]):
+            newest[index] = pod
+    chosen = sorted(newest.items(), key=lambda item: item[0])
+    return chosen if all_pods else chosen[:1]
+
+
+def no_pods_message(bot: dict, target: LogsTarget, job: dict | None) -> str:
+    """Why there is no pod to read: not started yet, or the Job and its pods were cleaned up (the results
+    outlive them, in the status and in S3)."""
+    stage_status = ((bot.get("status") or {}).get("stages") or {}).get(target.stage) or {}
+    if job is not None and stage_status.get("state") not in ENDED:
+        return f"the {target.stage} Job {target.job} of run {target.run_id} has no pod yet ({stage_status.get('state') or 'Pending'})"
+    artifacts = (bot.get("status") or {}).get("artifacts") or {}
+    message = f"the {target.stage} pods of run {target.run_id} were cleaned up (ttlSecondsAfterFinished)"
+    if stage_status.get("message"):
+        message += f"; the stage said: {stage_status['message']}"
+    if target.stage == "scrape" and artifacts.get("datasetUri"):
+        return message + f"; the dataset is in {artifacts['datasetUri']}"
+    if artifacts.get("modelUri"):
+        message += f"; the model is in {artifacts['modelUri']}"
+    if target.stage == "publish" and artifacts.get("hubUrl"):
+        message += f" and on the Hub at {artifacts['hubUrl']}"
+    return message
+
+
+def prefixed(index: int, line: str) -> str:
+    return f"[{index}] {line}"
+
+
+# --- S3: samples, download, generate -----------------------------------------------------------------------
+
+SAMPLES_FILE = "samples.json"  # what the train stage writes beside the final model
+MANIFEST_FILE = "manifest.json"  # written last: a model without it is not complete
+CARD_FILE = "README.md"  # the model card, written beside the model by the publish stage, after the manifest
+SAMPLES_BYTES = 1024 * 1024  # three generations of at most 160 tokens are a few KB
+MANIFEST_BYTES = 1024 * 1024
+MAX_FILES = 1000
+DEFAULT_MAX_BYTES = 64 * 1024**3  # a 7B model in 32 bits is 28 GB
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    bucket: str
+    prefix: str  # ends with '/'
+    region: str
+    endpoint: str  # the bot's spec.output.s3.endpoint ("" for AWS)
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+
+def model_location(bot: dict) -> ModelLocation:
+    """The current model of the bot (`status.artifacts.modelUri`: a scheduled run that trained nothing keeps the
+    last trained run's)."""
+    status = bot.get("status") or {}
+    uri = (status.get("artifacts") or {}).get("modelUri") or ""
+    parts = urlsplit(uri)
+    if parts.scheme != "s3" or not parts.netloc:
+        raise Refusal(f"{bot['metadata']['name']} has no model yet: status.artifacts.modelUri is empty "
+                      f"(phase {status.get('phase') or 'not set'})", Exit.UNAVAILABLE)
+    s3 = ((bot.get("spec") or {}).get("output") or {}).get("s3") or {}
+    prefix = parts.path.lstrip("/")
+    return ModelLocation(parts.netloc, prefix if prefix.endswith("/") else prefix + "/",
+                         s3.get("region") or "us-east-1", s3.get("endpoint") or "")
+
+
+def s3_endpoint(flag: str | None, environ: dict, location: ModelLocation) -> str | None:
+    """--s3-endpoint, else boto3's own AWS_ENDPOINT_URL(_S3) (None: boto3 reads it), else the bot's endpoint."""
+    if flag:
+        return flag
+    if environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL"):
+        return None
+    return location.endpoint or None
+
+
+def sample_lines(payload: bytes) -> list[str]:
+    """The samples, one a line: a newline inside a sample is shown as \\n."""
+    try:
+        samples = json.loads(payload)
+    except ValueError:
+        samples = None
+    if not isinstance(samples, list) or not all(isinstance(sample, str) for sample in samples):
+        raise Refusal(f"{SAMPLES_FILE} is not a list of texts")
+    return [one_line(sample) for sample in samples]
+
+
+def one_line(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
+
+
+def download_plan(manifest_text: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_files: int = MAX_FILES) -> dict[str, int]:
+    """The model's files and their sizes, as its manifest names them; a name that would leave the directory,
+    or a model beyond the bounds, is refused before anything is written."""
+    try:
+        files = json.loads(manifest_text).get("files")
+    except (ValueError, AttributeError):
+        files = None
+    if not isinstance(files, dict):
+        raise Refusal(f"the model's {MANIFEST_FILE} names no files")
+    if len(files) > max_files:
+        raise Refusal(f"the model has {len(files)} files, more than {max_files}")
+    plan = {}
+    for name, facts in files.items():
+        path = PurePosixPath(name)
+        if (not name or path.is_absolute() or "\\" in name or any(part in ("", ".", "..") for part in name.split("/"))
+                or name in (MANIFEST_FILE, CARD_FILE) or not all(c.isprintable() for c in name)):
+            raise Refusal(f"the model's {MANIFEST_FILE} names a file {name!r} that is not a plain relative path")
+        size = (facts or {}).get("bytes") if isinstance(facts, dict) else None
+        if not isinstance(size, int) or size < 0:
+            raise Refusal(f"the model's {MANIFEST_FILE} gives no size for {name!r}")
+        plan[name] = size
+    total = sum(plan.values())
+    if total > max_bytes:
+        raise Refusal(f"the model is {total:,} bytes, more than --max-bytes {max_bytes:,}")
+    return plan
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "s3" or "hub"
+    where: str  # an s3:// URI, or a Hub repo id
+
+
+SOURCES = ("s3", "hub")
+
+
+def model_source(bot: dict, wanted: str | None = None) -> ModelSource:
+    """Where `generate` loads the model from: S3 (the default while there is a model there), or the Hub repo
+    of `status.artifacts.hubUrl`."""
+    artifacts = (bot.get("status") or {}).get("artifacts") or {}
+    wanted = wanted or ("s3" if artifacts.get("modelUri") or not artifacts.get("hubUrl") else "hub")
+    if wanted == "s3":
+        return ModelSource("s3", model_location(bot).uri)
+    if not artifacts.get("hubUrl"):
+        raise Refusal(f"{bot['metadata']['name']} has no model on the Hub: status.artifacts.hubUrl is empty", Exit.UNAVAILABLE)
+    return ModelSource("hub", hub_repo_id(artifacts["hubUrl"]))
+
+
+def hub_repo_id(hub_url: str) -> str:
+    """<owner>/<name> of a Hub URL (`<endpoint>/<owner>/<name>`, the endpoint perhaps with a path of its own)."""
+    segments = [segment for segment in urlsplit(hub_url).path.split("/") if segment]
+    if len(segments) < 2:
+        raise Refusal(f"{hub_url!r} names no Hub repository")
+    return "/".join(segments[-2:])

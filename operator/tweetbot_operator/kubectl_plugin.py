@@ -1,0 +1,521 @@
+"""kubectl tweetbot: look at TweetBots, wait for them, read their stages' logs and samples, download their
+models and write with them. Installed as `kubectl-tweetbot` on PATH, which makes it a kubectl plugin.
+
+Every verb reads the bot through the Kubernetes API with your kubeconfig (`--kubeconfig`, `--context`,
+`-n/--namespace` as kubectl takes them), and S3 with the AWS credential chain (AWS_ACCESS_KEY_ID, a profile,
+an instance role; `--s3-endpoint` or AWS_ENDPOINT_URL for a store other than AWS). It prints no secret.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tweetbot_trainer.contract import BOT_LABEL, GROUP, STAGES
+
+from .botview import (
+    CARD_FILE,
+    DEFAULT_MAX_BYTES,
+    EXIT_CODES_HELP,
+    MANIFEST_BYTES,
+    MANIFEST_FILE,
+    SAMPLES_BYTES,
+    SAMPLES_FILE,
+    SOURCES,
+    Exit,
+    ModelLocation,
+    Refusal,
+    download_plan,
+    for_output,
+    logs_target,
+    model_location,
+    model_source,
+    no_pods_message,
+    one_line,
+    parse_duration,
+    pods_to_show,
+    prefixed,
+    rerun_patch,
+    rerun_value,
+    s3_endpoint,
+    sample_lines,
+    still_waiting,
+    table,
+    wait_verdict,
+)
+from .names import PLURAL, RERUN_ANNOTATION, VERSION
+
+IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+WATCH_SECONDS = 300  # one watch request at most: the API server ends watches after 30-60 minutes anyway
+PAGE_SIZE = 100
+REQUEST_TIMEOUT = 30
+MERGE_PATCH = "application/merge-patch+json"
+
+
+def _kubernetes():
+    try:
+        import kubernetes  # noqa: F401
+    except ImportError:
+        raise Refusal("kubectl tweetbot needs the Kubernetes client: pip install 'tweetbot[kubectl]'") from None
+    from kubernetes import client, config, watch
+
+    return client, config, watch
+
+
+class Cluster:
+    """The API clients of one kubeconfig context (or of the pod it runs in) and the namespace to use."""
+
+    def __init__(self, args: argparse.Namespace):
+        client, config, _ = _kubernetes()
+        try:
+            contexts, active = config.list_kube_config_contexts(config_file=args.kubeconfig)
+            context = next((c for c in contexts if c["name"] == args.context), None) if args.context else active
+            if context is None:
+                raise Refusal(f"no context {args.context!r} in the kubeconfig")
+            self.api = config.new_client_from_config(config_file=args.kubeconfig, context=args.context)
+            default_namespace = (context.get("context") or {}).get("namespace") or "default"
+        except config.ConfigException as error:
+            if args.kubeconfig or args.context or not IN_CLUSTER_NAMESPACE.exists():
+                raise Refusal(f"no usable kubeconfig: {error}") from None
+            config.load_incluster_config()
+            self.api = client.ApiClient()
+            default_namespace = IN_CLUSTER_NAMESPACE.read_text().strip()
+        self.namespace = args.namespace or default_namespace
+        self.custom = client.CustomObjectsApi(self.api)
+        self.core = client.CoreV1Api(self.api)
+        self.batch = client.BatchV1Api(self.api)
+
+    def bot(self, name: str) -> dict:
+        from kubernetes.client.rest import ApiException
+
+        try:
+            return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name,
+                                                            _request_timeout=REQUEST_TIMEOUT)
+        except ApiException as error:
+            if error.status == 404:
+                raise Refusal(f"tweetbot {name!r} not found in namespace {self.namespace!r}") from None
+            raise
+
+    def bots(self, all_namespaces: bool) -> list[dict]:
+        """Every bot of the namespace (or of all), read a page at a time."""
+        items, token = [], None
+        while True:
+            if all_namespaces:
+                page = self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, limit=PAGE_SIZE, _continue=token,
+                                                              _request_timeout=REQUEST_TIMEOUT)
+            else:
+                page = self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, limit=PAGE_SIZE,
+                                                                 _continue=token, _request_timeout=REQUEST_TIMEOUT)
+            items += page["items"]
+            token = page["metadata"].get("continue")
+            if not token:
+                return items
+
+    def plain(self, model) -> dict:
+        return self.api.sanitize_for_serialization(model)
+
+
+# --- verbs -------------------------------------------------------------------------------------------------
+
+
+def run_get(args: argparse.Namespace) -> int:
+    cluster = Cluster(args)
+    if args.bot and args.all_namespaces:
+        raise Refusal("a bot cannot be named across all namespaces: leave out -A or the name")
+    bots = [cluster.bot(args.bot)] if args.bot else cluster.bots(args.all_namespaces)
+    if args.output == "json":
+        print(json.dumps(for_output(bots, single=bool(args.bot)), indent=2))
+    elif args.output == "yaml":
+        import yaml
+
+        print(yaml.safe_dump(for_output(bots, single=bool(args.bot)), sort_keys=False), end="")
+    elif not bots:
+        where = "any namespace" if args.all_namespaces else f"namespace {cluster.namespace}"
+        print(f"No TweetBots found in {where}.", file=sys.stderr)
+    else:
+        print(table(bots, datetime.now(timezone.utc), args.all_namespaces), end="")
+    return Exit.OK
+
+
+def run_wait(args: argparse.Namespace) -> int:
+    """Read the bot, then watch it from that resourceVersion until a verdict; a watch that expired (410) or
+    ended is followed by a fresh read, so no change is missed between two watches."""
+    from kubernetes.client.rest import ApiException
+
+    _, _, watch = _kubernetes()
+    cluster = Cluster(args)
+    try:
+        timeout = parse_duration(args.timeout)
+    except ValueError as error:
+        raise Refusal(str(error), Exit.USAGE) from None
+    deadline = time.monotonic() + timeout
+    bot = cluster.bot(args.bot)
+    while True:
+        verdict = wait_verdict(bot)
+        if verdict is not None:
+            print(verdict.message, file=sys.stdout if verdict.code == Exit.OK else sys.stderr)
+            return verdict.code
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            print(f"timed out after {args.timeout} waiting for tweetbot {args.bot}: {still_waiting(bot)}", file=sys.stderr)
+            return Exit.TIMEOUT
+        seconds = max(1, int(min(remaining, WATCH_SECONDS)))
+        watcher = watch.Watch()
+        try:
+            for event in watcher.stream(cluster.custom.list_namespaced_custom_object, GROUP, VERSION, cluster.namespace,
+                                        PLURAL, field_selector=f"metadata.name={args.bot}",
+                                        resource_version=bot["metadata"]["resourceVersion"], timeout_seconds=seconds,
+                                        _request_timeout=seconds + REQUEST_TIMEOUT):
+                if event["type"] == "DELETED":
+                    raise Refusal(f"tweetbot {args.bot!r} was deleted while waiting")
+                if event["type"] in ("ADDED", "MODIFIED"):
+                    bot = event["raw_object"]
+                    if wait_verdict(bot) is not None or time.monotonic() >= deadline:
+                        break
+        except ApiException as error:
+            if error.status != 410:  # 410: the resourceVersion is too old to watch from; read the bot again
+                raise
+            bot = cluster.bot(args.bot)
+        finally:
+            watcher.stop()
+        if wait_verdict(bot) is None and time.monotonic() < deadline:
+            bot = cluster.bot(args.bot)
+
+
+def run_rerun(args: argparse.Namespace) -> int:
+    cluster = Cluster(args)
+    current = ((cluster.bot(args.bot)["metadata"].get("annotations") or {}).get(RERUN_ANNOTATION) or "")
+    value = rerun_value(datetime.now(timezone.utc), current)
+    cluster.custom.patch_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, args.bot, rerun_patch(value),
+                                                  _content_type=MERGE_PATCH, _request_timeout=REQUEST_TIMEOUT)
+    print(value)
+    return Exit.OK
+
+
+def run_logs(args: argparse.Namespace) -> int:
+    from kubernetes.client.rest import ApiException
+
+    cluster = Cluster(args)
+    bot = cluster.bot(args.bot)
+    target = logs_target(bot, args.stage)
+    try:
+        job = cluster.plain(cluster.batch.read_namespaced_job(target.job, cluster.namespace, _request_timeout=REQUEST_TIMEOUT))
+    except ApiException as error:
+        if error.status != 404:
+            raise
+        job = None
+    pods = []
+    if job is not None:
+        # By the Job's uid: a gang restarted under the same name leaves no pod of its predecessor in the way.
+        selector = f"batch.kubernetes.io/controller-uid={job['metadata']['uid']},{BOT_LABEL}={target.bot}"
+        pods = [cluster.plain(pod) for pod in
+                cluster.core.list_namespaced_pod(cluster.namespace, label_selector=selector, _request_timeout=REQUEST_TIMEOUT).items]
+    chosen = pods_to_show(pods, args.all_pods)
+    if not chosen:
+        raise Refusal(no_pods_message(bot, target, job), Exit.UNAVAILABLE)
+    prefix = args.all_pods
+    if args.follow and len(chosen) > 1:
+        return _follow_all(cluster, target.stage, chosen)
+    code = Exit.OK
+    for index, pod in chosen:
+        code = max(code, _print_log(cluster, pod, target.stage, index if prefix else None, args.follow))
+    return code
+
+
+_print_lock = threading.Lock()
+
+
+def _print_log(cluster: Cluster, pod: dict, container: str, index: int | None, follow: bool) -> int:
+    from kubernetes.client.rest import ApiException
+
+    name = pod["metadata"]["name"]
+    try:
+        response = cluster.core.read_namespaced_pod_log(name, cluster.namespace, container=container, follow=follow,
+                                                        _preload_content=False,
+                                                        _request_timeout=None if follow else REQUEST_TIMEOUT)
+    except ApiException as error:
+        raise Refusal(f"the log of pod {name} cannot be read: {_api_message(error)}", Exit.UNAVAILABLE) from None
+    pending = b""
+    try:
+        for chunk in response.stream(64 * 1024):
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()
+            _write_lines(lines, index)
+        if pending:
+            _write_lines([pending], index)
+    finally:
+        response.release_conn()
+    return Exit.OK
+
+
+def _write_lines(lines: list[bytes], index: int | None) -> None:
+    with _print_lock:
+        for line in lines:
+            text = line.decode(errors="replace")
+            sys.stdout.write((prefixed(index, text) if index is not None else text) + "\n")
+        sys.stdout.flush()
+
+
+def _follow_all(cluster: Cluster, container: str, chosen: list[tuple[int, dict]]) -> int:
+    """Every pod's log at once, each line prefixed with its pod's index, until all have ended."""
+    codes: list[int] = []
+    errors: list[str] = []
+
+    def follow(index: int, pod: dict) -> None:
+        try:
+            codes.append(_print_log(cluster, pod, container, index, follow=True))
+        except Refusal as refusal:
+            errors.append(str(refusal))
+
+    threads = [threading.Thread(target=follow, args=item, daemon=True) for item in chosen]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    return Exit.UNAVAILABLE if errors else Exit.OK
+
+
+# --- S3 ------------------------------------------------------------------------------------------------------
+
+
+def _s3(location: ModelLocation, endpoint_flag: str | None):
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:
+        raise Refusal("reading S3 needs boto3: pip install 'tweetbot[kubectl]'") from None
+    return boto3.client("s3", endpoint_url=s3_endpoint(endpoint_flag, os.environ, location), region_name=location.region,
+                        config=Config(connect_timeout=10, read_timeout=60, retries={"max_attempts": 3}))
+
+
+def _s3_error(error: BaseException) -> str:
+    """S3's error code, not boto's message (it can carry a presigned query string)."""
+    from botocore.exceptions import ClientError
+
+    if isinstance(error, ClientError):
+        return error.response.get("Error", {}).get("Code") or type(error).__name__
+    return type(error).__name__
+
+
+def _read_object(s3, bucket: str, key: str, limit: int, missing: str) -> bytes:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        response = s3.get_object(Bucket=bucket, Key=key)
+        if response["ContentLength"] > limit:
+            raise Refusal(f"s3://{bucket}/{key} is {response['ContentLength']:,} bytes, more than {limit:,}")
+        return response["Body"].read(limit + 1)[:limit]
+    except (ClientError, BotoCoreError) as error:
+        code = _s3_error(error)
+        if code in ("NoSuchKey", "404"):
+            raise Refusal(missing, Exit.UNAVAILABLE) from None
+        raise Refusal(f"reading s3://{bucket}/{key} failed: {code}") from None
+
+
+def run_samples(args: argparse.Namespace) -> int:
+    cluster = Cluster(args)
+    location = model_location(cluster.bot(args.bot))
+    s3 = _s3(location, args.s3_endpoint)
+    payload = _read_object(s3, location.bucket, location.prefix + SAMPLES_FILE, SAMPLES_BYTES,
+                           f"no samples at {location.uri}{SAMPLES_FILE}: the train stage writes them with the final model")
+    for line in sample_lines(payload):
+        print(line)
+    return Exit.OK
+
+
+def download_model(location: ModelLocation, directory: Path, endpoint_flag: str | None, max_bytes: int,
+                   force: bool = False) -> dict[str, int]:
+    """The model's files (its manifest's, and the model card if there is one) into `directory`: first into
+    `<directory>.partial`, then renamed, so `directory` holds a complete model or nothing new."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not force:
+        raise Refusal(f"{directory} is not an empty directory (--force replaces it)")
+    s3 = _s3(location, endpoint_flag)
+    manifest = _read_object(s3, location.bucket, location.prefix + MANIFEST_FILE, MANIFEST_BYTES,
+                            f"no complete model at {location.uri} (no {MANIFEST_FILE}: the train stage writes it last)")
+    plan = download_plan(manifest, max_bytes)
+    partial = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        for name, size in plan.items():
+            target = partial / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                s3.download_file(location.bucket, location.prefix + name, str(target))
+            except (ClientError, BotoCoreError) as error:
+                raise Refusal(f"downloading {location.uri}{name} failed: {_s3_error(error)}") from None
+            if target.stat().st_size != size:
+                raise Refusal(f"{location.uri}{name} is {target.stat().st_size:,} bytes, its manifest says {size:,}")
+        try:  # the card, beside the model once published
+            card = _read_object(s3, location.bucket, location.prefix + CARD_FILE, MANIFEST_BYTES, "")
+            (partial / CARD_FILE).write_bytes(card)
+        except Refusal as refusal:
+            if refusal.code != Exit.UNAVAILABLE:
+                raise
+        (partial / MANIFEST_FILE).write_bytes(manifest)
+        if directory.exists():
+            replaced = directory.with_name(directory.name + ".replaced")
+            shutil.rmtree(replaced, ignore_errors=True)
+            directory.rename(replaced)
+            partial.rename(directory)
+            if replaced.is_dir():
+                shutil.rmtree(replaced, ignore_errors=True)
+            else:
+                replaced.unlink()
+        else:
+            partial.rename(directory)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return plan
+
+
+def run_download(args: argparse.Namespace) -> int:
+    cluster = Cluster(args)
+    location = model_location(cluster.bot(args.bot))
+    directory = Path(args.directory)
+    plan = download_model(location, directory, args.s3_endpoint, args.max_bytes, args.force)
+    print(f"{len(plan)} files, {sum(plan.values()):,} bytes of {location.uri} in {directory}")
+    return Exit.OK
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    cluster = Cluster(args)
+    bot = cluster.bot(args.bot)
+    source = model_source(bot, args.source)
+    # stdout carries the posts alone: what the libraries print while they load (DeepSpeed's accelerator warning,
+    # whose handler keeps the stream it was created with) goes to stderr.
+    with tempfile.TemporaryDirectory(prefix="kubectl-tweetbot-") as scratch, contextlib.redirect_stdout(sys.stderr):
+        try:
+            from transformers import pipeline, set_seed
+        except ImportError:
+            raise Refusal("generate needs transformers and torch: pip install 'tweetbot[trainer]'") from None
+        if source.kind == "s3":
+            model = Path(scratch) / "model"
+            download_model(model_location(bot), model, args.s3_endpoint, args.max_bytes)
+            model = str(model)
+        else:
+            model = source.where  # huggingface_hub reads HF_TOKEN and HF_ENDPOINT itself
+        if args.seed is not None:
+            set_seed(args.seed)
+        generator = pipeline("text-generation", model=model)
+        outputs = generator(args.prompt, max_new_tokens=args.max_new_tokens, num_return_sequences=args.num, do_sample=True)
+    for output in outputs:
+        print(one_line(output["generated_text"]))
+    return Exit.OK
+
+
+# --- the command line ----------------------------------------------------------------------------------------
+
+
+def _api_message(error) -> str:
+    """The API server's message from a refusal's Status body, else its reason."""
+    try:
+        return json.loads(error.body).get("message") or error.reason
+    except (TypeError, ValueError, AttributeError):
+        return f"{error.status} {error.reason}"
+
+
+def _byte_count(text: str) -> int:
+    units = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+    number = text.rstrip("KkMmGgi")
+    unit = text[len(number):].lower()
+    if unit not in units or not number.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 500Mi, 20Gi)")
+    return int(number) * units[unit]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    connection = argparse.ArgumentParser(add_help=False)
+    connection.add_argument("-n", "--namespace", help="the bot's namespace (default: the kubeconfig context's)")
+    connection.add_argument("--kubeconfig", help="the kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
+    connection.add_argument("--context", help="the kubeconfig context to use (default: the current one)")
+    s3 = argparse.ArgumentParser(add_help=False)
+    s3.add_argument("--s3-endpoint", help="the S3 endpoint to read the model from (default: $AWS_ENDPOINT_URL, "
+                                          "else the bot's spec.output.s3.endpoint, else AWS); credentials: the AWS chain")
+    s3.add_argument("--max-bytes", type=_byte_count, default=DEFAULT_MAX_BYTES,
+                    help=f"refuse a model larger than this (default {DEFAULT_MAX_BYTES // 2**30}Gi)")
+
+    parser = argparse.ArgumentParser(prog="kubectl tweetbot", description=__doc__, epilog=EXIT_CODES_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, handler, summary: str, parents=(connection,)):
+        sub = verbs.add_parser(name, parents=list(parents), help=summary, description=f"kubectl tweetbot {name}: {summary}",
+                               epilog=EXIT_CODES_HELP)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    get = verb("get", run_get, "list bots (or one) with phase, progress, ETA, loss, Hub URL and age")
+    get.add_argument("bot", nargs="?", help="one bot's name (default: every bot of the namespace)")
+    get.add_argument("-A", "--all-namespaces", action="store_true", help="bots of every namespace")
+    get.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+
+    wait = verb("wait", run_wait, "wait until the bot succeeded; exit 3 if it failed, 4 if it stalled, 5 on timeout")
+    wait.add_argument("bot")
+    wait.add_argument("--timeout", default="30m", help="how long to wait (30m, 1h30m, 90s; default 30m)")
+
+    logs = verb("logs", run_logs, "print the log of a stage's pod of the current run")
+    logs.add_argument("bot")
+    logs.add_argument("--stage", choices=STAGES, help="default: the stage that runs, else the last that ran")
+    logs.add_argument("-f", "--follow", action="store_true", help="follow the log until the pod ends")
+    logs.add_argument("--all-pods", action="store_true",
+                      help="every pod of a multi-node train stage, each line prefixed with [pod index] (default: pod 0)")
+
+    samples = verb("samples", run_samples, "print the samples the train stage generated, one a line", (connection, s3))
+    samples.add_argument("bot")
+
+    generate = verb("generate", run_generate, "write posts with the bot's model, here, with transformers",
+                    (connection, s3))
+    generate.add_argument("bot")
+    generate.add_argument("prompt", nargs="?", default="My dream is")
+    generate.add_argument("--max-new-tokens", type=int, default=60)
+    generate.add_argument("--num", type=int, default=3, help="how many posts (default 3)")
+    generate.add_argument("--from", dest="source", choices=SOURCES,
+                          help="the model in S3 (status.artifacts.modelUri, the default) or on the Hub "
+                               "(status.artifacts.hubUrl; HF_TOKEN and HF_ENDPOINT are honoured)")
+    generate.add_argument("--seed", type=int, help="a seed, for the same posts each time")
+
+    rerun = verb("rerun", run_rerun, f"train again on the same spec: set {RERUN_ANNOTATION} to the UTC time")
+    rerun.add_argument("bot")
+
+    download = verb("download", run_download, "download the bot's final model from S3 into a directory", (connection, s3))
+    download.add_argument("bot")
+    download.add_argument("directory")
+    download.add_argument("--force", action="store_true", help="replace a directory that is not empty")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from kubernetes.client.rest import ApiException
+    except ImportError:
+        ApiException = ()  # noqa: N806 (Cluster says what to install)
+    try:
+        return int(args.handler(args))
+    except Refusal as refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return int(refusal.code)
+    except ApiException as error:
+        print(f"error: the API server refused ({error.status}): {_api_message(error)}", file=sys.stderr)
+        return int(Exit.ERROR)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

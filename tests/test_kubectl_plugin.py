@@ -1,0 +1,286 @@
+"""`kubectl tweetbot`'s decisions, without a cluster: the table, wait's verdicts, which Job and pods `logs`
+reads, the S3 locations and the download's bounds (botview.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from tweetbot_operator.botview import (
+    Exit,
+    Refusal,
+    download_plan,
+    hub_repo_id,
+    human_duration,
+    logs_target,
+    model_location,
+    model_source,
+    no_pods_message,
+    parse_duration,
+    pods_to_show,
+    rerun_patch,
+    rerun_value,
+    s3_endpoint,
+    sample_lines,
+    table,
+    wait_verdict,
+)
+from tweetbot_operator.names import RERUN_ANNOTATION
+
+VERBS = ("get", "wait", "logs", "samples", "generate", "rerun", "download")
+NOW = datetime(2026, 12, 3, 12, 0, 0, tzinfo=timezone.utc)
+MODEL = "s3://bots/tweetbot/team/dreamer/a1b2c3d4/final/"
+
+
+def bot(name="dreamer", generation=1, annotations=None, **status) -> dict:
+    return {
+        "apiVersion": "huggingtweets.dev/v1alpha1", "kind": "TweetBot",
+        "metadata": {"name": name, "namespace": "team", "generation": generation, "annotations": annotations or {},
+                     "creationTimestamp": "2026-12-03T10:55:00Z", "managedFields": [{"manager": "kubectl"}]},
+        "spec": {"handles": ["dreamer"], "output": {"s3": {"bucket": "bots", "endpoint": "http://minio:9000", "region": "eu-west-3"}}},
+        "status": status,
+    }
+
+
+def conditions(generation=1, ready=False, stalled=False, reason="TrainRunning", message=""):
+    return [{"type": "Ready", "status": str(ready), "reason": reason, "observedGeneration": generation},
+            {"type": "Stalled", "status": str(stalled), "reason": reason if stalled else "NotStalled",
+             "message": message if stalled else "", "observedGeneration": generation}]
+
+
+# --- get ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seconds, shown", [(0, "0s"), (45, "45s"), (119, "119s"), (200, "3m20s"), (300, "5m"),
+                                            (95 * 60, "95m"), (5 * 3600 + 600, "5h10m"), (30 * 3600, "30h"),
+                                            (3 * 86400 + 4 * 3600, "3d4h"), (12 * 86400, "12d"), (800 * 86400, "2y70d")])
+def test_ages_read_as_kubectl_tells_them(seconds, shown):
+    assert human_duration(seconds) == shown
+
+
+def test_a_training_bot_shows_its_progress_eta_and_live_loss():
+    training = bot(phase="Training", progress={"summary": "train 40% (40/100 steps)", "etaSeconds": 754, "loss": 3.14159},
+                   metrics={"posts": 400})
+    text = table([training], NOW)
+    header, line = text.splitlines()
+    assert header.split() == ["NAME", "PHASE", "PROGRESS", "ETA", "LOSS", "HUB", "AGE"]
+    assert line.split() == ["dreamer", "Training", "train_40%_(40/100_steps)", "12m", "3.142", "-", "65m"]
+    assert header.index("PHASE") == line.index("Training")  # aligned columns
+
+
+def test_a_finished_bot_shows_its_eval_loss_and_hub_url_and_no_eta():
+    done = bot(phase="Succeeded", progress={"summary": "3/3", "etaSeconds": 0, "loss": 2.5},
+               metrics={"evalLoss": 1.23456}, artifacts={"hubUrl": "https://huggingface.co/demo/dreamer", "modelUri": MODEL})
+    [_, line] = table([done], NOW).splitlines()
+    assert line.split() == ["dreamer", "Succeeded", "3/3", "-", "1.235", "https://huggingface.co/demo/dreamer", "65m"]
+
+
+def test_a_new_bot_without_status_and_all_namespaces():
+    new = bot(name="fresh")
+    new.pop("status")
+    header, line = table([new], NOW, all_namespaces=True).splitlines()
+    assert header.split()[0] == "NAMESPACE" and line.split() == ["team", "fresh", "-", "-", "-", "-", "-", "65m"]
+
+
+def test_a_cell_cannot_break_the_table():
+    sneaky = bot(artifacts={"hubUrl": "https://hub.example/a b\nfake-row\tx"})
+    lines = table([sneaky], NOW).splitlines()
+    assert len(lines) == 2 and len(lines[1].split()) == 7
+
+
+# --- wait --------------------------------------------------------------------------------------------------
+
+
+def test_wait_is_done_when_ready_for_the_current_generation():
+    ready = bot(generation=2, phase="Succeeded", observedGeneration=2, runId="a1b2c3", conditions=conditions(2, ready=True),
+                artifacts={"modelUri": MODEL})
+    verdict = wait_verdict(ready)
+    assert verdict.code == Exit.OK == 0 and "Succeeded" in verdict.message and MODEL in verdict.message
+
+
+def test_wait_goes_on_while_the_status_is_of_an_older_generation_or_rerun():
+    old = bot(generation=3, phase="Succeeded", observedGeneration=2, conditions=conditions(2, ready=True))
+    assert wait_verdict(old) is None
+    stale_condition = bot(generation=3, phase="Succeeded", observedGeneration=3, conditions=conditions(2, ready=True))
+    assert wait_verdict(stale_condition) is None
+    rerun = bot(annotations={RERUN_ANNOTATION: "2026-12-03T11:00:00Z"}, phase="Succeeded", observedGeneration=1,
+                rerun="2026-12-03T10:00:00Z", conditions=conditions(ready=True))
+    assert wait_verdict(rerun) is None
+    answered = bot(annotations={RERUN_ANNOTATION: "2026-12-03T11:00:00Z"}, phase="Succeeded", observedGeneration=1,
+                   rerun="2026-12-03T11:00:00Z", conditions=conditions(ready=True))
+    assert wait_verdict(answered).code == Exit.OK
+    running = bot(phase="Training", observedGeneration=1, conditions=conditions())
+    assert wait_verdict(running) is None
+    assert wait_verdict(bot()) is None  # no status yet
+
+
+def test_wait_ends_on_failed_with_the_last_error():
+    failed = bot(phase="Failed", observedGeneration=1, lastError="train: out of GPU memory (exit 21)",
+                 conditions=conditions(stalled=True, reason="StageFailed", message="train: out of GPU memory (exit 21)"))
+    verdict = wait_verdict(failed)
+    assert verdict.code == Exit.FAILED == 3 and "out of GPU memory" in verdict.message
+
+
+def test_wait_ends_on_stalled_with_its_reason():
+    stalled = bot(phase="Pending", observedGeneration=1, lastError="Secret x-api is missing",
+                  conditions=conditions(stalled=True, reason="SecretMissing", message="Secret x-api is missing"))
+    verdict = wait_verdict(stalled)
+    assert verdict.code == Exit.STALLED == 4 and "SecretMissing" in verdict.message and "x-api" in verdict.message
+
+
+def test_the_exit_codes_are_distinct():
+    assert len({code.value for code in Exit}) == len(Exit)
+    assert Exit.TIMEOUT not in (Exit.OK, Exit.FAILED, Exit.STALLED)
+
+
+@pytest.mark.parametrize("text, seconds", [("30m", 1800), ("1h30m", 5400), ("90s", 90), ("45", 45), ("500ms", 0.5), ("2.5m", 150)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "m", "30x", "1h junk", "-5m"])
+def test_bad_durations(text):
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+# --- rerun -------------------------------------------------------------------------------------------------
+
+
+def test_rerun_writes_the_utc_time_once_per_value():
+    value = rerun_value(NOW)
+    assert value == "2026-12-03T12:00:00Z"
+    assert rerun_value(NOW, current=value) == "2026-12-03T12:00:00.000000Z"  # the same second: still a new value
+    assert rerun_patch(value) == {"metadata": {"annotations": {RERUN_ANNOTATION: value}}}
+
+
+# --- logs --------------------------------------------------------------------------------------------------
+
+
+def staged(**stages) -> dict:
+    return bot(phase="Training", runId="a1b2c3d4e5", stages=stages)
+
+
+def test_logs_default_to_the_running_stage_else_the_last():
+    running = staged(scrape={"jobName": "dreamer-a1b2c-scrape", "state": "Succeeded"},
+                     train={"jobName": "dreamer-a1b2c-train", "state": "Running"})
+    target = logs_target(running)
+    assert (target.stage, target.job, target.run_id) == ("train", "dreamer-a1b2c-train", "a1b2c3d4e5")
+    done = staged(scrape={"jobName": "s", "state": "Succeeded"}, train={"jobName": "t", "state": "Succeeded"},
+                  publish={"jobName": "p", "state": "Failed"})
+    assert logs_target(done).stage == "publish"
+    assert logs_target(done, "scrape").job == "s"
+
+
+def test_logs_of_a_stage_that_has_not_started():
+    with pytest.raises(Refusal) as refused:
+        logs_target(staged(scrape={"jobName": "s", "state": "Running"}), "train")
+    assert refused.value.code == Exit.UNAVAILABLE and "train stage" in str(refused.value)
+    with pytest.raises(Refusal):
+        logs_target(bot())
+
+
+def pod(name, index=None, created="2026-12-03T11:00:00Z"):
+    annotations = {} if index is None else {"batch.kubernetes.io/job-completion-index": str(index)}
+    return {"metadata": {"name": name, "annotations": annotations, "creationTimestamp": created}}
+
+
+def test_logs_read_pod_zero_of_a_gang_or_every_pod_and_the_newest_retry():
+    pods = [pod("t-1-x", 1), pod("t-0-old", 0, "2026-12-03T11:00:00Z"), pod("t-0-new", 0, "2026-12-03T11:05:00Z")]
+    assert [(index, p["metadata"]["name"]) for index, p in pods_to_show(pods)] == [(0, "t-0-new")]
+    assert [(index, p["metadata"]["name"]) for index, p in pods_to_show(pods, all_pods=True)] == [(0, "t-0-new"), (1, "t-1-x")]
+    assert [p["metadata"]["name"] for _, p in pods_to_show([pod("single")])] == ["single"]  # not Indexed
+    assert pods_to_show([]) == []
+
+
+def test_cleaned_up_pods_say_where_the_model_is():
+    finished = staged(train={"jobName": "dreamer-a1b2c-train", "state": "Succeeded"})
+    finished["status"]["artifacts"] = {"modelUri": MODEL}
+    target = logs_target(finished, "train")
+    message = no_pods_message(finished, target, job=None)
+    assert message == (f"the train pods of run a1b2c3d4e5 were cleaned up (ttlSecondsAfterFinished); "
+                       f"the model is in {MODEL}")
+    pending = staged(train={"jobName": "dreamer-a1b2c-train", "state": "Pending"})
+    assert "no pod yet" in no_pods_message(pending, logs_target(pending), job={"metadata": {}})
+
+
+# --- S3 ----------------------------------------------------------------------------------------------------
+
+
+def test_the_model_and_its_samples_are_under_the_model_uri():
+    location = model_location(bot(artifacts={"modelUri": MODEL}))
+    assert (location.bucket, location.prefix) == ("bots", "tweetbot/team/dreamer/a1b2c3d4/final/")
+    assert (location.region, location.endpoint) == ("eu-west-3", "http://minio:9000")
+    with pytest.raises(Refusal) as refused:
+        model_location(bot(phase="Training"))
+    assert refused.value.code == Exit.UNAVAILABLE and "no model yet" in str(refused.value)
+
+
+def test_the_s3_endpoint_is_the_flag_else_the_environment_else_the_bots():
+    location = model_location(bot(artifacts={"modelUri": MODEL}))
+    assert s3_endpoint("http://local:9000", {"AWS_ENDPOINT_URL": "http://env"}, location) == "http://local:9000"
+    assert s3_endpoint(None, {"AWS_ENDPOINT_URL": "http://env"}, location) is None  # boto3 reads it itself
+    assert s3_endpoint(None, {}, location) == "http://minio:9000"
+
+
+def test_samples_print_one_a_line():
+    payload = json.dumps(["My dream is a boat", "My dream is\ntwo lines"]).encode()
+    assert sample_lines(payload) == ["My dream is a boat", "My dream is\\ntwo lines"]
+    with pytest.raises(Refusal):
+        sample_lines(b'{"not": "a list"}')
+
+
+def test_the_download_follows_the_manifest_within_bounds():
+    manifest = {"files": {"config.json": {"bytes": 10}, "model.safetensors": {"bytes": 1000}, "sub/x.txt": {"bytes": 0}}}
+    assert download_plan(json.dumps(manifest).encode()) == {"config.json": 10, "model.safetensors": 1000, "sub/x.txt": 0}
+    with pytest.raises(Refusal, match="more than --max-bytes"):
+        download_plan(json.dumps(manifest).encode(), max_bytes=999)
+    with pytest.raises(Refusal, match="more than 2"):
+        download_plan(json.dumps(manifest).encode(), max_files=2)
+    for bad in ("../escape", "/etc/passwd", "a//b", "a/./b", "a\\b", "manifest.json", ""):
+        with pytest.raises(Refusal, match="plain relative path"):
+            download_plan(json.dumps({"files": {bad: {"bytes": 1}}}).encode())
+    with pytest.raises(Refusal):
+        download_plan(b"not json")
+
+
+def test_generate_loads_from_s3_by_default_else_from_the_hub_repo():
+    both = bot(artifacts={"modelUri": MODEL, "hubUrl": "https://huggingface.co/demo/dreamer"})
+    assert model_source(both).kind == "s3" and model_source(both).where == MODEL
+    assert model_source(both, "hub").where == "demo/dreamer"
+    hub_only = bot(artifacts={"hubUrl": "http://127.0.0.1:8080/hub/demo/dreamer"})
+    assert (model_source(hub_only).kind, model_source(hub_only).where) == ("hub", "demo/dreamer")
+    with pytest.raises(Refusal):
+        model_source(bot(artifacts={"modelUri": MODEL}), "hub")
+    assert hub_repo_id("https://huggingface.co/org/name/") == "org/name"
+
+
+def test_the_timestamps_are_utc():
+    paris = NOW.astimezone(timezone(timedelta(hours=1)))
+    assert rerun_value(paris) == "2026-12-03T12:00:00Z"
+
+
+# --- the command line --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_every_verb_has_help_with_the_connection_flags(verb):
+    """As kubectl runs the plugin: a process of its own."""
+    shown = subprocess.run([sys.executable, "-m", "tweetbot_operator.kubectl_plugin", verb, "--help"], capture_output=True,
+                           text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert f"kubectl tweetbot {verb}" in shown.stdout
+    for flag in ("--namespace", "--kubeconfig", "--context", "exit codes: 0 ok"):
+        assert flag in shown.stdout
+
+
+def test_the_verbs_are_the_parsers():
+    from tweetbot_operator.kubectl_plugin import build_parser
+
+    choices = next(action for action in build_parser()._subparsers._group_actions).choices
+    assert tuple(choices) == VERBS

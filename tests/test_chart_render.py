@@ -153,6 +153,41 @@ def test_the_service_monitor_carries_prometheus_labels_and_selects_the_metrics_s
     assert "ServiceMonitor" not in {doc["kind"] for doc in render(helm, tmp_path)}
 
 
+# Grafana dashboard and PrometheusRule -----------------------------------------------------------------------------
+
+def test_the_dashboard_and_the_rules_are_rendered_only_when_enabled(helm, tmp_path):
+    kinds = {doc["kind"] for doc in render(helm, tmp_path)}
+    assert not {"ConfigMap", "PrometheusRule"} & kinds
+
+
+def test_the_dashboard_configmap_carries_the_sidecar_s_label_in_the_namespace_asked_for(helm, tmp_path):
+    dashboard = {"enabled": True}
+    config_map = one(render(helm, tmp_path, {"grafana": {"dashboard": dashboard}}), "ConfigMap")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert config_map["metadata"]["namespace"] == RELEASE_NS
+    assert json.loads(config_map["data"]["tweetbot.json"]) == json.loads((CHART / "dashboards" / "tweetbot.json").read_text())
+    dashboard.update(label="dashboards", labelValue="tweetbot", namespace="monitoring", annotations={"grafana_folder": "TweetBot"})
+    config_map = one(render(helm, tmp_path, {"grafana": {"dashboard": dashboard}}), "ConfigMap")
+    assert config_map["metadata"]["labels"]["dashboards"] == "tweetbot" and "grafana_dashboard" not in config_map["metadata"]["labels"]
+    assert config_map["metadata"]["namespace"] == "monitoring"
+    assert config_map["metadata"]["annotations"] == {"grafana_folder": "TweetBot"}
+
+
+def test_the_prometheus_rule_carries_prometheus_labels_and_the_thresholds_asked_for(helm, tmp_path):
+    rule = one(render(helm, tmp_path, {"prometheusRule": {
+        "enabled": True, "additionalLabels": {"release": "kube-prometheus-stack"}, "severity": "critical",
+        "trainingNoProgress": {"minutes": 45, "for": "10m"}}}), "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert rule["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
+    alerts = {item["alert"]: item for group in rule["spec"]["groups"] for item in group["rules"]}
+    assert set(alerts) == {"TweetBotFailed", "TweetBotStalled", "TweetBotReconcileErrors", "TweetBotTrainingNoProgress"}
+    assert {item["labels"]["severity"] for item in alerts.values()} == {"critical"}
+    assert alerts["TweetBotTrainingNoProgress"]["for"] == "10m" and "> 45 * 60" in alerts["TweetBotTrainingNoProgress"]["expr"]
+    assert "{{ $labels.namespace }}" in alerts["TweetBotStalled"]["annotations"]["description"]  # for Prometheus, not Helm
+    assert render(helm, tmp_path, {"prometheusRule": {"enabled": True, "stalled": {"for": "soon"}}}, check=False).returncode != 0
+
+
 # Artifact Hub -----------------------------------------------------------------------------------------------------
 
 def test_artifact_hub_metadata_matches_what_the_chart_installs(helm, tmp_path):

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 
 import pytest
 from kubernetes.client.rest import ApiException
+from prometheus_client import REGISTRY
 
 from tweetbot_operator.controller import ArtifactsLeft, Controller
 from tweetbot_operator.names import FINALIZER
@@ -336,3 +337,15 @@ def test_a_pass_from_the_watch_cache_sees_the_rerun_annotation(world):
     controller.reconcile((NS, "cyborg"))
     [scrape] = [obj for (plural, *_), obj in kube.objects.items() if plural == "jobs"]
     assert scrape["metadata"]["labels"]["huggingtweets.dev/run"] == run_id_for(bot)
+
+
+def test_a_failing_pass_counts_an_error_and_a_retry(world):
+    controller, kube, *_ = world
+    add_bot(controller, kube)
+    labels = {"name": controller.queue.name}
+    errors = REGISTRY.get_sample_value("tweetbot_reconcile_errors_total") or 0.0
+    retries = REGISTRY.get_sample_value("tweetbot_workqueue_retries_total", labels) or 0.0
+    kube.fail[("GET", BOT_PATH)] = ApiException(status=500, reason="Internal Server Error")
+    controller.reconcile((NS, "cyborg"), Request(fresh=True))
+    assert REGISTRY.get_sample_value("tweetbot_reconcile_errors_total") == errors + 1
+    assert REGISTRY.get_sample_value("tweetbot_workqueue_retries_total", labels) == retries + 1

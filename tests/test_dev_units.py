@@ -26,8 +26,16 @@ def test_build_stamp_follows_toolchain_and_pins(monkeypatch):
     assert first != binaries.build_stamp("go1.26.8")
 
 
+def test_the_checkers_have_a_stamp_of_their_own(monkeypatch):
+    control_plane, checks = binaries.build_stamp("go1.26.8"), binaries.checks_stamp("go1.26.8")
+    assert checks != binaries.checks_stamp("go1.27.0")
+    monkeypatch.setattr(binaries, "CHECK_TOOLS", ())
+    assert checks != binaries.checks_stamp("go1.26.8")
+    assert control_plane == binaries.build_stamp("go1.26.8")  # a new checker relinks no control plane
+
+
 def test_every_pin_is_exact():
-    for tool in binaries.GO_TOOLS:
+    for tool in (*binaries.GO_TOOLS, *binaries.CHECK_TOOLS):
         assert tool.version.startswith("v") and "latest" not in tool.version
     go_mod = (binaries.CONTROLPLANE_MODULE / "go.mod").read_text()
     assert f"k8s.io/kubernetes {binaries.KUBERNETES_VERSION}" in go_mod
@@ -35,6 +43,7 @@ def test_every_pin_is_exact():
     staging_minor = "v0." + binaries.KUBERNETES_VERSION.split(".", 1)[1]
     replaces = [line for line in go_mod.splitlines() if "=>" in line]
     assert replaces and all(line.strip().endswith(staging_minor) for line in replaces)
+    assert "=>" not in (binaries.DASHBOARDCHECK_MODULE / "go.mod").read_text()
 
 
 def test_gpu_nodes_advertise_gpus_and_are_tainted():

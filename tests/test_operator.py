@@ -7,6 +7,7 @@ the pod's final status with a termination message, exactly what a kubelet report
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 import urllib.request
@@ -154,7 +155,12 @@ def test_a_bot_runs_scrape_train_publish_and_succeeds(operator, apis, namespace,
     everything = json.dumps(bot) + json.dumps([e.message for e in core.list_namespaced_event(namespace).items])
     assert "x-secret-value" not in everything and "hf_secret_value" not in everything
     with urllib.request.urlopen(operator.metrics_url) as response:
-        assert 'tweetbot_bots{phase="Succeeded"}' in response.read().decode()
+        exposed = response.read().decode()
+    assert 'tweetbot_bots{phase="Succeeded"}' in exposed
+    # The work queue handled the bot, and the build says which operator this is.
+    adds = re.search(r'^tweetbot_workqueue_adds_total\{name="tweetbots"\} (\S+)$', exposed, re.MULTILINE)
+    assert adds and float(adds.group(1)) >= 1
+    assert re.search(r'^tweetbot_build_info\{.*\bversion="\d+\.\d+\.\d+".*\} 1\.0$', exposed, re.MULTILINE)
 
 
 def test_a_failing_stage_is_retried_then_fails_the_bot(operator, apis, namespace, secrets):

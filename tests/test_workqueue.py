@@ -2,6 +2,8 @@
 
 import threading
 
+from prometheus_client import REGISTRY
+
 from tweetbot_operator.workqueue import NEW, UPDATE, Request, WorkQueue
 
 
@@ -71,3 +73,36 @@ def test_updates_wait_for_a_free_slot_while_new_bots_still_go_at_once():
     queue.done(first)
     worker.join(timeout=5)
     assert got[1][0] == ("ns", "running-2")  # handed out once the slot is free
+
+
+# Metrics, as client-go's workqueue reports them ------------------------------------------------------------------
+
+def sample(metric: str, queue: WorkQueue) -> float:
+    return REGISTRY.get_sample_value(metric, {"name": queue.name}) or 0.0
+
+
+def test_depth_adds_and_waits_move_as_keys_come_and_go():
+    now = [100.0]
+    queue = WorkQueue(name="test-depth", clock=lambda: now[0])
+    queue.add(("ns", "a"))
+    queue.add(("ns", "a"))  # already queued: not an add
+    queue.add(("ns", "b"), Request(NEW))
+    assert sample("tweetbot_workqueue_depth", queue) == 2
+    assert sample("tweetbot_workqueue_adds_total", queue) == 2
+    now[0] += 3
+    key, _ = queue.get()  # b, the new bot
+    assert sample("tweetbot_workqueue_depth", queue) == 1
+    assert sample("tweetbot_workqueue_queue_duration_seconds_count", queue) == 1
+    assert sample("tweetbot_workqueue_queue_duration_seconds_sum", queue) == 3
+    queue.add(key)  # again while handled: waits, and counts as an add
+    assert sample("tweetbot_workqueue_depth", queue) == 2
+    assert sample("tweetbot_workqueue_adds_total", queue) == 3
+    now[0] += 5
+    queue.done(key)  # its second turn is queued without a second add
+    assert sample("tweetbot_workqueue_adds_total", queue) == 3
+    assert sample("tweetbot_workqueue_work_duration_seconds_count", queue) == 1
+    assert sample("tweetbot_workqueue_work_duration_seconds_sum", queue) == 5
+    assert [queue.get()[0] for _ in range(2)] == [("ns", "a"), key]
+    assert sample("tweetbot_workqueue_depth", queue) == 0
+    # a waited 8s, and b's second turn 5s, from its add while it was being handled
+    assert sample("tweetbot_workqueue_queue_duration_seconds_sum", queue) == 3 + 8 + 5

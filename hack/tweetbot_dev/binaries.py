@@ -1,8 +1,9 @@
-"""Build the pinned control-plane, kwok, helm, MinIO, CoreDNS, Kueue and actionlint binaries from Go modules, once
-per machine.
+"""Build the pinned control-plane, kwok, helm, MinIO, CoreDNS, Kueue and actionlint binaries from Go modules,
+once per machine, and, as a second set, the checkers the chart's tests run (promtool, dashboardcheck).
 
 Binaries land in ``~/.cache/tweetbot/bin/<stamp>/``; the stamp hashes every pin, the Go wrapper module
-and the Go toolchain version, so changing any of them builds a fresh set next to the old one.
+and the Go toolchain version, so changing any of them builds a fresh set next to the old one. The checkers
+have their own stamp: a new checker links a set of ~130 MB, not another ~1 GB of control plane.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ KUBERNETES_VERSION = "v1.34.4"
 ETCD_VERSION = "v3.6.4"  # the etcd that Kubernetes v1.34 is released with (its go.mod)
 
 CONTROLPLANE_MODULE = Path(__file__).resolve().parents[1] / "controlplane"
+DASHBOARDCHECK_MODULE = Path(__file__).resolve().parents[1] / "dashboardcheck"
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,12 @@ CONTROLPLANE_PACKAGES = (
     "k8s.io/kubernetes/cmd/kube-proxy",
     "./etcd",
 )
+
+# The chart's checkers: `promtool check rules` for its PrometheusRule, and a strict read of its Grafana dashboards
+# into the Grafana Foundation SDK's types (hack/dashboardcheck, a module of our own).
+PROMTOOL = GoTool("github.com/prometheus/prometheus/cmd/promtool", "v0.316.0")
+CHECK_TOOLS = (PROMTOOL,)
+DASHBOARDCHECK = "dashboardcheck"
 
 BINARIES = (
     "kube-apiserver",
@@ -117,6 +126,16 @@ def build_stamp(go: str) -> str:
     return f"k8s-{KUBERNETES_VERSION}-{digest.hexdigest()[:12]}"
 
 
+def checks_stamp(go: str) -> str:
+    digest = hashlib.sha256()
+    digest.update(go.encode())
+    for tool in CHECK_TOOLS:
+        digest.update(f"{tool.package}@{tool.version} {tool.ldflags}".encode())
+    for name in ("go.mod", "go.sum", "main.go"):
+        digest.update((DASHBOARDCHECK_MODULE / name).read_bytes())
+    return f"checks-{digest.hexdigest()[:12]}"
+
+
 def _go(args: list[str], cwd: Path, env: dict[str, str], log) -> None:
     log(f"$ go {' '.join(args)}")
     started = time.monotonic()
@@ -134,7 +153,11 @@ def build(into: Path, log=print) -> None:
         env,
         log,
     )
-    for tool in GO_TOOLS:
+    _install(GO_TOOLS, into, env, log)
+
+
+def _install(tools: tuple[GoTool, ...], into: Path, env: dict[str, str], log) -> None:
+    for tool in tools:
         _go(
             ["install", "-ldflags", f"-s -w {tool.ldflags}".strip(), f"{tool.package}@{tool.version}"],
             into,
@@ -143,25 +166,43 @@ def build(into: Path, log=print) -> None:
         )
 
 
+def build_checks(into: Path, log=print) -> None:
+    into.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-trimpath"}
+    _go(["build", "-ldflags", "-s -w", "-o", str(into) + "/", "."], DASHBOARDCHECK_MODULE, env, log)
+    _install(CHECK_TOOLS, into, env, log)
+
+
 def ensure_binaries(log=print) -> Path:
     """Return the directory holding every pinned binary, building it first if this machine lacks it."""
+    return _ensure(build_stamp, build, BINARIES, "the local control plane binaries (first time on this machine: ~15 min)", log)
+
+
+def ensure_check_tools(log=print) -> Path:
+    """Return the directory holding promtool and dashboardcheck, building them first if this machine lacks them."""
+    return _ensure(checks_stamp, build_checks, (DASHBOARDCHECK, *(tool.binary for tool in CHECK_TOOLS)),
+                   "the chart's checkers (first time on this machine: ~10 min)", log)
+
+
+def _ensure(stamp: Callable[[str], str], build_into: Callable[[Path, Callable], None], binaries: tuple[str, ...],
+            what: str, log) -> Path:
     if shutil.which("go") is None:
         raise RuntimeError("Go (1.24 or newer) is needed to build the local control plane: install it first")
     root = cache_root() / "bin"
-    final = root / build_stamp(go_version())
-    if _complete(final):
+    final = root / stamp(go_version())
+    if _complete(final, binaries):
         return final
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second caller waits for the first build, then reuses it
-        if _complete(final):
+        if _complete(final, binaries):
             return final
-        log(f"building the local control plane binaries into {final} (first time on this machine: ~15 min)")
+        log(f"building {what} into {final}")
         staging = final.with_name(final.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         started = time.monotonic()
-        build(staging, log)
-        missing = [name for name in BINARIES if not (staging / name).is_file()]
+        build_into(staging, log)
+        missing = [name for name in binaries if not (staging / name).is_file()]
         if missing:
             raise RuntimeError(f"build finished without {', '.join(missing)}")
         staging.rename(final)
@@ -169,5 +210,5 @@ def ensure_binaries(log=print) -> Path:
     return final
 
 
-def _complete(directory: Path) -> bool:
-    return all((directory / name).is_file() for name in BINARIES)
+def _complete(directory: Path, binaries: tuple[str, ...] = BINARIES) -> bool:
+    return all((directory / name).is_file() for name in binaries)

@@ -14,12 +14,13 @@ def _log(message: str) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from .binaries import ensure_binaries
+    from .binaries import ensure_binaries, ensure_check_tools
     from .images import ensure_image
     from .node import install_packages
 
     install_packages(_log)
     print(ensure_binaries(_log))
+    print(ensure_check_tools(_log))
     for name in ("operator", "trainer"):
         print(ensure_image(name, _log).ref)
     return 0

@@ -164,6 +164,7 @@ class Controller:
         except Exception as error:
             # Watch events are not redelivered: retry with a growing delay, capped at the resync interval.
             metrics.RECONCILE_ERRORS.inc()
+            metrics.QUEUE_RETRIES.labels(self.queue.name).inc()
             self._failures[key] = self._failures.get(key, 0) + 1
             delay = min(self.settings.timer_seconds, 2.0 ** self._failures[key])
             reason = f"API answered {error.status} {error.reason}" if isinstance(error, ApiException) else _short(error)

@@ -135,6 +135,17 @@ def test_the_trainer_image_follows_the_app_version_like_the_operators(helm, tmp_
         assert render(helm, tmp_path, {"trainer": wrong}, check=False).returncode != 0, wrong
 
 
+def test_bot_images_are_the_admins_choice_and_off_by_default(helm, tmp_path):
+    """spec.podOverrides.<stage>.image runs code the admin did not choose with the bot's Secrets: only where the
+    chart says so, and the operator reads the same setting (`Settings.from_env`)."""
+    from tweetbot_operator.settings import Settings
+
+    for values, allowed in ((None, False), ({"trainer": {"allowBotImages": True}}, True)):
+        env = env_of(one(render(helm, tmp_path, values), "Deployment"))
+        assert Settings.from_env(env).allow_bot_images is allowed
+    assert render(helm, tmp_path, {"trainer": {"allowBotImages": "yes"}}, check=False).returncode != 0
+
+
 # ServiceMonitor ---------------------------------------------------------------------------------------------------
 
 def test_the_service_monitor_carries_prometheus_labels_and_selects_the_metrics_service(helm, tmp_path):

@@ -155,6 +155,40 @@ INVALID = [
         "host": "https://wandb.example@evil.example", "apiKeySecretRef": {"name": "w"}}}), "spec.training.wandb.host: Invalid value"),
     ("priority class not a DNS subdomain", bot(resources={"priorityClassName": "High_Priority"}),
      "spec.resources.priorityClassName: Invalid value"),
+    # spec.podOverrides: plain env the operator does not set itself, labels it does not own, names Kubernetes takes.
+    ("env the operator sets", bot(podOverrides={"train": {"env": [{"name": "HF_TOKEN", "value": "x"}]}}),
+     "env name is set by the operator"),
+    ("env of the S3 identity", bot(podOverrides={"scrape": {"env": [{"name": "AWS_ENDPOINT_URL", "value": "http://x"}]}}),
+     "env name is set by the operator"),
+    ("env name that is no variable name", bot(podOverrides={"train": {"env": [{"name": "1X", "value": "x"}]}}),
+     "spec.podOverrides.train.env[0].name: Invalid value"),
+    ("env twice", bot(podOverrides={"train": {"env": [{"name": "A", "value": "x"}, {"name": "A", "value": "y"}]}}),
+     "Duplicate value"),
+    ("env from a Secret", bot(podOverrides={"train": {"env": [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}}),
+     'unknown field "spec.podOverrides.train.env[0].valueFrom"'),
+    ("operator's label", bot(podOverrides={"publish": {"labels": {"app.kubernetes.io/component": "train"}}}),
+     "labels must not set the operator's own"),
+    ("Kueue label on a pod", bot(podOverrides={"train": {"labels": {"kueue.x-k8s.io/queue-name": "other"}}}),
+     "labels must not set the operator's own"),
+    ("label value with a space", bot(podOverrides={"train": {"labels": {"team": "a b"}}}),
+     "spec.podOverrides.train.labels.team: Invalid value"),
+    ("annotation key that is no qualified name", bot(podOverrides={"train": {"annotations": {"a/b/c": "x"}}}),
+     "annotation keys must be qualified names"),
+    ("operator's annotation", bot(podOverrides={"train": {"annotations": {"huggingtweets.dev/rerun": "x"}}}),
+     "annotations of huggingtweets.dev/ and batch.kubernetes.io/ are the operator's own"),
+    ("pull Secret that walks elsewhere", bot(podOverrides={"scrape": {"imagePullSecrets": [{"name": "../x"}]}}),
+     "spec.podOverrides.scrape.imagePullSecrets[0].name: Invalid value"),
+    ("RuntimeClass with capitals", bot(podOverrides={"train": {"runtimeClassName": "Kata_QEMU"}}),
+     "spec.podOverrides.train.runtimeClassName: Invalid value"),
+    ("image with a space", bot(podOverrides={"train": {"image": "trainer latest"}}), "spec.podOverrides.train.image: Invalid value"),
+    ("GPU resource without a domain", bot(podOverrides={"train": {"gpuResourceName": "gpu"}}),
+     "spec.podOverrides.train.gpuResourceName: Invalid value"),
+    ("GPU resource of Kubernetes' own", bot(podOverrides={"train": {"gpuResourceName": "kubernetes.io/gpu"}}),
+     "gpuResourceName must be a vendor's extended resource"),
+    ("GPU resource of the scrape stage", bot(podOverrides={"scrape": {"gpuResourceName": "amd.com/gpu"}}),
+     'unknown field "spec.podOverrides.scrape.gpuResourceName"'),
+    ("affinity of another kind", bot(podOverrides={"train": {"affinity": {"gpuAffinity": {}}}}),
+     'unknown field "spec.podOverrides.train.affinity.gpuAffinity"'),
 ]
 
 
@@ -191,6 +225,25 @@ def test_defaults_are_filled_by_the_api_server(kubectl, namespace):
     assert json.loads(created.stdout)["spec"]["schedule"] == {"cron": "0 4 * * 1", "timeZone": "Europe/Paris", "suspend": False,
                                                              "minNewPosts": 1, "resumeFrom": "base"}
     assert json.loads(created.stdout)["spec"] == SPEC_DEFAULTS.apply(scheduled["spec"])
+
+
+def test_pod_overrides_are_kept_as_written_and_the_gpu_resource_defaulted(kubectl, namespace):
+    overrides = {"train": {"gpuResourceName": "nvidia.com/mig-1g.10gb", "runtimeClassName": "nvidia",
+                           "env": [{"name": "NCCL_DEBUG", "value": "INFO"}], "imagePullSecrets": [{"name": "registry"}],
+                           "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                               "nodeSelectorTerms": [{"matchExpressions": [{"key": "nvidia.com/gpu.product", "operator": "In",
+                                                                            "values": ["NVIDIA-A100-SXM4-80GB"]}]}]}}},
+                           "labels": {"cost-center": "research"},
+                           "annotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"}},
+                 "scrape": {"image": "registry.example/trainer:patched", "env": [{"name": "HTTPS_PROXY", "value": ""}]}}
+    created = kubectl("apply", "-n", namespace, "-o", "json", "-f", "-", manifest=bot(podOverrides=overrides))
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["spec"]["podOverrides"] == overrides
+    plain = kubectl("apply", "-n", namespace, "-o", "json", "-f", "-",
+                    manifest=merge(bot(podOverrides={"publish": {"runtimeClassName": "gvisor"}}), {"metadata": {"name": "plain"}}))
+    assert plain.returncode == 0, plain.stderr
+    assert json.loads(plain.stdout)["spec"]["podOverrides"] == {"publish": {"runtimeClassName": "gvisor"},
+                                                                "train": {"gpuResourceName": "nvidia.com/gpu"}}
 
 
 @pytest.mark.parametrize("training, lora", [

@@ -14,7 +14,7 @@ import yaml
 from tweetbot_operator.jobs import admission_message, job_fingerprint, job_state
 from tweetbot_operator.plan import Observed, plan, status_patch
 from tweetbot_operator.spec import RERUN_ANNOTATION, InvalidSpec, SecretView, normalize_handles, run_id_for, validate_spec
-from tweetbot_operator.stages import KUEUE_QUEUE_LABEL, desired_job, job_name
+from tweetbot_operator.stages import KUEUE_PRIORITY_LABEL, KUEUE_QUEUE_LABEL, desired_job, job_name
 from tweetbot_operator.settings import Settings
 from tweetbot_trainer.contract import (
     HUB_PUSH_TOKEN_ENV,
@@ -155,6 +155,12 @@ EDITS = [
     ("ttlSecondsAfterFinished", 60, False),
     ("deletionPolicy", "Delete", False),
     ("resources", {"gpus": 4, "memory": "64Gi"}, False),
+    # Where and how the pods run, even the image and the kind of GPU: like the chart's trainer image, they
+    # apply to the run's next Jobs (the rerun annotation trains again with them).
+    ("podOverrides.train.image", "registry.example/trainer:patched", False),
+    ("podOverrides.train.gpuResourceName", "nvidia.com/mig-1g.10gb", False),
+    ("podOverrides.train.env", [{"name": "NCCL_DEBUG", "value": "INFO"}], False),
+    ("podOverrides.scrape.runtimeClassName", "gvisor", False),
 ]
 
 
@@ -165,7 +171,7 @@ def test_what_the_model_is_made_of_starts_a_new_run_and_run_control_does_not(fie
     *parents, last = field.split(".")
     target = bot["spec"]
     for key in parents:
-        target = target[key]
+        target = target.setdefault(key, {})
     target[last] = value
     bot["metadata"]["generation"] = 2
     assert (run_id_for(bot) != bot["status"]["runId"]) is new_run
@@ -253,6 +259,139 @@ def test_only_the_train_job_asks_for_gpus_and_tolerates_gpu_nodes():
         assert "nvidia.com/gpu" not in json.dumps(pod["containers"][0]["resources"])
         assert "tolerations" not in pod and "nodeSelector" not in pod
         assert manifest["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "team-a"
+
+
+def test_a_bots_kueue_labels_reach_its_jobs_and_queue_them():
+    bot = make_bot()
+    bot["metadata"]["labels"] = {KUEUE_QUEUE_LABEL: "team-b", KUEUE_PRIORITY_LABEL: "research", "team": "b"}
+    run = run_id_for(bot)
+    for stage in STAGES:
+        manifest = desired_job(bot, run, stage, SETTINGS)
+        for labels in (manifest["metadata"]["labels"], manifest["spec"]["template"]["metadata"]["labels"]):
+            assert labels[KUEUE_QUEUE_LABEL] == "team-b" and labels[KUEUE_PRIORITY_LABEL] == "research"
+            assert "team" not in labels  # the bot's other labels stay on the bot
+        assert manifest["spec"]["suspend"] is True  # Kueue admits it
+    bot["spec"]["resources"]["queueName"] = "team-a"  # the spec's queue wins over the bot's label
+    assert desired_job(bot, run, "train", SETTINGS)["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "team-a"
+    bot["spec"]["resources"].pop("queueName")
+    bot["metadata"]["labels"] = {KUEUE_PRIORITY_LABEL: "research"}  # a priority alone queues nothing
+    manifest = desired_job(bot, run, "train", SETTINGS)
+    assert KUEUE_QUEUE_LABEL not in manifest["metadata"]["labels"] and "suspend" not in manifest["spec"]
+    assert manifest["metadata"]["labels"][KUEUE_PRIORITY_LABEL] == "research"
+
+
+OVERRIDES = {
+    "train": {
+        "env": [{"name": "NCCL_DEBUG", "value": "INFO"}, {"name": "HF_HUB_ENABLE_HF_TRANSFER", "value": "1"}],
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "nvidia.com/gpu.product", "operator": "In", "values": ["NVIDIA-H100-80GB-HBM3"]}]}]}}},
+        "annotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"},
+        "labels": {"cost-center": "research"},
+        "imagePullSecrets": [{"name": "registry"}],
+        "runtimeClassName": "nvidia",
+    },
+    "scrape": {"runtimeClassName": "gvisor", "env": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}]},
+}
+
+
+def test_pod_overrides_reach_their_stages_pods_only():
+    bot = make_bot(podOverrides=OVERRIDES)
+    validate_spec(bot, SETTINGS)
+    run = run_id_for(bot)
+    pods = {stage: desired_job(bot, run, stage, SETTINGS)["spec"]["template"] for stage in STAGES}
+    train = pods["train"]
+    env = train["spec"]["containers"][0]["env"]
+    assert env[-2:] == OVERRIDES["train"]["env"]  # after the operator's own
+    assert {"name": "OMP_NUM_THREADS", "value": "4"} in env
+    assert train["spec"]["affinity"] == OVERRIDES["train"]["affinity"]
+    assert train["metadata"]["annotations"] == OVERRIDES["train"]["annotations"]
+    assert train["metadata"]["labels"]["cost-center"] == "research"
+    assert train["metadata"]["labels"]["huggingtweets.dev/stage"] == "train"
+    assert train["spec"]["imagePullSecrets"] == [{"name": "registry"}]
+    assert train["spec"]["runtimeClassName"] == "nvidia"
+    assert train["spec"]["containers"][0]["image"] == "trainer:test"
+    scrape = pods["scrape"]
+    assert scrape["spec"]["runtimeClassName"] == "gvisor"
+    assert scrape["spec"]["containers"][0]["env"][-1] == {"name": "HTTPS_PROXY", "value": "http://proxy:3128"}
+    assert "affinity" not in scrape["spec"] and "annotations" not in scrape["metadata"]
+    publish = pods["publish"]
+    assert not {"affinity", "imagePullSecrets", "runtimeClassName"} & set(publish["spec"])
+    assert "HTTPS_PROXY" not in json.dumps(publish) and "cost-center" not in publish["metadata"]["labels"]
+
+
+def test_a_bot_image_runs_only_where_the_chart_allows_it():
+    bot = make_bot(podOverrides={"train": {"image": "registry.example/trainer:patched"}})
+    with pytest.raises(InvalidSpec, match=r"spec.podOverrides.train.image: .*trainer.allowBotImages"):
+        validate_spec(bot, SETTINGS)
+    allowing = replace(SETTINGS, allow_bot_images=True)
+    validate_spec(bot, allowing)
+    run = run_id_for(bot)
+    images = {stage: desired_job(bot, run, stage, allowing)["spec"]["template"]["spec"]["containers"][0]["image"]
+              for stage in STAGES}
+    assert images == {"scrape": "trainer:test", "train": "registry.example/trainer:patched", "publish": "trainer:test"}
+
+
+def test_the_chart_setting_for_bot_images_is_read_as_a_boolean():
+    assert Settings.from_env({}).allow_bot_images is False
+    assert Settings.from_env({"TWEETBOT_ALLOW_BOT_IMAGES": "false"}).allow_bot_images is False
+    assert Settings.from_env({"TWEETBOT_ALLOW_BOT_IMAGES": "true"}).allow_bot_images is True
+
+
+def test_a_mig_slice_or_another_vendors_gpu_is_asked_for_by_its_resource_name():
+    for name in ("nvidia.com/mig-1g.10gb", "amd.com/gpu"):
+        bot = make_bot(podOverrides={"train": {"gpuResourceName": name}})
+        validate_spec(bot, SETTINGS)
+        pod = desired_job(bot, run_id_for(bot), "train", SETTINGS)["spec"]["template"]["spec"]
+        resources = pod["containers"][0]["resources"]
+        assert resources["limits"][name] == "2" and resources["requests"][name] == "2"
+        assert "nvidia.com/gpu" not in resources["limits"]
+        # The taint the ExtendedResourceToleration admission plugin tolerates for the same request.
+        assert pod["tolerations"] == [{"key": name, "operator": "Exists", "effect": "NoSchedule"}]
+
+
+@pytest.mark.parametrize("name", ["TWEETBOT_REQUEST", "TWEETBOT_HUB_PUSH_TOKEN", "HF_TOKEN", "X_BEARER_TOKEN",
+                                  "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "PET_NNODES", "WANDB_API_KEY",
+                                  "OMP_NUM_THREADS", "WORLD_SIZE"])
+def test_the_operator_refuses_env_it_sets_itself(name):
+    bot = make_bot(podOverrides={"publish": {"env": [{"name": name, "value": "x"}]}})
+    with pytest.raises(InvalidSpec, match=f"spec.podOverrides.publish.env {name!r} is set by the operator"):
+        validate_spec(bot, SETTINGS)
+
+
+@pytest.mark.parametrize("env, message", [
+    ([{"name": "1X", "value": "x"}], "is not an environment variable name"),
+    ([{"name": "A", "value": "x"}, {"name": "A", "value": "y"}], "names A more than once"),
+    ([{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}], "only name and value"),
+])
+def test_override_env_is_plain_values_with_variable_names(env, message):
+    with pytest.raises(InvalidSpec, match=message):
+        validate_spec(make_bot(podOverrides={"train": {"env": env}}), SETTINGS)
+
+
+@pytest.mark.parametrize("field, key", [
+    ("labels", "app.kubernetes.io/component"), ("labels", "huggingtweets.dev/run"), ("labels", KUEUE_QUEUE_LABEL),
+    ("labels", "batch.kubernetes.io/job-name"), ("annotations", "huggingtweets.dev/rerun"),
+])
+def test_the_operators_own_labels_cannot_be_overridden(field, key):
+    bot = make_bot(podOverrides={"scrape": {field: {key: "x"}}})
+    with pytest.raises(InvalidSpec, match=f"spec.podOverrides.scrape.{field} {key!r} is the operator's"):
+        validate_spec(bot, SETTINGS)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train": {"labels": {"bad key!": "x"}}}, "spec.podOverrides.train.labels 'bad key!' is not a label key"),
+    ({"train": {"labels": {"team": "a b"}}}, "spec.podOverrides.train.labels.team 'a b' is not a label value"),
+    ({"train": {"annotations": {"a/b/c": "x"}}}, "spec.podOverrides.train.annotations 'a/b/c' is not an annotation key"),
+    ({"train": {"gpuResourceName": "gpu"}}, "spec.podOverrides.train.gpuResourceName 'gpu' is not an extended resource"),
+    ({"train": {"gpuResourceName": "kubernetes.io/gpu"}}, "is not an extended resource"),
+    ({"scrape": {"gpuResourceName": "amd.com/gpu"}}, "spec.podOverrides.scrape.gpuResourceName: only train"),
+    ({"train": {"runtimeClassName": "Kata_QEMU"}}, "spec.podOverrides.train.runtimeClassName 'Kata_QEMU'"),
+    ({"publish": {"imagePullSecrets": [{"name": "../x"}]}}, "spec.podOverrides.publish.imagePullSecrets"),
+], ids=["label-key", "label-value", "annotation-key", "resource-without-domain", "kubernetes-resource",
+        "gpu-of-scrape", "runtime-class", "pull-secret"])
+def test_the_operator_refuses_overrides_the_crd_refuses(overrides, message):
+    with pytest.raises(InvalidSpec, match=message.replace(".", r"\.")):
+        validate_spec(make_bot(podOverrides=overrides), SETTINGS)
 
 
 @pytest.mark.parametrize("stage", STAGES)

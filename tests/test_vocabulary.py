@@ -121,3 +121,27 @@ def test_every_field_of_the_crd_has_a_description():
                for path in undescribed(version["schema"]["openAPIV3Schema"], version["name"])
                if path != f"{version['name']}.metadata"]
     assert not missing, f"{len(missing)} fields of the CRD have no description:\n" + "\n".join(missing)
+
+
+def test_the_crds_reserved_env_names_and_labels_are_the_operators():
+    """spec.podOverrides' names the operator keeps: the CRD's rules refuse what `validate_spec` refuses."""
+    from tweetbot_operator.spec import OPERATOR_ANNOTATION_PREFIXES, OPERATOR_LABEL_KEYS, OPERATOR_LABEL_PREFIXES
+    from tweetbot_trainer.contract import RESERVED_ENV_NAMES, RESERVED_ENV_PREFIXES
+
+    def listed(rule: str) -> tuple[list[str], list[str]]:
+        """The names in a rule's `in [...]` and the prefixes in its `[...].exists(p, ...startsWith(p))`."""
+        names = re.search(r"in \[([^\]]*)\]", rule)
+        prefixes = re.search(r"\[([^\]]*)\]\.exists\(p", rule)
+        quoted = lambda found: re.findall(r"'([^']*)'", found.group(1)) if found else []  # noqa: E731
+        return quoted(names), quoted(prefixes)
+
+    overrides = SCHEMA["spec"]["properties"]["podOverrides"]["properties"]
+    for stage in STAGES:
+        fields = overrides[stage]["properties"]
+        env_rule = fields["env"]["items"]["properties"]["name"]["x-kubernetes-validations"][0]["rule"]
+        assert listed(env_rule) == (list(RESERVED_ENV_NAMES), list(RESERVED_ENV_PREFIXES))
+        label_rule = fields["labels"]["x-kubernetes-validations"][1]["rule"]
+        assert listed(label_rule) == (list(OPERATOR_LABEL_KEYS), list(OPERATOR_LABEL_PREFIXES))
+        annotation_rule = fields["annotations"]["x-kubernetes-validations"][1]["rule"]
+        assert listed(annotation_rule) == ([], list(OPERATOR_ANNOTATION_PREFIXES))
+    assert set(overrides["train"]["properties"]) - set(overrides["scrape"]["properties"]) == {"gpuResourceName"}

@@ -21,6 +21,9 @@ class Settings:
     namespaces: tuple[str, ...] = ()  # empty: every namespace
     max_concurrent_trainings: int = 0  # 0: no limit of the operator's own (Kueue may still queue)
     max_gpus_per_node: int = 8  # spec.resources.gpus' bound: a pod asking for more would stay Pending forever
+    # Whether a bot may run its stages in an image of its own (spec.podOverrides.<stage>.image): code the admin
+    # did not choose, with the bot's Secrets in its environment.
+    allow_bot_images: bool = False
     # S3 endpoints (scheme://host[:port]) a bot may name in spec.output.s3.endpoint; none: only AWS S3.
     s3_endpoints: tuple[str, ...] = ()
     # Buckets where the operator may use its own identity for a bot without credentialsSecretRef.
@@ -50,6 +53,7 @@ class Settings:
             s3_operator_buckets=_list(env, "TWEETBOT_S3_OPERATOR_BUCKETS"),
             max_concurrent_trainings=get("MAX_CONCURRENT_TRAININGS", defaults.max_concurrent_trainings),
             max_gpus_per_node=get("MAX_GPUS_PER_NODE", defaults.max_gpus_per_node),
+            allow_bot_images=env.get("TWEETBOT_ALLOW_BOT_IMAGES", "").strip().lower() == "true",
             scrape_resources=StageResources(
                 get("SCRAPE_CPU", defaults.scrape_resources.cpu), get("SCRAPE_MEMORY", defaults.scrape_resources.memory)
             ),

@@ -8,7 +8,16 @@ import json
 import re
 from dataclasses import dataclass
 
-from tweetbot_trainer.contract import GROUP, MAX_HANDLES, SPEC_DEFAULTS, TRACKERS, S3Layout
+from tweetbot_trainer.contract import (
+    GROUP,
+    MAX_HANDLES,
+    RESERVED_ENV_NAMES,
+    RESERVED_ENV_PREFIXES,
+    SPEC_DEFAULTS,
+    STAGES,
+    TRACKERS,
+    S3Layout,
+)
 
 from . import schedule
 from .names import RERUN_ANNOTATION  # noqa: F401 (spec's callers import it from here too)
@@ -29,6 +38,24 @@ BRANCH = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # one ref segment: no '
 WANDB_HOST = re.compile(r"https?://[^\s/@?#]+/?")
 MLFLOW_URI = re.compile(r"https?://[^\s/@?#]+(/[^\s?#]*)?")
 TRACKER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# A label or annotation key: an optional DNS-subdomain prefix and '/', then a name of at most 63 characters.
+QUALIFIED_NAME = re.compile(r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                            r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?")
+# An extended resource: a domain of at least two labels (not Kubernetes' own) and a name: nvidia.com/gpu,
+# nvidia.com/mig-1g.10gb, amd.com/gpu, gpu.intel.com/i915.
+EXTENDED_RESOURCE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+/"
+                               r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]*")
+
+# The labels the operator puts on its Jobs and pods, which the chart's NetworkPolicies, Kueue and the Job
+# controller select by: spec.podOverrides may not set them (nor annotations of the operator's group or the Job
+# controller's). The CRD's rules list the same (tests hold them to it).
+OPERATOR_LABEL_KEYS = ("app.kubernetes.io/name", "app.kubernetes.io/component", "app.kubernetes.io/managed-by",
+                       "job-name", "controller-uid")
+OPERATOR_LABEL_PREFIXES = (f"{GROUP}/", "kueue.x-k8s.io/", "batch.kubernetes.io/")
+OPERATOR_ANNOTATION_PREFIXES = (f"{GROUP}/", "batch.kubernetes.io/")
 
 
 class InvalidSpec(ValueError):
@@ -105,6 +132,68 @@ def validate_spec(bot: dict, settings: Settings) -> None:
     priority_class = spec["resources"].get("priorityClassName")
     if priority_class is not None and not DNS_SUBDOMAIN.fullmatch(priority_class):
         raise InvalidSpec(f"spec.resources.priorityClassName {priority_class!r} is not a DNS subdomain")
+    for stage in STAGES:
+        validate_pod_override(stage, spec["podOverrides"].get(stage) or {}, settings)
+
+
+def reserved_env(name: str) -> bool:
+    return name in RESERVED_ENV_NAMES or name.startswith(RESERVED_ENV_PREFIXES)
+
+
+def operator_label(key: str) -> bool:
+    return key in OPERATOR_LABEL_KEYS or key.startswith(OPERATOR_LABEL_PREFIXES)
+
+
+def validate_pod_override(stage: str, override: dict, settings: Settings) -> None:
+    """spec.podOverrides.<stage>: what the chart's settings decide (a bot's own image) and the names the operator
+    keeps for itself, besides the schema's patterns again."""
+    where = f"spec.podOverrides.{stage}"
+    if "image" in override:
+        if not settings.allow_bot_images:
+            raise InvalidSpec(f"{where}.image: this operator runs its stages in its own trainer image only (the "
+                              "chart's trainer.allowBotImages is false); remove image, or ask the admin to allow it")
+        image = override["image"]
+        if not isinstance(image, str) or len(image) > 512 or not IMAGE.fullmatch(image):
+            raise InvalidSpec(f"{where}.image {image!r} is not an image reference")
+    names = []
+    for item in override.get("env") or []:
+        if not isinstance(item, dict) or set(item) - {"name", "value"}:
+            raise InvalidSpec(f"{where}.env: each item has only name and value (a secret goes through the spec's "
+                              "...SecretRef fields)")
+        name = item.get("name")
+        if not isinstance(name, str) or len(name) > 256 or not ENV_NAME.fullmatch(name):
+            raise InvalidSpec(f"{where}.env {name!r} is not an environment variable name")
+        if reserved_env(name):
+            raise InvalidSpec(f"{where}.env {name!r} is set by the operator (it keeps every name starting with "
+                              f"{', '.join(RESERVED_ENV_PREFIXES)} and {', '.join(RESERVED_ENV_NAMES)})")
+        names.append(name)
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise InvalidSpec(f"{where}.env names {', '.join(twice)} more than once")
+    for field_name, prefixes in (("labels", OPERATOR_LABEL_PREFIXES), ("annotations", OPERATOR_ANNOTATION_PREFIXES)):
+        what = "label" if field_name == "labels" else "annotation"
+        for key, value in (override.get(field_name) or {}).items():
+            if len(key) > 317 or not QUALIFIED_NAME.fullmatch(key):
+                raise InvalidSpec(f"{where}.{field_name} {key!r} is not {'a' if what == 'label' else 'an'} {what} key "
+                                  "([prefix/]name)")
+            if key.startswith(prefixes) or field_name == "labels" and key in OPERATOR_LABEL_KEYS:
+                raise InvalidSpec(f"{where}.{field_name} {key!r} is the operator's own {what}")
+            if field_name == "labels" and (not isinstance(value, str) or not LABEL_VALUE.fullmatch(value)):
+                raise InvalidSpec(f"{where}.labels.{key} {value!r} is not a label value")
+    for ref in override.get("imagePullSecrets") or []:
+        name = ref.get("name", "") if isinstance(ref, dict) else ""
+        if len(name) > 253 or not DNS_SUBDOMAIN.fullmatch(name):
+            raise InvalidSpec(f"{where}.imagePullSecrets {name!r} is not a Secret name (a DNS subdomain)")
+    runtime_class = override.get("runtimeClassName")
+    if runtime_class is not None and (len(runtime_class) > 253 or not DNS_SUBDOMAIN.fullmatch(runtime_class)):
+        raise InvalidSpec(f"{where}.runtimeClassName {runtime_class!r} is not a RuntimeClass name (a DNS subdomain)")
+    gpu = override.get("gpuResourceName")
+    if gpu is not None and stage != "train":
+        raise InvalidSpec(f"{where}.gpuResourceName: only train's pods get GPUs")
+    if gpu is not None and (not EXTENDED_RESOURCE.fullmatch(gpu) or len(gpu) > 253
+                            or re.match(r"([^/]*\.)?kubernetes\.io/", gpu)):
+        raise InvalidSpec(f"{where}.gpuResourceName {gpu!r} is not an extended resource name (a vendor's "
+                          "domain/name, such as nvidia.com/gpu, nvidia.com/mig-1g.10gb or amd.com/gpu)")
 
 
 def validate_trackers(training: dict) -> None:
@@ -144,8 +233,9 @@ def s3_identity(bot: dict, settings: Settings) -> str | None:
 # What a model is made of, and where its artifacts live: an edit to any of these starts a new run. An edit of
 # where the model is published (output.hub) re-runs publish alone, on the same run (`stages.REGISTRY`'s
 # `reruns_on`). The rest of the spec is run control (suspend, backoffLimit, activeDeadlineSeconds,
-# ttlSecondsAfterFinished, deletionPolicy, resources): it applies to the run's next Jobs and spends no GPU
-# time again.
+# ttlSecondsAfterFinished, deletionPolicy, resources, podOverrides): it applies to the run's next Jobs and
+# spends no GPU time again. podOverrides' image and GPU kind too: like the chart's trainer image, the code and the
+# hardware a model is trained with are not part of what it is made of (a rerun annotation trains again).
 RUN_DEFINING = ("handles", "source", "data", "model", "training", "output.s3")
 
 

@@ -33,8 +33,8 @@ from .names import Phase
 from .settings import Settings, StageResources
 from .spec import digest, normalize_handles, s3_layout, spec_field, with_defaults
 
-GPU_RESOURCE = "nvidia.com/gpu"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"  # a Kueue WorkloadPriorityClass
 # Where torch.distributed.run's c10d rendezvous listens on a gang's first pod.
 RENDEZVOUS_PORT = 29400
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
@@ -153,10 +153,12 @@ def _train_pod(spec: dict, settings: Settings) -> PodParts:
                              "readOnly": True})
     tolerations = list(wanted.get("tolerations", []))
     if gpus:
+        gpu = spec["podOverrides"]["train"]["gpuResourceName"]
         for limits in (parts.resources["requests"], parts.resources["limits"]):
-            limits[GPU_RESOURCE] = str(gpus)
-        # GPU nodes carry this taint; tolerating it is what lets the pod land there.
-        tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+            limits[gpu] = str(gpus)
+        # GPU nodes carry a taint of the resource's name; tolerating it is what lets the pod land there (the
+        # toleration Kubernetes' ExtendedResourceToleration admission plugin adds where it is on).
+        tolerations.append({"key": gpu, "operator": "Exists", "effect": "NoSchedule"})
     if tolerations:
         parts.scheduling["tolerations"] = tolerations
     if wanted.get("nodeSelector"):
@@ -282,9 +284,20 @@ def headless_service(job: dict) -> dict | None:
     }
 
 
+def kueue_labels(bot: dict) -> dict[str, str]:
+    """The Kueue labels of a bot's Jobs: the bot's own queue-name and priority-class labels, spec.resources.queueName
+    winning over the first."""
+    own = bot["metadata"].get("labels") or {}
+    labels = {key: own[key] for key in (KUEUE_QUEUE_LABEL, KUEUE_PRIORITY_LABEL) if own.get(key)}
+    queue = with_defaults(bot)["resources"].get("queueName")
+    if queue:
+        labels[KUEUE_QUEUE_LABEL] = queue
+    return labels
+
+
 def desired_job(bot: dict, run_id: str, stage: str, settings: Settings, named: str | None = None,
                 lineage: Lineage = Lineage()) -> dict:
-    """The Job manifest of one stage of one run (owner reference added by the caller with kopf.adopt), named
+    """The Job manifest of one stage of one run (the caller adds the owner reference), named
     `job_name`'s way unless `named` says otherwise."""
     spec = with_defaults(bot)
     name, job = bot["metadata"]["name"], named or job_name(bot, run_id, stage)
@@ -297,13 +310,14 @@ def desired_job(bot: dict, run_id: str, stage: str, settings: Settings, named: s
         RUN_LABEL: run_id,
         STAGE_LABEL: stage,
     }
-    if wanted.get("queueName"):
-        labels[KUEUE_QUEUE_LABEL] = wanted["queueName"]
+    labels.update(kueue_labels(bot))
     parts = REGISTRY[stage].pod(spec, settings)
+    override = spec["podOverrides"].get(stage) or {}
     env = [{"name": REQUEST_ENV, "value": stage_request(bot, run_id, stage, lineage).to_json()}]
     env += [{"name": need.env, "valueFrom": {"secretKeyRef": {"name": need.name, "key": need.key}}}
             for need in secret_needs(bot, stage)]
-    pod_spec: dict = {"restartPolicy": "Never", "automountServiceAccountToken": False, **parts.scheduling}
+    pod_spec: dict = {"restartPolicy": "Never", "automountServiceAccountToken": False, **parts.scheduling,
+                      **{key: override[key] for key in ("affinity", "imagePullSecrets", "runtimeClassName") if key in override}}
     if wanted.get("priorityClassName"):
         pod_spec["priorityClassName"] = wanted["priorityClassName"]
     if settings.trainer_service_account:
@@ -313,10 +327,11 @@ def desired_job(bot: dict, run_id: str, stage: str, settings: Settings, named: s
         volumes=[{"name": "tmp", "emptyDir": {}}, *parts.volumes],
         containers=[{
             "name": stage,
-            "image": settings.trainer_image,
+            # A bot's own image only where the chart allows it (`validate_spec` refuses it otherwise).
+            "image": override.get("image") if settings.allow_bot_images and override.get("image") else settings.trainer_image,
             "imagePullPolicy": settings.image_pull_policy,
             "command": parts.command,
-            "env": env + parts.env,
+            "env": env + parts.env + list(override.get("env") or []),
             "resources": parts.resources,
             "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, *parts.mounts],
             "terminationMessagePath": TERMINATION_MESSAGE_PATH,
@@ -326,9 +341,13 @@ def desired_job(bot: dict, run_id: str, stage: str, settings: Settings, named: s
         }],
     )
     pods = REGISTRY[stage].pods(spec)
+    # The bot's pod labels under the operator's (`validate_spec` refuses any of the operator's own keys).
+    pod_metadata: dict = {"labels": {**(override.get("labels") or {}), **labels}}
+    if override.get("annotations"):
+        pod_metadata["annotations"] = dict(override["annotations"])
     job_spec: dict = {"backoffLimit": spec["backoffLimit"], "podFailurePolicy": pod_failure_policy(stage, pods),
-                      "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec}}
-    if wanted.get("queueName"):
+                      "template": {"metadata": pod_metadata, "spec": pod_spec}}
+    if KUEUE_QUEUE_LABEL in labels:
         job_spec["suspend"] = True  # Kueue admits it by unsuspending, as its webhook would have done
     # ttlSecondsAfterFinished is applied by the operator (`plan`), only once a Job's result is in the status:
     # the Job controller would delete it on time whether or not its result had been read.

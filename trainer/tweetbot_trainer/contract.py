@@ -42,6 +42,18 @@ S3_SECRET_KEY_ENV = "AWS_SECRET_ACCESS_KEY"
 WANDB_API_KEY_ENV = "WANDB_API_KEY"
 MLFLOW_TOKEN_ENV = "MLFLOW_TRACKING_TOKEN"
 
+# What a bot's spec.podOverrides.<stage>.env may not set: the variables the operator and the trainer set
+# themselves (the request, the secrets, a gang's rendezvous, the process group, the thread count), and every
+# AWS_ one, since the S3 endpoint and identity are the chart's and spec.output.s3's to choose. The CRD's rule
+# lists the same (tests hold them to it).
+RESERVED_ENV_PREFIXES = ("TWEETBOT_", "PET_", "AWS_")
+RESERVED_ENV_NAMES = (X_BEARER_TOKEN_ENV, MASTODON_TOKEN_ENV, HUB_TOKEN_ENV, WANDB_API_KEY_ENV, MLFLOW_TOKEN_ENV,
+                      "OMP_NUM_THREADS", "DS_ACCELERATOR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                      "MASTER_PORT")
+# The extended resource a training pod's GPUs are asked for by, unless spec.podOverrides.train says another
+# (a MIG slice such as nvidia.com/mig-1g.10gb, amd.com/gpu).
+DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
+
 # spec.training.reportTo's trackers; the CRD's enum follows this (tests hold them to it).
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 
@@ -111,6 +123,7 @@ SPEC_DEFAULTS = Defaults({
         "mlflow": Defaults({"experiment": "tweetbot", "tokenSecretRef": _SECRET_KEY}),
     }, always=True),
     "resources": Defaults({"gpus": 1, "nodes": 1, "cpu": "4", "memory": "16Gi"}, always=True),
+    "podOverrides": Defaults({"train": Defaults({"gpuResourceName": DEFAULT_GPU_RESOURCE}, always=True)}, always=True),
     "output": Defaults({
         "s3": Defaults({"prefix": "tweetbot", "region": "us-east-1"}),
         "hub": Defaults({"private": False, "tokenSecretRef": _SECRET_KEY, "checkpoints": False,

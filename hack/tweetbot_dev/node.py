@@ -222,6 +222,12 @@ def load_image(archive: Path, ref: str, log=print) -> None:
     if ref not in names:
         raise RuntimeError(f"importing {archive} did not give the image {ref} (containerd has {names})")
     log(f"loaded {ref} into the node in {time.monotonic() - started:.0f}s")
+    # Earlier builds of the same image (GBs each for the trainer) are nothing a pod of this node will run again.
+    repository = ref.rsplit(":", 1)[0]
+    older = [name for name in names if name != ref and name.rsplit(":", 1)[0] == repository]
+    if older:
+        ctr("images", "remove", "--sync", *older, check=False)
+        log(f"removed {', '.join(older)} from the node")
 
 
 def kill_container(container_id: str) -> None:

@@ -312,21 +312,23 @@ def ensure_image(name: str, log=print, root: Path = REPO) -> Image:
             return image
         started = time.monotonic()
         log(f"building {image.ref}")
-        earlier = _untagged()
         _build(name, image, root, log)
         log(f"{image.ref} ready in {time.monotonic() - started:.0f}s")
         _prune(name, image, log)
-        # Each build leaves its build stage's last image untagged: the whole trainer venv, 6 GB, a new one for
-        # every change of the code. Older ones are cache no build will use again (their cached parents, shared
-        # with this build's, stay); left there, they filled this machine's disk in a day.
-        if earlier:
-            subprocess.run(["buildah", "rmi", *earlier], capture_output=True)
+        _prune_build_stages(keep=len(SPECS))
     return image
 
 
-def _untagged() -> list[str]:
-    listed = subprocess.run(["buildah", "images", "--quiet", "--filter", "dangling=true"], capture_output=True, text=True)
-    return listed.stdout.split()
+def _prune_build_stages(keep: int) -> None:
+    """Each build leaves its build stage's last image untagged: 12 GB for the trainer (its venv), a new one for
+    every change of the code, and they filled this machine's disk in a day. The newest `keep` (one an image,
+    built last) stay as the cache of the next build: removing an image removes its untagged parents too, the
+    layers of the installed requirements among them."""
+    listed = subprocess.run(["buildah", "images", "--json", "--filter", "dangling=true"], capture_output=True, text=True)
+    untagged = sorted(json.loads(listed.stdout or "[]"), key=lambda image: image.get("created", 0), reverse=True)
+    stale = [image["id"] for image in untagged[keep:]]
+    if stale:
+        subprocess.run(["buildah", "rmi", *stale], capture_output=True)
 
 
 PAUSE_IMAGE = "localhost/tweetbot-pause:3.10"

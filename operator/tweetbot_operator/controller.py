@@ -118,6 +118,7 @@ class Controller:
         key = (metadata["namespace"], metadata["name"])
         if event_type == "DELETED":
             self._job_fingerprints.pop(key, None)
+            self._gang_services.discard(metadata.get("uid"))
             self.cache.forget_job(job)
         else:
             self.cache.put_job(job)

@@ -351,7 +351,8 @@ def test_a_mig_slice_or_another_vendors_gpu_is_asked_for_by_its_resource_name():
 
 @pytest.mark.parametrize("name", ["TWEETBOT_REQUEST", "TWEETBOT_HUB_PUSH_TOKEN", "HF_TOKEN", "X_BEARER_TOKEN",
                                   "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "PET_NNODES", "WANDB_API_KEY",
-                                  "OMP_NUM_THREADS", "WORLD_SIZE"])
+                                  "OMP_NUM_THREADS", "WORLD_SIZE", "HF_ENDPOINT", "WANDB_BASE_URL",
+                                  "MLFLOW_TRACKING_URI"])
 def test_the_operator_refuses_env_it_sets_itself(name):
     bot = make_bot(podOverrides={"publish": {"env": [{"name": name, "value": "x"}]}})
     with pytest.raises(InvalidSpec, match=f"spec.podOverrides.publish.env {name!r} is set by the operator"):

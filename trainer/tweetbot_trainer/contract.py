@@ -43,13 +43,14 @@ WANDB_API_KEY_ENV = "WANDB_API_KEY"
 MLFLOW_TOKEN_ENV = "MLFLOW_TRACKING_TOKEN"
 
 # What a bot's spec.podOverrides.<stage>.env may not set: the variables the operator and the trainer set
-# themselves (the request, the secrets, a gang's rendezvous, the process group, the thread count), and every
-# AWS_ one, since the S3 endpoint and identity are the chart's and spec.output.s3's to choose. The CRD's rule
-# lists the same (tests hold them to it).
+# themselves (the request, the secrets, a gang's rendezvous, the process group, the thread count), every AWS_
+# one (the S3 endpoint and identity are the chart's and spec.output.s3's to choose), and those that would move
+# a token to a host the spec's checked fields did not name (the Hub endpoint, the W&B host, the MLflow URI).
+# The CRD's rule lists the same (tests hold them to it).
 RESERVED_ENV_PREFIXES = ("TWEETBOT_", "PET_", "AWS_")
 RESERVED_ENV_NAMES = (X_BEARER_TOKEN_ENV, MASTODON_TOKEN_ENV, HUB_TOKEN_ENV, WANDB_API_KEY_ENV, MLFLOW_TOKEN_ENV,
-                      "OMP_NUM_THREADS", "DS_ACCELERATOR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                      "MASTER_PORT")
+                      "HF_ENDPOINT", "WANDB_BASE_URL", "MLFLOW_TRACKING_URI", "OMP_NUM_THREADS", "DS_ACCELERATOR",
+                      "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # The extended resource a training pod's GPUs are asked for by, unless spec.podOverrides.train says another
 # (a MIG slice such as nvidia.com/mig-1g.10gb, amd.com/gpu).
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"

@@ -33,7 +33,7 @@ def module_dir() -> Path:
 def _self_signed(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     if not (directory / "tls.crt").is_file():
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
                         "-subj", "/CN=kueue-local", "-keyout", str(directory / "tls.key"), "-out", str(directory / "tls.crt")],
                        check=True, capture_output=True)
     return directory
@@ -66,14 +66,18 @@ class KueueProcess:
         }
         (self.workdir / "kueue.yaml").write_text(yaml.safe_dump(config))
         self.log = self.workdir / "kueue.log"
-        self.process = subprocess.Popen(
-            [str(ensure_binaries() / KUEUE.binary), f"--config={self.workdir / 'kueue.yaml'}",
-             "--feature-gates=VisibilityOnDemand=false"],
-            env={**os.environ, "KUBECONFIG": str(self.dev_env.kubeconfig)},
-            stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
-        )
-
-        wait_serving(self.process, self.log, f"http://127.0.0.1:{health}/readyz", what="Kueue's readiness endpoint", timeout=120)
+        with open(self.log, "wb") as log:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(
+                [str(ensure_binaries() / KUEUE.binary), f"--config={self.workdir / 'kueue.yaml'}",
+                 "--feature-gates=VisibilityOnDemand=false"],
+                env={**os.environ, "KUBECONFIG": str(self.dev_env.kubeconfig)},
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        try:
+            wait_serving(self.process, self.log, f"http://127.0.0.1:{health}/readyz", what="Kueue's readiness endpoint", timeout=120)
+        except BaseException:  # a manager left running would suspend other tests' Jobs
+            self.stop()
+            raise
 
     def stop(self) -> None:
         stop_child(self.process)

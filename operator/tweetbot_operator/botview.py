@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from tweetbot_trainer.contract import STAGES
 
+from .jobs import parse_time
 from .names import ENDED, FINISHED, RERUN_ANNOTATION, Condition, Phase
 
 
@@ -68,10 +69,6 @@ def human_duration(seconds: float) -> str:
         return f"{days}d"
     years = days // 365
     return f"{years}y{days % 365}d" if days % 365 else f"{years}y"
-
-
-def parse_time(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def row(bot: dict, now: datetime) -> dict[str, str]:

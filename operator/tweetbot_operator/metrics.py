@@ -89,9 +89,11 @@ def serve(port: int) -> None:
 
 
 def observe(namespace: str, name: str, old_status: dict, new_status: dict) -> None:
+    seen = _seen(new_status)
     with _lock:
-        _bots[(namespace, name)] = _seen(new_status)
-        _publish()
+        if _bots.get((namespace, name)) != seen:  # most passes change nothing the gauges show: no walk over every bot
+            _bots[(namespace, name)] = seen
+            _publish()
     old_stages = old_status.get("stages") or {}
     for stage in STAGES:
         new = (new_status.get("stages") or {}).get(stage) or {}

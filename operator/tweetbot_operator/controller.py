@@ -89,6 +89,7 @@ class Controller:
         self._requeues: dict[Key, float] = {}  # when each bot's next timed pass is due
         self._rejections: dict[Key, tuple[float, str]] = {}  # Jobs the API server refused: when, and its message
         self._job_fingerprints: dict[Key, tuple] = {}  # what the last pass knew of each Job
+        self._kueue_version = KUEUE_VERSIONS[0]  # the Workload API version that last answered
         self._gang_services: set[str] = set()  # uids of the unfinished gang Jobs whose Service is known to exist
 
     # --- triggers ---------------------------------------------------------------------------------
@@ -264,7 +265,7 @@ class Controller:
 
     def _admission(self, job: dict) -> str | None:
         """Why Kueue keeps a queued Job waiting, from its Workloads (none: no Kueue, or not allowed to read them)."""
-        for version in KUEUE_VERSIONS:
+        for version in sorted(KUEUE_VERSIONS, key=lambda version: version != self._kueue_version):
             try:
                 workloads = list(self.kube.items(path(version, "workloads", job["metadata"]["namespace"]),
                                                  labelSelector=f"{KUEUE_JOB_UID_LABEL}={job['metadata']['uid']}"))
@@ -272,6 +273,7 @@ class Controller:
                 if error.status in (403, 404):
                     continue
                 raise
+            self._kueue_version = version  # asked first from now on
             return admission_message(workloads)
         return None
 

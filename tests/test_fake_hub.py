@@ -35,6 +35,8 @@ def test_publish_download_and_generate(hub, tmp_path):
     assert open(downloaded, "rb").read() == (model_dir / "config.json").read_bytes()
     pinned = hf_hub_download("tweetbots/dreamer", "config.json", revision=commit.oid, endpoint=hub.url, token=False)
     assert open(pinned, "rb").read() == (model_dir / "config.json").read_bytes()
+    # The same commit by its id: huggingface_hub asks (HEAD) and finds the file in its cache; one download.
+    assert hub.downloads == ["tweetbots/dreamer@main/config.json"]
 
     generator = pipeline("text-generation", model="tweetbots/dreamer")
     text = generator("My dream is", max_new_tokens=5, do_sample=False)[0]["generated_text"]

@@ -82,6 +82,9 @@ class FakeHub:
     repos: dict[str, FakeRepo] = field(default_factory=dict)
     requests: list[str] = field(default_factory=list)  # "METHOD /path?query" of every request, for debugging
     callers: list[tuple[str | None, str]] = field(default_factory=list)  # (user, "METHOD /path?query"): who sent what
+    # "<repo>@<revision>/<path>" of every file whose contents were sent (a GET of /resolve/ answered 200; a HEAD,
+    # which huggingface_hub sends to check a cached file, is not one): what a cache saves.
+    downloads: list[str] = field(default_factory=list)
     failing: int | None = None  # a status every request is answered with (an outage), None: serving
     host: str = "127.0.0.1"  # the real node's pods reach the host at node.NODE_IP
 
@@ -226,7 +229,10 @@ class FakeHub:
                                        query.get("recursive") in ("true", "True", "1")), {}
         if method in ("GET", "HEAD") and len(segments) >= 5 and segments[2] == "resolve":
             repo = self._readable_repo("/".join(segments[:2]), user)
-            return self._resolve(repo, segments[3], "/".join(segments[4:]))
+            answer = self._resolve(repo, segments[3], "/".join(segments[4:]))
+            if method == "GET":
+                self.downloads.append(f"{repo.id}@{segments[3]}/{'/'.join(segments[4:])}")
+            return answer
         return 404, {"error": f"Not implemented by FakeHub: {method} /{'/'.join(segments)}"}, {}
 
     @staticmethod

@@ -18,9 +18,10 @@ from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .contract import (REQUEST_ENV, TERMINATION_MESSAGE_PATH, ContractError, S3Layout, StageRequest, StageResult,
-                       section_defaults)
+from .contract import (MODEL_CACHE_PATH, REQUEST_ENV, TERMINATION_MESSAGE_PATH, ContractError, S3Layout, StageRequest,
+                       StageResult, section_defaults)
 from .errors import ContractMismatch, StageError, redact_urls
+from .hub import use_model_cache
 
 log = logging.getLogger("tweetbot.trainer")
 
@@ -62,6 +63,9 @@ def run_stage(request: StageRequest) -> StageResult:
 
         return run_scrape(request, storage)
     if request.stage == "train":
+        # Before train imports transformers, and with it huggingface_hub, which reads its cache's place once. The
+        # operator mounts the cache here (tests move it).
+        use_model_cache(Path(os.environ.get("TWEETBOT_MODEL_CACHE_PATH", MODEL_CACHE_PATH)), os.environ)
         from .train import run_train
 
         single_process_group()

@@ -28,6 +28,9 @@ REQUEST_ENV = "TWEETBOT_REQUEST"
 # Where the train pod finds a user's complete DeepSpeed config (spec.training.deepspeed.configMapRef).
 DEEPSPEED_CONFIG_PATH = "/etc/tweetbot/deepspeed/ds_config.json"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+# Where the train pod finds the base-model cache the chart configures (trainer.modelCache), when the operator
+# mounts it; huggingface_hub's cache of each Hub endpoint is a directory under it.
+MODEL_CACHE_PATH = "/var/cache/tweetbot/models"
 TERMINATION_MESSAGE_LIMIT = 4096  # bytes the kubelet keeps of a container's termination message
 
 # Where each secret reaches the stage container (environment variables filled by secretKeyRef).

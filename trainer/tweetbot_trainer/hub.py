@@ -1,14 +1,17 @@
 """The Hugging Face Hub as the stages use it: the bot's repository, Hub calls retried with errors that say what
-to fix, and (train stage) checkpoints pushed to a branch of the repository. No transformers here."""
+to fix, (train stage) checkpoints pushed to a branch of the repository, and the base-model cache the operator may
+mount. No transformers here."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import re
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, MutableMapping
+from urllib.parse import quote, urlsplit
 
 from .contract import HUB_PUSH_TOKEN_ENV, StageRequest
 from .errors import AuthenticationFailed, HubForbidden, NetworkFailure, StageError
@@ -32,6 +35,39 @@ def default_repo_id(owner: str, handles: list[str]) -> str:
         digest = hashlib.sha256(wanted.encode()).hexdigest()[:8]
         name = (name[: room - len(digest) - 1].rstrip("-.") or "tweetbot") + "-" + digest
     return f"{owner}/{name}"
+
+
+DEFAULT_ENDPOINT = "https://huggingface.co"  # huggingface_hub's, without HF_ENDPOINT
+
+
+def hub_cache_key(endpoint: str) -> str:
+    """The base-model cache's directory for one Hub endpoint: its host[:port] and path, percent-encoded into one
+    path segment, so two endpoints' repositories of the same name never share files."""
+    parts = urlsplit((endpoint or DEFAULT_ENDPOINT).rstrip("/"))
+    key = quote(parts.netloc.lower() + parts.path, safe="")
+    return key if key.strip(".") else f"_{key}"  # never the cache itself or its parent
+
+
+def use_model_cache(root: Path, environ: MutableMapping[str, str]) -> Path | None:
+    """Point huggingface_hub at `root`/<endpoint key> (HF_HUB_CACHE) where the operator mounted a cache at `root`,
+    so pods on a node (or sharing the volume) download a model's files once. huggingface_hub keys its cache by
+    repository and commit, resolves a branch to its newest commit on every load (a metadata request), and locks
+    each file while one pod downloads it. It reads HF_HUB_CACHE once, when imported: call this before. A cache this
+    pod cannot write is passed over with a warning: it costs a download, never the stage."""
+    if not root.is_dir():
+        return None
+    cache = root / hub_cache_key(environ.get("HF_ENDPOINT", ""))
+    try:
+        cache.mkdir(exist_ok=True)
+        with tempfile.TemporaryFile(dir=cache):  # what access() would not tell: a read-only or root-squashed mount
+            pass
+    except OSError as error:
+        log.warning("the model cache %s cannot be written (%s): the base model is downloaded into the pod's own "
+                    "cache; the directory must be writable by uid 1000", cache, error.strerror or type(error).__name__)
+        return None
+    environ["HF_HUB_CACHE"] = str(cache)
+    log.info("base models are cached in %s", cache)
+    return cache
 
 
 def connect(hub: dict, token: str, environ: Mapping[str, str]):

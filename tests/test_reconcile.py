@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -13,12 +14,15 @@ import yaml
 
 from tweetbot_operator.jobs import admission_message, job_fingerprint, job_state
 from tweetbot_operator.plan import Observed, plan, status_patch
-from tweetbot_operator.spec import RERUN_ANNOTATION, InvalidSpec, SecretView, normalize_handles, run_id_for, validate_spec
-from tweetbot_operator.stages import KUEUE_PRIORITY_LABEL, KUEUE_QUEUE_LABEL, desired_job, job_name
-from tweetbot_operator.settings import Settings
+from tweetbot_operator.spec import (RERUN_ANNOTATION, InvalidSpec, SecretView, normalize_handles, run_id_for,
+                                    validate_spec, with_defaults)
+from tweetbot_operator.stages import (KUEUE_PRIORITY_LABEL, KUEUE_QUEUE_LABEL, Lineage, desired_job, job_name,
+                                      why_no_model_cache)
+from tweetbot_operator.settings import Settings, SettingsError
 from tweetbot_trainer.contract import (
     HUB_PUSH_TOKEN_ENV,
     MAX_HANDLES,
+    MODEL_CACHE_PATH,
     RUN_LABEL,
     STAGES,
     ContractError,
@@ -335,6 +339,70 @@ def test_the_chart_setting_for_bot_images_is_read_as_a_boolean():
     assert Settings.from_env({}).allow_bot_images is False
     assert Settings.from_env({"TWEETBOT_ALLOW_BOT_IMAGES": "false"}).allow_bot_images is False
     assert Settings.from_env({"TWEETBOT_ALLOW_BOT_IMAGES": "true"}).allow_bot_images is True
+
+
+NODE_CACHE = {"hostPath": {"path": "/var/cache/tweetbot/models", "type": "DirectoryOrCreate"}}
+CACHING = replace(SETTINGS, model_cache_volume=NODE_CACHE)
+
+
+def test_the_train_pod_alone_mounts_the_model_cache_the_chart_configures():
+    bot = make_bot()
+    run = run_id_for(bot)
+    train = desired_job(bot, run, "train", CACHING)["spec"]["template"]["spec"]
+    assert {"name": "model-cache", **NODE_CACHE} in train["volumes"]
+    assert {"name": "model-cache", "mountPath": MODEL_CACHE_PATH} in train["containers"][0]["volumeMounts"]
+    assert why_no_model_cache(with_defaults(bot), CACHING, Lineage()) == ""
+    for stage in ("scrape", "publish"):
+        assert "model-cache" not in json.dumps(desired_job(bot, run, stage, CACHING))
+    assert "model-cache" not in json.dumps(desired_job(bot, run, "train", SETTINGS))  # not configured: none
+    assert why_no_model_cache(with_defaults(bot), SETTINGS, Lineage()) == "the chart configures no trainer.modelCache"
+
+
+@pytest.mark.parametrize("changes, lineage, reason", [
+    # Read with the bot's token: other tenants' pods on the node would read it without one.
+    ({"model": {"name": "meta-llama/Llama-3.2-1B", "tokenSecretRef": {"name": "hf-read", "key": "token"}}}, Lineage(),
+     "spec.model.tokenSecretRef"),
+    # Code the admin did not choose could write anything under a public model's name.
+    ({"podOverrides": {"train": {"image": "registry.example/trainer:patched"}}}, Lineage(), "spec.podOverrides.train.image"),
+    ({"podOverrides": {"train": {"env": [{"name": "PYTHONWARNINGS", "value": "ignore::antigravity.x"},
+                                         {"name": "BROWSER", "value": "sh -c 'write the cache'"}]}}}, Lineage(),
+     "spec.podOverrides.train.env"),
+    # Not from the Hub at all.
+    ({"model": {"name": "s3://bots/base/llama/"}}, Lineage(), "s3:// prefix"),
+    ({"model": {"name": "/models/llama"}}, Lineage(), "not a Hub model id"),
+    ({"schedule": {"cron": "0 3 * * 1", "resumeFrom": "previous"}}, Lineage(starts_from_run="abc12"), "run abc12"),
+], ids=["gated-model", "bot-image", "bot-env", "s3-model", "local-model", "earlier-runs-model"])
+def test_the_model_cache_stays_out_of_pods_that_could_poison_it_or_leak_into_it(changes, lineage, reason):
+    bot = make_bot(**changes)
+    allowing = replace(CACHING, allow_bot_images=True)
+    validate_spec(bot, allowing)
+    pod = desired_job(bot, run_id_for(bot), "train", allowing, lineage=lineage)["spec"]["template"]["spec"]
+    assert "model-cache" not in json.dumps(pod)
+    assert reason in why_no_model_cache(with_defaults(bot), allowing, lineage)
+
+
+def test_the_model_cache_setting_is_one_volume_source_in_json():
+    assert Settings.from_env({}).model_cache_volume is None
+    assert Settings.from_env({"TWEETBOT_MODEL_CACHE_VOLUME": ""}).model_cache_volume is None
+    nfs = {"nfs": {"server": "nfs.example", "path": "/models"}}
+    assert Settings.from_env({"TWEETBOT_MODEL_CACHE_VOLUME": json.dumps(nfs)}).model_cache_volume == nfs
+    for wrong, message in (("{", "not JSON"), ("[]", "one volume source"), ("{}", "one volume source"),
+                           (json.dumps({**nfs, **NODE_CACHE}), "one volume source"), ('{"nfs": "x"}', "an object"),
+                           ('{"name": {"x": 1}}', "not a volume source")):
+        with pytest.raises(SettingsError, match=f"TWEETBOT_MODEL_CACHE_VOLUME.*{message}"):
+            Settings.from_env({"TWEETBOT_MODEL_CACHE_VOLUME": wrong})
+
+
+def test_the_operator_does_not_start_with_a_model_cache_it_cannot_mount():
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TWEETBOT_MODEL_CACHE_VOLUME": '{"hostPath": "/var/cache"}'}
+    started = subprocess.run([sys.executable, "-m", "tweetbot_operator.cli", "operator"], env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert started.returncode == 2
+    assert started.stderr.strip() == ('tweetbot operator: TWEETBOT_MODEL_CACHE_VOLUME: the hostPath source must be an '
+                                      'object, not "/var/cache"')
 
 
 def test_a_mig_slice_or_another_vendors_gpu_is_asked_for_by_its_resource_name():

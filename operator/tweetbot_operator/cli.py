@@ -11,7 +11,13 @@ def run_operator(args: argparse.Namespace) -> int:
 
     import kopf
 
-    from . import handlers
+    from .settings import SettingsError
+
+    try:
+        from . import handlers  # reads the settings
+    except SettingsError as error:
+        print(f"tweetbot operator: {error}", file=sys.stderr)  # what to fix, not a traceback
+        return 2
 
     _fewer_malloc_arenas()
     kopf.configure(

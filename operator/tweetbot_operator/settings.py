@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from dataclasses import dataclass, field
+
+
+class SettingsError(ValueError):
+    """A setting the operator cannot start with; the message names the variable and what is wrong."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,9 @@ class Settings:
     s3_endpoints: tuple[str, ...] = ()
     # Buckets where the operator may use its own identity for a bot without credentialsSecretRef.
     s3_operator_buckets: tuple[str, ...] = ()
+    # The chart's trainer.modelCache: the Kubernetes volume source (hostPath, nfs, csi, persistentVolumeClaim, ...)
+    # the train pods share base-model downloads through; None: each pod downloads its own.
+    model_cache_volume: dict | None = None
     scrape_resources: StageResources = field(default_factory=lambda: StageResources("500m", "1Gi"))
     publish_resources: StageResources = field(default_factory=lambda: StageResources("1", "4Gi"))
     timer_seconds: float = 60.0
@@ -54,6 +63,7 @@ class Settings:
             max_concurrent_trainings=get("MAX_CONCURRENT_TRAININGS", defaults.max_concurrent_trainings),
             max_gpus_per_node=get("MAX_GPUS_PER_NODE", defaults.max_gpus_per_node),
             allow_bot_images=env.get("TWEETBOT_ALLOW_BOT_IMAGES", "").strip().lower() == "true",
+            model_cache_volume=_volume_source(env, "TWEETBOT_MODEL_CACHE_VOLUME"),
             scrape_resources=StageResources(
                 get("SCRAPE_CPU", defaults.scrape_resources.cpu), get("SCRAPE_MEMORY", defaults.scrape_resources.memory)
             ),
@@ -69,3 +79,25 @@ class Settings:
 
 def _list(env, name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
+
+
+def _volume_source(env, name: str) -> dict | None:
+    """A pod volume's source as JSON ({"nfs": {...}}, the volume less its name), or None when unset. A wrong one
+    stops the operator at start-up: every train pod it created would be refused by the API server."""
+    text = env.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        source = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SettingsError(f"{name} is not JSON ({error.msg}): want one volume source, e.g. "
+                            '{"hostPath": {"path": "/var/cache/tweetbot/models"}}') from None
+    if not isinstance(source, dict) or len(source) != 1:
+        raise SettingsError(f"{name} must name exactly one volume source (hostPath, nfs, csi, persistentVolumeClaim, "
+                            f"...), not {text[:200]}")
+    [(kind, value)] = source.items()
+    if kind == "name" or not re.fullmatch(r"[a-z][A-Za-z]*", kind):
+        raise SettingsError(f"{name}: {kind!r} is not a volume source (the operator names the volume itself)")
+    if not isinstance(value, dict):
+        raise SettingsError(f"{name}: the {kind} source must be an object, not {json.dumps(value)[:200]}")
+    return source

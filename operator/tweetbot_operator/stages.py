@@ -7,6 +7,7 @@ contract's `STAGES` (the order runs follow); `tests/test_reconcile.py` holds the
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ from tweetbot_trainer.contract import (
     HUB_PUSH_TOKEN_ENV,
     HUB_TOKEN_ENV,
     MLFLOW_TOKEN_ENV,
+    MODEL_CACHE_PATH,
     REQUEST_ENV,
     RUN_LABEL,
     S3_ACCESS_KEY_ENV,
@@ -61,12 +63,21 @@ class PodParts:
 
 
 @dataclass(frozen=True)
+class Lineage:
+    """A scheduled run's earlier runs of the same spec: the one whose posts its scrape extends, and the one
+    whose model its training starts from (spec.schedule.resumeFrom: previous)."""
+
+    extends_run: str = ""
+    starts_from_run: str = ""
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     phase: Phase  # the bot's phase while this stage runs
     condition: str  # the status condition that turns True when it succeeded
     secrets: Callable[[dict], list[SecretNeed]]  # defaulted spec -> the Secret keys only this stage reads
-    pod: Callable[[dict, Settings], PodParts]  # defaulted spec, settings -> its pod's own part
+    pod: Callable[[dict, Settings, Lineage], PodParts]  # defaulted spec, settings, lineage -> its pod's own part
     gpus: Callable[[dict], int] = lambda spec: 0
     pods: Callable[[dict], int] = lambda spec: 1  # more than one: a gang, an Indexed Job with a headless Service
     # A spec field (dotted path) whose edit re-runs this stage alone, on the same run: its Job's name carries a
@@ -74,15 +85,6 @@ class Stage:
     reruns_on: str | None = None
     # defaulted spec, status -> why the run ends before this stage with the model as it is ("": it runs)
     up_to_date: Callable[[dict, dict], str] = lambda spec, status: ""
-
-
-@dataclass(frozen=True)
-class Lineage:
-    """A scheduled run's earlier runs of the same spec: the one whose posts its scrape extends, and the one
-    whose model its training starts from (spec.schedule.resumeFrom: previous)."""
-
-    extends_run: str = ""
-    starts_from_run: str = ""
 
 
 def _ref_need(env: str, ref: dict, where: str) -> SecretNeed:
@@ -123,15 +125,44 @@ def _train_secrets(spec: dict) -> list[SecretNeed]:
     return needs
 
 
-def _cpu_stage(resources: Callable[[Settings], StageResources], stage: str) -> Callable[[dict, Settings], PodParts]:
-    def pod(spec: dict, settings: Settings) -> PodParts:
+def _cpu_stage(resources: Callable[[Settings], StageResources], stage: str) -> Callable[[dict, Settings, Lineage], PodParts]:
+    def pod(spec: dict, settings: Settings, lineage: Lineage) -> PodParts:
         chosen = resources(settings)
         return PodParts(command=["tweetbot-trainer", stage], resources={
             "requests": {"cpu": chosen.cpu, "memory": chosen.memory}, "limits": {"memory": chosen.memory}})
     return pod
 
 
-def _train_pod(spec: dict, settings: Settings) -> PodParts:
+# The Hub ids huggingface_hub downloads ("gpt2", "org/model"); anything else is an s3:// prefix or a local path.
+HUB_MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def why_no_model_cache(spec: dict, settings: Settings, lineage: Lineage) -> str:
+    """Why the train pod does not mount the chart's base-model cache ("": it does). Every pod that mounts it can
+    write what later pods load under a model's name, and read what earlier ones wrote: so only pods that run the
+    admin's code as the operator configured it, downloading public models."""
+    model = spec["model"]
+    if settings.model_cache_volume is None:
+        return "the chart configures no trainer.modelCache"
+    if lineage.starts_from_run:
+        return f"the training starts from the model of the run {lineage.starts_from_run} in S3, not from the Hub"
+    if model["name"].startswith("s3://"):
+        return "spec.model.name is an s3:// prefix: the base model comes from S3, not from the Hub"
+    if not HUB_MODEL_ID.fullmatch(model["name"]):
+        return "spec.model.name is not a Hub model id"
+    if model.get("tokenSecretRef"):
+        return ("spec.model.tokenSecretRef: a gated or private model in a shared cache would be readable by pods that "
+                "never had the token")
+    if pod_image(spec, "train", settings) != settings.trainer_image:
+        return "spec.podOverrides.train.image: code the admin did not choose could write anything under a model's name"
+    if (spec["podOverrides"].get("train") or {}).get("env"):
+        # PYTHONWARNINGS, for one, imports a module it names, and webbrowser's BROWSER runs a command.
+        return ("spec.podOverrides.train.env: environment variables can make the trainer's Python run code the admin "
+                "did not choose, which could write anything under a model's name")
+    return ""
+
+
+def _train_pod(spec: dict, settings: Settings, lineage: Lineage) -> PodParts:
     wanted = spec["resources"]
     gpus, cpu, memory = wanted["gpus"], wanted["cpu"], wanted["memory"]
     # One process per GPU; torch's default of one thread per core per process oversubscribes the CPUs.
@@ -166,6 +197,9 @@ def _train_pod(spec: dict, settings: Settings) -> PodParts:
     # NCCL and DataLoader workers use shared memory; the container default of 64 MiB is too small.
     parts.volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
     parts.mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    if not why_no_model_cache(spec, settings, lineage):
+        parts.volumes.append({"name": "model-cache", **settings.model_cache_volume})
+        parts.mounts.append({"name": "model-cache", "mountPath": MODEL_CACHE_PATH})
     return parts
 
 
@@ -295,6 +329,12 @@ def kueue_labels(bot: dict) -> dict[str, str]:
     return labels
 
 
+def pod_image(spec: dict, stage: str, settings: Settings) -> str:
+    """A bot's own image only where the chart allows it (`validate_spec` refuses it otherwise)."""
+    override = spec["podOverrides"].get(stage) or {}
+    return override["image"] if settings.allow_bot_images and override.get("image") else settings.trainer_image
+
+
 def desired_job(bot: dict, run_id: str, stage: str, settings: Settings, named: str | None = None,
                 lineage: Lineage = Lineage()) -> dict:
     """The Job manifest of one stage of one run (the caller adds the owner reference), named
@@ -311,7 +351,7 @@ def desired_job(bot: dict, run_id: str, stage: str, settings: Settings, named: s
         STAGE_LABEL: stage,
     }
     labels.update(kueue_labels(bot))
-    parts = REGISTRY[stage].pod(spec, settings)
+    parts = REGISTRY[stage].pod(spec, settings, lineage)
     override = spec["podOverrides"].get(stage) or {}
     env = [{"name": REQUEST_ENV, "value": stage_request(bot, run_id, stage, lineage).to_json()}]
     env += [{"name": need.env, "valueFrom": {"secretKeyRef": {"name": need.name, "key": need.key}}}
@@ -327,8 +367,7 @@ def desired_job(bot: dict, run_id: str, stage: str, settings: Settings, named: s
         volumes=[{"name": "tmp", "emptyDir": {}}, *parts.volumes],
         containers=[{
             "name": stage,
-            # A bot's own image only where the chart allows it (`validate_spec` refuses it otherwise).
-            "image": override.get("image") if settings.allow_bot_images and override.get("image") else settings.trainer_image,
+            "image": pod_image(spec, stage, settings),
             "imagePullPolicy": settings.image_pull_policy,
             "command": parts.command,
             "env": env + parts.env + list(override.get("env") or []),

@@ -146,6 +146,24 @@ def test_bot_images_are_the_admins_choice_and_off_by_default(helm, tmp_path):
     assert render(helm, tmp_path, {"trainer": {"allowBotImages": "yes"}}, check=False).returncode != 0
 
 
+def test_the_model_cache_reaches_the_operator_as_one_volume_source(helm, tmp_path):
+    """trainer.modelCache: off by default; a node's directory (hostPath), or any volume, which wins. The operator
+    reads the same setting (`Settings.from_env`) and mounts it into train pods."""
+    from tweetbot_operator.settings import Settings
+
+    def cache(values):
+        return Settings.from_env(env_of(one(render(helm, tmp_path, {"trainer": {"modelCache": values}}), "Deployment"))).model_cache_volume
+
+    assert Settings.from_env(env_of(one(render(helm, tmp_path), "Deployment"))).model_cache_volume is None
+    assert cache({"hostPath": "/var/cache/tweetbot/models"}) == {
+        "hostPath": {"path": "/var/cache/tweetbot/models", "type": "DirectoryOrCreate"}}
+    shared = {"persistentVolumeClaim": {"claimName": "tweetbot-models"}}
+    assert cache({"hostPath": "/var/cache/tweetbot/models", "volume": shared}) == shared
+    for wrong in ({"hostPath": "relative/path"}, {"volume": {"nfs": {"server": "a", "path": "/"}, "hostPath": {"path": "/x"}}},
+                  {"volume": {"nfs": "server:/models"}}, {"size": "100Gi"}):
+        assert render(helm, tmp_path, {"trainer": {"modelCache": wrong}}, check=False).returncode != 0, wrong
+
+
 # ServiceMonitor ---------------------------------------------------------------------------------------------------
 
 def test_the_service_monitor_carries_prometheus_labels_and_selects_the_metrics_service(helm, tmp_path):

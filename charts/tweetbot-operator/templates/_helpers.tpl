@@ -42,6 +42,17 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 {{- end -}}
 
+{{/* trainer.modelCache as the one volume source the operator mounts into train pods (JSON; empty: none). A node's
+directory is created if missing, so a node without it still runs its pods (the trainer then warns and downloads). */}}
+{{- define "tweetbot.modelCacheVolume" -}}
+{{- $cache := .Values.trainer.modelCache | default dict -}}
+{{- if $cache.volume -}}
+{{ toJson $cache.volume }}
+{{- else if $cache.hostPath -}}
+{{ toJson (dict "hostPath" (dict "path" $cache.hostPath "type" "DirectoryOrCreate")) }}
+{{- end -}}
+{{- end -}}
+
 {{/* The operator's rights: exactly what operator/tweetbot_operator/handlers.py calls. */}}
 {{- define "tweetbot.rules" -}}
 - apiGroups: [huggingtweets.dev]

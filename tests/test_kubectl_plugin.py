@@ -235,6 +235,17 @@ def test_samples_print_one_a_line():
         sample_lines(b'{"not": "a list"}')
 
 
+def test_samples_reach_the_terminal_without_control_characters():
+    """A model trained on hostile posts can write escape sequences: shown, not obeyed by the terminal."""
+    samples = ["\x1b]0;owned\x07\x1b[2J\x1b[31mred\x1b[0m", "tab\tkept, bell\x07, nul\x00, del\x7f", "c1 csi \x9b2J",
+               "bidi \u202eevil\u202c and \u2066isolate\u2069", "line\u2028separator", "emoji \U0001f468\u200d\U0001f469 ok",
+               "back\\slash\r\n"]
+    assert sample_lines(json.dumps(samples).encode()) == [
+        "\\x1b]0;owned\\x07\\x1b[2J\\x1b[31mred\\x1b[0m", "tab\tkept, bell\\x07, nul\\x00, del\\x7f", "c1 csi \\x9b2J",
+        "bidi \\u202eevil\\u202c and \\u2066isolate\\u2069", "line\\u2028separator", "emoji \U0001f468\u200d\U0001f469 ok",
+        "back\\\\slash\\r\\n"]
+
+
 def test_the_download_follows_the_manifest_within_bounds():
     manifest = {"files": {"config.json": {"bytes": 10}, "model.safetensors": {"bytes": 1000}, "sub/x.txt": {"bytes": 0}}}
     assert download_plan(json.dumps(manifest).encode()) == {"config.json": 10, "model.safetensors": 1000, "sub/x.txt": 0}

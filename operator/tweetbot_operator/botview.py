@@ -314,7 +314,7 @@ def s3_endpoint(flag: str | None, environ: dict, location: ModelLocation) -> str
 
 
 def sample_lines(payload: bytes) -> list[str]:
-    """The samples, one a line: a newline inside a sample is shown as \\n."""
+    """The samples, one a line, as `one_line` shows them (a newline inside one as \\n, an escape as \\x1b)."""
     try:
         samples = json.loads(payload)
     except ValueError:
@@ -324,8 +324,20 @@ def sample_lines(payload: bytes) -> list[str]:
     return [one_line(sample) for sample in samples]
 
 
+# What a terminal obeys rather than shows: C0 and C1 controls (ESC starts ANSI sequences, 0x9b is a one-byte
+# CSI), the bidi embeddings, overrides and isolates that reorder what is shown, and the line separators that
+# some readers split lines at. A tab stays; emoji joiners and other format characters are printable.
+_ESCAPES = {
+    **{code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7f, 0xa0)] if code != ord("\t")},
+    **{ord(char): f"\\u{ord(char):04x}" for char in "\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"},
+    ord("\\"): "\\\\", ord("\n"): "\\n", ord("\r"): "\\r",
+}
+
+
 def one_line(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
+    """Text a model (or a bot's author) wrote, on one line of a terminal, shown and not obeyed: a newline as \\n,
+    other control characters as their escapes (\\x1b), a backslash doubled so an escape reads as one."""
+    return text.translate(_ESCAPES)
 
 
 def download_plan(manifest_text: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_files: int = MAX_FILES) -> dict[str, int]:

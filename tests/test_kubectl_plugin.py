@@ -15,7 +15,7 @@ from tweetbot_operator.botview import (
     Exit,
     Refusal,
     download_plan,
-    hub_repo_id,
+    hub_location,
     human_duration,
     logs_target,
     model_location,
@@ -27,6 +27,7 @@ from tweetbot_operator.botview import (
     rerun_value,
     s3_endpoint,
     sample_lines,
+    sends_hub_token,
     table,
     wait_verdict,
 )
@@ -260,15 +261,39 @@ def test_the_download_follows_the_manifest_within_bounds():
         download_plan(b"not json")
 
 
-def test_generate_loads_from_s3_by_default_else_from_the_hub_repo():
+def test_generate_loads_from_s3_by_default_else_from_the_hub_repo_on_its_own_host():
     both = bot(artifacts={"modelUri": MODEL, "hubUrl": "https://huggingface.co/demo/dreamer"})
     assert model_source(both).kind == "s3" and model_source(both).where == MODEL
-    assert model_source(both, "hub").where == "demo/dreamer"
+    hub = model_source(both, "hub")
+    assert (hub.where, hub.endpoint, hub.anonymous) == ("demo/dreamer", "https://huggingface.co", False)
+    # Published to the bot's own Hub endpoint: loaded from there, not from a same-named repo elsewhere.
     hub_only = bot(artifacts={"hubUrl": "http://127.0.0.1:8080/hub/demo/dreamer"})
-    assert (model_source(hub_only).kind, model_source(hub_only).where) == ("hub", "demo/dreamer")
+    hub = model_source(hub_only)
+    assert (hub.kind, hub.where, hub.endpoint, hub.anonymous) == ("hub", "demo/dreamer", "http://127.0.0.1:8080/hub", True)
+    assert model_source(hub_only, environ={"HF_ENDPOINT": "http://127.0.0.1:8080/"}).anonymous is False
     with pytest.raises(Refusal):
         model_source(bot(artifacts={"modelUri": MODEL}), "hub")
-    assert hub_repo_id("https://huggingface.co/org/name/") == "org/name"
+    for odd in ("file:///etc/demo/dreamer", "https://hub.example\x1b[2J/demo/dreamer", "https://me@hub.example/demo/dreamer"):
+        with pytest.raises(Refusal, match="not a plain http"):
+            model_source(bot(artifacts={"hubUrl": odd}))
+    assert hub_location("https://huggingface.co/org/name/") == ("https://huggingface.co", "org/name")
+
+
+@pytest.mark.parametrize("endpoint, environ, sent", [
+    ("https://huggingface.co", {}, True),
+    ("https://HuggingFace.co:443", {}, True),
+    ("https://hub.example", {}, False),
+    ("http://huggingface.co", {}, False),  # in clear text
+    ("https://huggingface.co.example", {}, False),
+    ("https://huggingface.co@hub.example", {}, False),
+    ("https://huggingface.co:8443", {}, False),
+    ("http://hub.local:8080/mirror", {"HF_ENDPOINT": "http://hub.local:8080"}, True),
+    ("http://hub.local:8080", {"HF_ENDPOINT": "http://hub.local:8080/"}, True),
+    ("http://hub.local:8081", {"HF_ENDPOINT": "http://hub.local:8080"}, False),
+    ("https://huggingface.co", {"HF_ENDPOINT": "http://hub.local:8080"}, False),
+])
+def test_the_hub_token_goes_only_to_the_hub_the_user_configured(endpoint, environ, sent):
+    assert sends_hub_token(endpoint, environ) is sent
 
 
 def test_the_timestamps_are_utc():

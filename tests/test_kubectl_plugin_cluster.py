@@ -61,12 +61,15 @@ def write_status(custom, namespace, name, ready=False, stalled=False, reason="Tr
     return custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, body, _content_type=MERGE_PATCH)
 
 
-def plugin(dev_env, *args, timeout=120) -> subprocess.CompletedProcess:
+def plugin_env(dev_env, **extra: str) -> dict[str, str]:
+    return {**os.environ, "KUBECONFIG": str(dev_env.kubeconfig),
+            "PYTHONPATH": os.pathsep.join(str(REPO / part) for part in ("operator", "trainer", "hack")), **extra}
+
+
+def plugin(dev_env, *args, timeout=120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`kubectl tweetbot ARGS` as kubectl runs the plugin: a process of its own, the kubeconfig from the environment."""
-    env = {**os.environ, "KUBECONFIG": str(dev_env.kubeconfig),
-           "PYTHONPATH": os.pathsep.join(str(REPO / part) for part in ("operator", "trainer", "hack"))}
-    return subprocess.run([sys.executable, "-m", "tweetbot_operator.kubectl_plugin", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "tweetbot_operator.kubectl_plugin", *args],
+                          env=plugin_env(dev_env, **(env or {})), capture_output=True, text=True, timeout=timeout)
 
 
 def in_process(dev_env, capsys, *args) -> tuple[int, str, str]:
@@ -128,10 +131,9 @@ def test_wait_exits_by_what_the_bot_became(dev_env, custom, namespace):
     assert time.monotonic() - started < 60
 
     # The watch sees the bot succeed while it waits.
-    env = {**os.environ, "KUBECONFIG": str(dev_env.kubeconfig),
-           "PYTHONPATH": os.pathsep.join(str(REPO / part) for part in ("operator", "trainer", "hack"))}
     waiting = subprocess.Popen([sys.executable, "-m", "tweetbot_operator.kubectl_plugin", "wait", "slow", "-n", namespace,
-                                "--timeout", "60s"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                "--timeout", "60s"], env=plugin_env(dev_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
     try:
         time.sleep(3)
         assert waiting.poll() is None
@@ -283,3 +285,45 @@ def test_generate_writes_posts_with_the_model_in_s3(dev_env, custom, namespace, 
     assert generated.returncode == 0, generated.stderr
     posts = generated.stdout.splitlines()
     assert len(posts) == 2 and all(post.startswith("My dream is") for post in posts)
+
+
+def test_generate_loads_from_the_hub_its_hub_url_names(dev_env, custom, namespace, tmp_path):
+    """A bot published to a Hub of its own is loaded from there, anonymously: the user's HF_TOKEN goes only to
+    the Hub the user configured (HF_ENDPOINT), where a same-named repo is not the bot's."""
+    from huggingface_hub import HfApi
+
+    from tweetbot_dev.fake_hub import FakeHub
+    from tweetbot_dev.tiny_model import build_tiny_gpt2
+
+    model = build_tiny_gpt2(tmp_path / "tiny", ["My dream is to sail the seas", "the sea is calm today", "dream big"] * 20)
+    with FakeHub(tokens={"hf_mine": "alice"}, orgs={"alice": ["tweetbots"]}) as mine, \
+            FakeHub(tokens={"hf_theirs": "mallory"}, orgs={"mallory": ["tweetbots"]}) as theirs:
+        published = [(mine, "hf_mine", "tweetbots/dreamer", False), (theirs, "hf_theirs", "tweetbots/dreamer", False),
+                     (mine, "hf_mine", "tweetbots/secret", True)]
+        for hub, token, repo, private in published:
+            api = HfApi(endpoint=hub.url, token=token)
+            api.create_repo(repo, private=private)
+            api.upload_folder(repo_id=repo, folder_path=model, commit_message="Publish")
+        for hub in (mine, theirs):
+            hub.callers.clear()
+        env = {"HF_ENDPOINT": mine.url, "HF_TOKEN": "hf_mine", "HF_HOME": str(tmp_path / "hf-home"),
+               "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+        generate = ("My dream is", "-n", namespace, "--from", "hub", "--num", "1", "--max-new-tokens", "4", "--seed", "0")
+
+        create_bot(custom, namespace, "elsewhere")
+        write_status(custom, namespace, "elsewhere", ready=True, reason="Succeeded", phase="Succeeded",
+                     artifacts={"hubUrl": f"{theirs.url}/tweetbots/dreamer"})
+        elsewhere = plugin(dev_env, "generate", "elsewhere", *generate, env=env, timeout=300)
+        assert elsewhere.returncode == 0, elsewhere.stderr
+        assert elsewhere.stdout.startswith("My dream is")
+        assert theirs.callers and all(user is None for user, _ in theirs.callers), theirs.callers
+        assert mine.callers == []
+        assert f"{theirs.url} is not your Hub" in elsewhere.stderr and "hf_mine" not in elsewhere.stderr
+
+        create_bot(custom, namespace, "home")
+        write_status(custom, namespace, "home", ready=True, reason="Succeeded", phase="Succeeded",
+                     artifacts={"hubUrl": f"{mine.url}/tweetbots/secret"})
+        home = plugin(dev_env, "generate", "home", *generate, env=env, timeout=300)
+        assert home.returncode == 0, home.stderr
+        assert mine.callers and all(user == "alice" for user, _ in mine.callers), mine.callers
+        assert "is not your Hub" not in home.stderr

@@ -1,7 +1,7 @@
 """What `kubectl tweetbot` decides from a TweetBot and what the cluster holds, as plain functions: the table
 `get` prints, whether `wait` is done, which Job and pods `logs` means, where a run's model and samples are in
-S3, which files `download` fetches, and the exit codes. No client: `kubectl_plugin` reads and writes around
-these.
+S3 and on the Hub, which endpoint gets the user's credentials, which files `download` fetches, how generated
+text reaches the terminal, and the exit codes. No client: `kubectl_plugin` reads and writes around these.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import IntEnum
 from pathlib import PurePosixPath
+from typing import Mapping
 from urllib.parse import urlsplit
 
 from tweetbot_trainer.contract import STAGES
@@ -371,26 +372,53 @@ def download_plan(manifest_text: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_
 class ModelSource:
     kind: str  # "s3" or "hub"
     where: str  # an s3:// URI, or a Hub repo id
+    endpoint: str = ""  # the Hub the repo is on, as status.artifacts.hubUrl names it
+    anonymous: bool = False  # not the user's Hub: read without the user's token
 
 
 SOURCES = ("s3", "hub")
+HUB = "https://huggingface.co"  # huggingface_hub's endpoint without HF_ENDPOINT
 
 
-def model_source(bot: dict, wanted: str | None = None) -> ModelSource:
+def model_source(bot: dict, wanted: str | None = None, environ: Mapping[str, str] | None = None) -> ModelSource:
     """Where `generate` loads the model from: S3 (the default while there is a model there), or the Hub repo
-    of `status.artifacts.hubUrl`."""
+    of `status.artifacts.hubUrl`, on the host that URL names; anonymously if that is not the user's Hub."""
     artifacts = (bot.get("status") or {}).get("artifacts") or {}
     wanted = wanted or ("s3" if artifacts.get("modelUri") or not artifacts.get("hubUrl") else "hub")
     if wanted == "s3":
         return ModelSource("s3", model_location(bot).uri)
     if not artifacts.get("hubUrl"):
         raise Refusal(f"{bot['metadata']['name']} has no model on the Hub: status.artifacts.hubUrl is empty", Exit.UNAVAILABLE)
-    return ModelSource("hub", hub_repo_id(artifacts["hubUrl"]))
+    endpoint, repo_id = hub_location(artifacts["hubUrl"])
+    return ModelSource("hub", repo_id, endpoint, anonymous=not sends_hub_token(endpoint, environ or {}))
 
 
-def hub_repo_id(hub_url: str) -> str:
-    """<owner>/<name> of a Hub URL (`<endpoint>/<owner>/<name>`, the endpoint perhaps with a path of its own)."""
-    segments = [segment for segment in urlsplit(hub_url).path.split("/") if segment]
+def hub_location(hub_url: str) -> tuple[str, str]:
+    """(endpoint, <owner>/<name>) of a Hub URL `<endpoint>/<owner>/<name>`, the endpoint perhaps with a path of its own."""
+    try:
+        parts = urlsplit(hub_url)
+        plain = parts.scheme in ("http", "https") and bool(parts.hostname) and "@" not in parts.netloc
+    except ValueError:  # a bracket that opens no IPv6 address
+        plain = False
+    if not plain or not hub_url.isprintable():
+        raise Refusal(f"{hub_url!r} is not a plain http(s) Hub URL")
+    segments = [segment for segment in parts.path.split("/") if segment]
     if len(segments) < 2:
         raise Refusal(f"{hub_url!r} names no Hub repository")
-    return "/".join(segments[-2:])
+    return f"{parts.scheme}://{parts.netloc}" + "".join("/" + segment for segment in segments[:-2]), "/".join(segments[-2:])
+
+
+def _origin(url: str) -> tuple[str, str, int | None] | None:
+    parts = urlsplit(url)
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    except ValueError:
+        return None
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port
+
+
+def sends_hub_token(endpoint: str, environ: Mapping[str, str]) -> bool:
+    """Whether the user's Hub token may go to `endpoint`: only to the Hub the user configured (HF_ENDPOINT, else
+    huggingface.co), the same scheme, host and port. A bot's hubUrl is its author's to choose."""
+    mine = _origin((environ.get("HF_ENDPOINT") or HUB).strip())
+    return mine is not None and bool(mine[1]) and _origin(endpoint) == mine

@@ -26,6 +26,7 @@ from .botview import (
     CARD_FILE,
     DEFAULT_MAX_BYTES,
     EXIT_CODES_HELP,
+    HUB,
     MANIFEST_BYTES,
     MANIFEST_FILE,
     SAMPLES_BYTES,
@@ -33,6 +34,7 @@ from .botview import (
     SOURCES,
     Exit,
     ModelLocation,
+    ModelSource,
     Refusal,
     download_plan,
     for_output,
@@ -395,7 +397,7 @@ def run_download(args: argparse.Namespace) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     cluster = Cluster(args)
     bot = cluster.bot(args.bot)
-    source = model_source(bot, args.source)
+    source = model_source(bot, args.source, os.environ)
     # stdout carries the posts alone: what the libraries print while they load (DeepSpeed's accelerator warning,
     # whose handler keeps the stream it was created with) goes to stderr.
     with tempfile.TemporaryDirectory(prefix="kubectl-tweetbot-") as scratch, contextlib.redirect_stdout(sys.stderr):
@@ -408,7 +410,7 @@ def run_generate(args: argparse.Namespace) -> int:
             download_model(model_location(bot), model, args.s3_endpoint, args.max_bytes)
             model = str(model)
         else:
-            model = source.where  # huggingface_hub reads HF_TOKEN and HF_ENDPOINT itself
+            model = _hub_snapshot(source, Path(scratch))
         if args.seed is not None:
             set_seed(args.seed)
         generator = pipeline("text-generation", model=model)
@@ -416,6 +418,27 @@ def run_generate(args: argparse.Namespace) -> int:
     for output in outputs:
         print(one_line(output["generated_text"]))
     return Exit.OK
+
+
+def _hub_snapshot(source: ModelSource, scratch: Path) -> str:
+    """The repo's files from the Hub its hubUrl names. Your token (HF_TOKEN or a saved login) goes only to your
+    Hub; from another the files are read anonymously into `scratch`, not into your cache, whose entries are
+    by repo id alone (a same-named repo on your Hub would be served from them)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        if not source.anonymous:
+            return snapshot_download(source.where, endpoint=source.endpoint)
+        print(f"note: {source.endpoint} is not your Hub (HF_ENDPOINT, else {HUB}): reading {source.where} from it "
+              "anonymously, without your HF_TOKEN", file=sys.stderr)
+        return snapshot_download(source.where, endpoint=source.endpoint, token=False, cache_dir=scratch / "hub")
+    except RepositoryNotFoundError:
+        raise Refusal(f"{source.endpoint} has no repository {source.where}"
+                      + (" that it shows without a token" if source.anonymous else ""), Exit.UNAVAILABLE) from None
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else type(error).__name__
+        raise Refusal(f"reading {source.where} from {source.endpoint} failed: {status}") from None
 
 
 # --- the command line ----------------------------------------------------------------------------------------
@@ -486,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--num", type=int, default=3, help="how many posts (default 3)")
     generate.add_argument("--from", dest="source", choices=SOURCES,
                           help="the model in S3 (status.artifacts.modelUri, the default) or on the Hub "
-                               "(status.artifacts.hubUrl; HF_TOKEN and HF_ENDPOINT are honoured)")
+                               "(status.artifacts.hubUrl, from the host it names; HF_TOKEN is sent only if that is "
+                               f"your Hub, HF_ENDPOINT or else {HUB}: from another the model is read anonymously)")
     generate.add_argument("--seed", type=int, help="a seed, for the same posts each time")
 
     rerun = verb("rerun", run_rerun, f"train again on the same spec: set {RERUN_ANNOTATION} to the UTC time")

@@ -222,11 +222,18 @@ def test_the_model_and_its_samples_are_under_the_model_uri():
     assert refused.value.code == Exit.UNAVAILABLE and "no model yet" in str(refused.value)
 
 
-def test_the_s3_endpoint_is_the_flag_else_the_environment_else_the_bots():
+def test_the_s3_endpoint_is_one_the_user_chose_never_the_bots_alone():
     location = model_location(bot(artifacts={"modelUri": MODEL}))
     assert s3_endpoint("http://local:9000", {"AWS_ENDPOINT_URL": "http://env"}, location) == "http://local:9000"
     assert s3_endpoint(None, {"AWS_ENDPOINT_URL": "http://env"}, location) is None  # boto3 reads it itself
-    assert s3_endpoint(None, {}, location) == "http://minio:9000"
+    assert s3_endpoint(None, {"AWS_ENDPOINT_URL_S3": "http://env"}, location) is None
+    # The spec is the bot author's: the user's credentials would sign requests to a host a tenant chose.
+    with pytest.raises(Refusal) as refused:
+        s3_endpoint(None, {}, location)
+    assert "http://minio:9000" in str(refused.value) and "--s3-endpoint" in str(refused.value)
+    on_aws = bot(artifacts={"modelUri": MODEL})
+    del on_aws["spec"]["output"]["s3"]["endpoint"]
+    assert s3_endpoint(None, {}, model_location(on_aws)) is None  # AWS
 
 
 def test_samples_print_one_a_line():

@@ -40,10 +40,10 @@ def custom(api_client, crd):
     return client.CustomObjectsApi(api_client)
 
 
-def create_bot(custom, namespace, name, bucket="bots") -> dict:
+def create_bot(custom, namespace, name, bucket="bots", endpoint=None) -> dict:
     body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TweetBot", "metadata": {"name": name},
             "spec": {"handles": ["dreamer"], "source": {"xArchive": {"uri": "s3://archives/{handle}/tweets.js"}},
-                     "output": {"s3": {"bucket": bucket}}}}
+                     "output": {"s3": {"bucket": bucket, **({"endpoint": endpoint} if endpoint else {})}}}}
     return custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
 
 
@@ -285,6 +285,25 @@ def test_generate_writes_posts_with_the_model_in_s3(dev_env, custom, namespace, 
     assert generated.returncode == 0, generated.stderr
     posts = generated.stdout.splitlines()
     assert len(posts) == 2 and all(post.startswith("My dream is") for post in posts)
+
+
+def test_the_bots_own_s3_endpoint_is_used_only_when_the_user_names_it(dev_env, custom, namespace, new_bucket, s3_env,
+                                                                       monkeypatch, capsys):
+    """The spec is the bot author's: the user's credentials sign requests only to an endpoint the user chose."""
+    s3, bucket = new_bucket("plugin-endpoint")
+    create_bot(custom, namespace, "elsewhere", bucket=bucket, endpoint=dev_env.s3_endpoint)
+    model_uri = put_model(s3, bucket, namespace, "elsewhere", {"samples.json": json.dumps(["My dream is a boat"]).encode()})
+    write_status(custom, namespace, "elsewhere", ready=True, reason="Succeeded", phase="Succeeded",
+                 artifacts={"modelUri": model_uri})
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+
+    code, out, err = in_process(dev_env, capsys, "samples", "elsewhere", "-n", namespace)
+    assert code == Exit.ERROR and out == ""
+    assert f"spec.output.s3.endpoint {dev_env.s3_endpoint}" in err and f"--s3-endpoint {dev_env.s3_endpoint}" in err
+    code, out, _ = in_process(dev_env, capsys, "samples", "elsewhere", "-n", namespace, "--s3-endpoint", dev_env.s3_endpoint)
+    assert code == 0 and out.splitlines() == ["My dream is a boat"]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dev_env.s3_endpoint)
+    assert in_process(dev_env, capsys, "samples", "elsewhere", "-n", namespace)[0] == 0
 
 
 def test_generate_loads_from_the_hub_its_hub_url_names(dev_env, custom, namespace, tmp_path):

@@ -305,13 +305,19 @@ def model_location(bot: dict) -> ModelLocation:
                          s3.get("region") or "us-east-1", s3.get("endpoint") or "")
 
 
-def s3_endpoint(flag: str | None, environ: dict, location: ModelLocation) -> str | None:
-    """--s3-endpoint, else boto3's own AWS_ENDPOINT_URL(_S3) (None: boto3 reads it), else the bot's endpoint."""
+def s3_endpoint(flag: str | None, environ: Mapping[str, str], location: ModelLocation) -> str | None:
+    """--s3-endpoint, else boto3's own AWS_ENDPOINT_URL(_S3) (None: boto3 reads it), else AWS (None). The bot's
+    spec.output.s3.endpoint is its author's choice, and the user's AWS credentials would sign requests to it:
+    refused until the user names it."""
     if flag:
         return flag
     if environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL"):
         return None
-    return location.endpoint or None
+    if location.endpoint:
+        endpoint = one_line(location.endpoint)
+        raise Refusal(f"the bot's spec.output.s3.endpoint {endpoint} is not an endpoint you chose, and your AWS credentials "
+                      f"go only to AWS or to one you name: if you trust it, pass --s3-endpoint {endpoint}")
+    return None
 
 
 def sample_lines(payload: bytes) -> list[str]:

@@ -3,7 +3,9 @@ models and write with them. Installed as `kubectl-tweetbot` on PATH, which makes
 
 Every verb reads the bot through the Kubernetes API with your kubeconfig (`--kubeconfig`, `--context`,
 `-n/--namespace` as kubectl takes them), and S3 with the AWS credential chain (AWS_ACCESS_KEY_ID, a profile,
-an instance role; `--s3-endpoint` or AWS_ENDPOINT_URL for a store other than AWS). It prints no secret.
+an instance role; `--s3-endpoint` or AWS_ENDPOINT_URL for a store other than AWS). Your credentials go only
+where you point them: a bot's own S3 endpoint is used once you name it with --s3-endpoint, and a model on
+another Hub than yours (HF_ENDPOINT, else huggingface.co) is read without your HF_TOKEN. It prints no secret.
 """
 
 from __future__ import annotations
@@ -467,8 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     connection.add_argument("--kubeconfig", help="the kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
     connection.add_argument("--context", help="the kubeconfig context to use (default: the current one)")
     s3 = argparse.ArgumentParser(add_help=False)
-    s3.add_argument("--s3-endpoint", help="the S3 endpoint to read the model from (default: $AWS_ENDPOINT_URL, "
-                                          "else the bot's spec.output.s3.endpoint, else AWS); credentials: the AWS chain")
+    s3.add_argument("--s3-endpoint", help="the S3 endpoint to read the model from (default: $AWS_ENDPOINT_URL, else AWS); "
+                                          "credentials: the AWS chain. A bot whose spec.output.s3.endpoint names another "
+                                          "store is refused until you name that endpoint here")
     s3.add_argument("--max-bytes", type=_byte_count, default=DEFAULT_MAX_BYTES,
                     help=f"refuse a model larger than this (default {DEFAULT_MAX_BYTES // 2**30}Gi)")
 

@@ -1,5 +1,6 @@
 """`kubectl tweetbot`'s decisions, without a cluster: the table, wait's verdicts, which Job and pods `logs`
-reads, the S3 locations and the download's bounds (botview.py)."""
+reads, the S3 locations and the download's bounds (botview.py); and the download against a local S3 endpoint
+that sends more than the manifest says, or drips."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
@@ -301,6 +305,130 @@ def test_generate_loads_from_s3_by_default_else_from_the_hub_repo_on_its_own_hos
 ])
 def test_the_hub_token_goes_only_to_the_hub_the_user_configured(endpoint, environ, sent):
     assert sends_hub_token(endpoint, environ) is sent
+
+
+class FakeS3:
+    """A local S3 endpoint answering path-style GET and HEAD of objects as S3 does (NoSuchKey for a missing one),
+    counting the bytes it sent of each. An object in `dripping` is sent a byte every 0.1 s."""
+
+    def __init__(self):
+        self.objects: dict[str, bytes] = {}  # "bucket/key" -> bytes
+        self.dripping: set[str] = set()
+        self.sent: dict[str, int] = {}
+        self.done = threading.Event()  # set when an answer ended, sent whole or hung up on
+        self.stopped = threading.Event()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                key = unquote(urlsplit(self.path).path).lstrip("/")
+                data = fake.objects.get(key)
+                if data is None:
+                    error = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>NoSuchKey</Code>'
+                             b"<Message>The specified key does not exist.</Message></Error>")
+                    self.send_response(404)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(0 if self.command == "HEAD" else len(error)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(error)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command == "HEAD":
+                    return
+                step, pause = (1, 0.1) if key in fake.dripping else (64 * 1024, 0)
+                fake.sent.setdefault(key, 0)
+                try:
+                    for start in range(0, len(data), step):
+                        if pause and fake.stopped.wait(pause):
+                            return
+                        self.wfile.write(data[start:start + step])
+                        fake.sent[key] += len(data[start:start + step])
+                except OSError:
+                    pass
+                finally:
+                    fake.done.set()
+
+            do_HEAD = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    def put_model(self, prefix: str, files: dict[str, bytes], sizes: dict[str, int] | None = None) -> None:
+        """A final model: its files, and the manifest naming them (with `sizes` where it says otherwise)."""
+        for name, data in files.items():
+            self.objects[prefix + name] = data
+        manifest = {"files": {name: {"bytes": (sizes or {}).get(name, len(data))} for name, data in files.items()}}
+        self.objects[prefix + "manifest.json"] = json.dumps(manifest).encode()
+
+    def __enter__(self):
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopped.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+@pytest.fixture
+def fake_s3(monkeypatch, tmp_path):
+    """A FakeS3, and the AWS chain's variables a user's shell would have, none naming an endpoint."""
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {"AWS_ACCESS_KEY_ID": "reader", "AWS_SECRET_ACCESS_KEY": "reader-secret",
+                        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+                        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials")}.items():
+        monkeypatch.setenv(name, value)
+    with FakeS3() as server:
+        yield server
+
+
+FINAL = "bots/tweetbot/team/dreamer/a1b2c3d4/final/"
+
+
+def downloads(tmp_path):
+    """Where the download tests write: a directory of its own, so what is left beside DIR can be listed."""
+    where = tmp_path / "downloads"
+    where.mkdir()
+    return where
+
+
+def test_a_download_never_deletes_what_it_did_not_create(fake_s3, tmp_path):
+    from tweetbot_operator.kubectl_plugin import download_model
+
+    fake_s3.put_model(FINAL, {"config.json": b'{"model_type": "gpt2"}', "model.safetensors": b"weights"})
+    location = model_location(bot(artifacts={"modelUri": "s3://" + FINAL}))
+    where = downloads(tmp_path)
+    # The user's own files, named as the directories the download once used beside DIR.
+    for sibling in ("model.partial", "model.replaced"):
+        (where / sibling).mkdir()
+        (where / sibling / "mine.txt").write_text("keep me")
+    theirs = {path.relative_to(where): path.read_text() for path in where.rglob("*") if path.is_file()}
+
+    def left() -> set[str]:
+        return {path.name for path in where.iterdir()}
+
+    assert download_model(location, where / "model", fake_s3.url, 10**9) == {"config.json": 22, "model.safetensors": 7}
+    assert left() == {"model", "model.partial", "model.replaced"}
+    (where / "model" / "stale.txt").write_text("old")
+    download_model(location, where / "model", fake_s3.url, 10**9, force=True)
+    assert not (where / "model" / "stale.txt").exists() and (where / "model" / "model.safetensors").read_bytes() == b"weights"
+    assert left() == {"model", "model.partial", "model.replaced"}
+    del fake_s3.objects[FINAL + "model.safetensors"]  # a failed download leaves nothing of its own behind
+    with pytest.raises(Refusal):
+        download_model(location, where / "other", fake_s3.url, 10**9)
+    assert left() == {"model", "model.partial", "model.replaced"}
+    assert {path.relative_to(where): path.read_text() for path in where.rglob("*") if path.is_file()
+            and path.parts[len(where.parts)] != "model"} == theirs
 
 
 def test_the_timestamps_are_utc():

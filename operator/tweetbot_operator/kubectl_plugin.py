@@ -340,20 +340,23 @@ def run_samples(args: argparse.Namespace) -> int:
 
 def download_model(location: ModelLocation, directory: Path, endpoint_flag: str | None, max_bytes: int,
                    force: bool = False) -> dict[str, int]:
-    """The model's files (its manifest's, and the model card if there is one) into `directory`: first into
-    `<directory>.partial`, then renamed, so `directory` holds a complete model or nothing new."""
+    """The model's files (its manifest's, and the model card if there is one) into `directory`: first into a new
+    directory of our own beside it, then renamed, so `directory` holds a complete model or nothing new, and
+    nothing else beside it is touched."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not force:
+    occupied = directory.is_symlink() or (directory.exists() and (not directory.is_dir() or any(directory.iterdir())))
+    if occupied and not force:
         raise Refusal(f"{directory} is not an empty directory (--force replaces it)")
     s3 = _s3(location, endpoint_flag)
     manifest = _read_object(s3, location.bucket, location.prefix + MANIFEST_FILE, MANIFEST_BYTES,
                             f"no complete model at {location.uri} (no {MANIFEST_FILE}: the train stage writes it last)")
     plan = download_plan(manifest, max_bytes)
-    partial = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # Beside `directory`, so the rename stays on one filesystem; mkdtemp's 0700 becomes what mkdir would make.
+    partial = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
+        partial.chmod(0o777 & ~_umask())
         for name, size in plan.items():
             target = partial / name
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -370,21 +373,35 @@ def download_model(location: ModelLocation, directory: Path, endpoint_flag: str 
             if refusal.code != Exit.UNAVAILABLE:
                 raise
         (partial / MANIFEST_FILE).write_bytes(manifest)
-        if directory.exists():
-            replaced = directory.with_name(directory.name + ".replaced")
-            shutil.rmtree(replaced, ignore_errors=True)
-            directory.rename(replaced)
-            partial.rename(directory)
-            if replaced.is_dir():
-                shutil.rmtree(replaced, ignore_errors=True)
-            else:
-                replaced.unlink()
-        else:
-            partial.rename(directory)
+        _put_in_place(partial, directory)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return plan
+
+
+def _put_in_place(partial: Path, directory: Path) -> None:
+    """`partial` renamed to `directory`; what --force replaces is first moved into a directory of our own, put
+    back if the rename fails, and deleted once the new one is in place."""
+    replaced = None
+    if directory.exists() or directory.is_symlink():
+        replaced = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.replaced."))
+        directory.rename(replaced / directory.name)
+    try:
+        partial.rename(directory)
+    except BaseException:
+        if replaced is not None:
+            (replaced / directory.name).rename(directory)
+            replaced.rmdir()
+        raise
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def run_download(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
@@ -402,6 +403,38 @@ def downloads(tmp_path):
     return where
 
 
+def test_a_download_stops_once_more_bytes_arrive_than_the_manifest_says(fake_s3, tmp_path):
+    from tweetbot_operator.kubectl_plugin import download_model
+
+    big = 64 * 1024 * 1024
+    fake_s3.put_model(FINAL, {"config.json": b"{}", "model.safetensors": b"x" * big}, sizes={"model.safetensors": 1000})
+    where = downloads(tmp_path)
+    with pytest.raises(Refusal, match="more than the 1,000 bytes its manifest says") as refused:
+        download_model(model_location(bot(artifacts={"modelUri": "s3://" + FINAL})), where / "model", fake_s3.url,
+                       10**9)
+    assert refused.value.code == Exit.ERROR
+    assert fake_s3.done.wait(10)
+    # Stopped after a chunk or two: the rest is what the sockets' buffers held when the reader hung up.
+    assert fake_s3.sent[FINAL + "model.safetensors"] < big // 4
+    assert list(where.iterdir()) == []
+
+
+def test_a_download_ends_at_its_deadline(fake_s3, tmp_path):
+    from tweetbot_operator.kubectl_plugin import download_model
+
+    fake_s3.put_model(FINAL, {"config.json": b"{}", "model.safetensors": b"x" * 1000})
+    fake_s3.dripping.add(FINAL + "model.safetensors")  # 100 s at a byte every 0.1 s
+    where = downloads(tmp_path)
+    started = time.monotonic()
+    with pytest.raises(Refusal) as refused:
+        download_model(model_location(bot(artifacts={"modelUri": "s3://" + FINAL})), where / "model", fake_s3.url,
+                       10**9, timeout=2)
+    took = time.monotonic() - started
+    assert refused.value.code == Exit.TIMEOUT and took < 5, took
+    assert "--timeout" in str(refused.value) and "model.safetensors" in str(refused.value)
+    assert list(where.iterdir()) == []
+
+
 def test_a_download_never_deletes_what_it_did_not_create(fake_s3, tmp_path):
     from tweetbot_operator.kubectl_plugin import download_model
 
@@ -455,3 +488,15 @@ def test_the_verbs_are_the_parsers():
 
     choices = next(action for action in build_parser()._subparsers._group_actions).choices
     assert tuple(choices) == VERBS
+
+
+def test_the_transfer_timeout_reads_as_a_duration():
+    from tweetbot_operator.kubectl_plugin import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["download", "dreamer", "model", "--timeout", "90s"]).timeout == 90
+    assert parser.parse_args(["download", "dreamer", "model"]).timeout == 3600
+    assert parser.parse_args(["samples", "dreamer"]).timeout == 120
+    with pytest.raises(SystemExit) as refused:
+        parser.parse_args(["generate", "dreamer", "--timeout", "soon"])
+    assert refused.value.code == Exit.USAGE

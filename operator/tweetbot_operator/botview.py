@@ -29,7 +29,7 @@ class Exit(IntEnum):
     USAGE = 2  # a command line argparse refuses
     FAILED = 3  # wait: the run failed (phase Failed); its lastError is printed
     STALLED = 4  # wait: Stalled is True, the bot waits for a fix (a Secret, a refused Job); the message is printed
-    TIMEOUT = 5  # wait: neither within --timeout
+    TIMEOUT = 5  # wait: neither within --timeout; samples, download, generate: the S3 transfer did not end within it
     UNAVAILABLE = 6  # logs, samples, download, generate: what was asked for is not there (not yet, or cleaned up)
 
 
@@ -276,6 +276,8 @@ SAMPLES_BYTES = 1024 * 1024  # three generations of at most 160 tokens are a few
 MANIFEST_BYTES = 1024 * 1024
 MAX_FILES = 1000
 DEFAULT_MAX_BYTES = 64 * 1024**3  # a 7B model in 32 bits is 28 GB
+SAMPLES_TIMEOUT = "2m"  # --timeout of samples: one object of at most SAMPLES_BYTES
+MODEL_TIMEOUT = "1h"  # --timeout of download and generate: 28 GB in an hour is 8 MB/s
 
 
 @dataclass(frozen=True)

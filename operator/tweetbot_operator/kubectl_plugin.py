@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -31,8 +32,10 @@ from .botview import (
     HUB,
     MANIFEST_BYTES,
     MANIFEST_FILE,
+    MODEL_TIMEOUT,
     SAMPLES_BYTES,
     SAMPLES_FILE,
+    SAMPLES_TIMEOUT,
     SOURCES,
     Exit,
     ModelLocation,
@@ -292,46 +295,79 @@ def _follow_all(cluster: Cluster, container: str, chosen: list[tuple[int, dict]]
 
 # --- S3 ------------------------------------------------------------------------------------------------------
 
+CHUNK_BYTES = 1024 * 1024  # what a transfer holds in memory at a time, and how far past a bound it reads
 
-def _s3(location: ModelLocation, endpoint_flag: str | None):
+
+def _storage(location: ModelLocation, endpoint_flag: str | None):
+    """The trainer's S3 reader (each read in a thread of its own, given up at its deadline), with the user's
+    AWS chain and an endpoint the user chose."""
+    endpoint = s3_endpoint(endpoint_flag, os.environ, location)
     try:
-        import boto3
-        from botocore.config import Config
+        from tweetbot_trainer.storage import Storage
     except ImportError:
         raise Refusal("reading S3 needs boto3: pip install 'tweetbot[kubectl]'") from None
-    return boto3.client("s3", endpoint_url=s3_endpoint(endpoint_flag, os.environ, location), region_name=location.region,
-                        config=Config(connect_timeout=10, read_timeout=60, retries={"max_attempts": 3}))
+    return Storage(endpoint or "", location.region)
 
 
-def _s3_error(error: BaseException) -> str:
-    """S3's error code, not boto's message (it can carry a presigned query string)."""
-    from botocore.exceptions import ClientError
+class _Deadline:
+    """--timeout: when every transfer of the command has to have ended."""
 
-    if isinstance(error, ClientError):
-        return error.response.get("Error", {}).get("Code") or type(error).__name__
-    return type(error).__name__
+    def __init__(self, seconds: float):
+        self.seconds, self.at = seconds, time.monotonic() + seconds
+
+    def left(self, uri: str) -> float:
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise self.passed(uri)
+        return left
+
+    def passed(self, uri: str) -> Refusal:
+        return Refusal(f"reading {uri} did not end within --timeout ({self.seconds:g}s)", Exit.TIMEOUT)
 
 
-def _read_object(s3, bucket: str, key: str, limit: int, missing: str) -> bytes:
+def _copy(storage, uri: str, out, limit: int, deadline: _Deadline, missing: str, too_large: str) -> int:
+    """The object's bytes into `out` as they arrive, given up once more than `limit` have (a manifest's size
+    or a Content-Length is only a claim) or at the deadline; the bytes written."""
     from botocore.exceptions import BotoCoreError, ClientError
 
+    from tweetbot_trainer.errors import NetworkFailure
+    from tweetbot_trainer.storage import s3_error_code
+
+    received = 0
     try:
-        response = s3.get_object(Bucket=bucket, Key=key)
-        if response["ContentLength"] > limit:
-            raise Refusal(f"s3://{bucket}/{key} is {response['ContentLength']:,} bytes, more than {limit:,}")
-        return response["Body"].read(limit + 1)[:limit]
+        chunks = storage.stream(uri, CHUNK_BYTES, seconds=deadline.left(uri))
+        try:
+            for chunk in chunks:
+                received += len(chunk)
+                if received > limit:
+                    raise Refusal(too_large)
+                out.write(chunk)
+        finally:
+            chunks.close()  # the reading thread hangs up at its next chunk
+    except FileNotFoundError:
+        raise Refusal(missing, Exit.UNAVAILABLE) from None
+    except PermissionError:
+        raise Refusal(f"reading {uri} failed: AccessDenied") from None
+    except NetworkFailure as failure:
+        if time.monotonic() >= deadline.at:
+            raise deadline.passed(uri) from None
+        raise Refusal(str(failure)) from None
     except (ClientError, BotoCoreError) as error:
-        code = _s3_error(error)
-        if code in ("NoSuchKey", "404"):
-            raise Refusal(missing, Exit.UNAVAILABLE) from None
-        raise Refusal(f"reading s3://{bucket}/{key} failed: {code}") from None
+        raise Refusal(f"reading {uri} failed: {s3_error_code(error)}") from None
+    return received
+
+
+def _read_object(storage, uri: str, limit: int, deadline: _Deadline, missing: str) -> bytes:
+    out = io.BytesIO()
+    _copy(storage, uri, out, limit, deadline, missing, f"{uri} is more than {limit:,} bytes")
+    return out.getvalue()
 
 
 def run_samples(args: argparse.Namespace) -> int:
     cluster = Cluster(args)
     location = model_location(cluster.bot(args.bot))
-    s3 = _s3(location, args.s3_endpoint)
-    payload = _read_object(s3, location.bucket, location.prefix + SAMPLES_FILE, SAMPLES_BYTES,
+    storage = _storage(location, args.s3_endpoint)
+    payload = _read_object(storage, location.uri + SAMPLES_FILE, SAMPLES_BYTES, _Deadline(args.timeout),
                            f"no samples at {location.uri}{SAMPLES_FILE}: the train stage writes them with the final model")
     for line in sample_lines(payload):
         print(line)
@@ -339,17 +375,16 @@ def run_samples(args: argparse.Namespace) -> int:
 
 
 def download_model(location: ModelLocation, directory: Path, endpoint_flag: str | None, max_bytes: int,
-                   force: bool = False) -> dict[str, int]:
+                   force: bool = False, timeout: float = parse_duration(MODEL_TIMEOUT)) -> dict[str, int]:
     """The model's files (its manifest's, and the model card if there is one) into `directory`: first into a new
     directory of our own beside it, then renamed, so `directory` holds a complete model or nothing new, and
-    nothing else beside it is touched."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
+    nothing else beside it is touched. Each file ends at its manifest's size, the whole at `timeout` seconds."""
     occupied = directory.is_symlink() or (directory.exists() and (not directory.is_dir() or any(directory.iterdir())))
     if occupied and not force:
         raise Refusal(f"{directory} is not an empty directory (--force replaces it)")
-    s3 = _s3(location, endpoint_flag)
-    manifest = _read_object(s3, location.bucket, location.prefix + MANIFEST_FILE, MANIFEST_BYTES,
+    deadline = _Deadline(timeout)
+    storage = _storage(location, endpoint_flag)
+    manifest = _read_object(storage, location.uri + MANIFEST_FILE, MANIFEST_BYTES, deadline,
                             f"no complete model at {location.uri} (no {MANIFEST_FILE}: the train stage writes it last)")
     plan = download_plan(manifest, max_bytes)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -360,14 +395,14 @@ def download_model(location: ModelLocation, directory: Path, endpoint_flag: str 
         for name, size in plan.items():
             target = partial / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                s3.download_file(location.bucket, location.prefix + name, str(target))
-            except (ClientError, BotoCoreError) as error:
-                raise Refusal(f"downloading {location.uri}{name} failed: {_s3_error(error)}") from None
-            if target.stat().st_size != size:
-                raise Refusal(f"{location.uri}{name} is {target.stat().st_size:,} bytes, its manifest says {size:,}")
+            with target.open("wb") as out:
+                received = _copy(storage, location.uri + name, out, size, deadline,
+                                 f"{location.uri}{name} is missing, though {MANIFEST_FILE} names it",
+                                 f"{location.uri}{name} sent more than the {size:,} bytes its manifest says")
+            if received != size:
+                raise Refusal(f"{location.uri}{name} is {received:,} bytes, its manifest says {size:,}")
         try:  # the card, beside the model once published
-            card = _read_object(s3, location.bucket, location.prefix + CARD_FILE, MANIFEST_BYTES, "")
+            card = _read_object(storage, location.uri + CARD_FILE, MANIFEST_BYTES, deadline, "")
             (partial / CARD_FILE).write_bytes(card)
         except Refusal as refusal:
             if refusal.code != Exit.UNAVAILABLE:
@@ -408,7 +443,7 @@ def run_download(args: argparse.Namespace) -> int:
     cluster = Cluster(args)
     location = model_location(cluster.bot(args.bot))
     directory = Path(args.directory)
-    plan = download_model(location, directory, args.s3_endpoint, args.max_bytes, args.force)
+    plan = download_model(location, directory, args.s3_endpoint, args.max_bytes, args.force, args.timeout)
     print(f"{len(plan)} files, {sum(plan.values()):,} bytes of {location.uri} in {directory}")
     return Exit.OK
 
@@ -426,7 +461,7 @@ def run_generate(args: argparse.Namespace) -> int:
             raise Refusal("generate needs transformers and torch: pip install 'tweetbot[trainer]'") from None
         if source.kind == "s3":
             model = Path(scratch) / "model"
-            download_model(model_location(bot), model, args.s3_endpoint, args.max_bytes)
+            download_model(model_location(bot), model, args.s3_endpoint, args.max_bytes, timeout=args.timeout)
             model = str(model)
         else:
             model = _hub_snapshot(source, Path(scratch))
@@ -471,6 +506,13 @@ def _api_message(error) -> str:
         return f"{error.status} {error.reason}"
 
 
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _byte_count(text: str) -> int:
     units = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
     number = text.rstrip("KkMmGgi")
@@ -502,6 +544,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
+    def transfer_timeout(sub, default: str):
+        sub.add_argument("--timeout", type=_duration, default=default,
+                         help=f"give up (exit 5) when the S3 transfer has not ended by then (90s, 30m, 1h; default {default})")
+
     get = verb("get", run_get, "list bots (or one) with phase, progress, ETA, loss, Hub URL and age")
     get.add_argument("bot", nargs="?", help="one bot's name (default: every bot of the namespace)")
     get.add_argument("-A", "--all-namespaces", action="store_true", help="bots of every namespace")
@@ -520,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     samples = verb("samples", run_samples, "print the samples the train stage generated, one a line", (connection, s3))
     samples.add_argument("bot")
+    transfer_timeout(samples, SAMPLES_TIMEOUT)
 
     generate = verb("generate", run_generate, "write posts with the bot's model, here, with transformers",
                     (connection, s3))
@@ -532,6 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "(status.artifacts.hubUrl, from the host it names; HF_TOKEN is sent only if that is "
                                f"your Hub, HF_ENDPOINT or else {HUB}: from another the model is read anonymously)")
     generate.add_argument("--seed", type=int, help="a seed, for the same posts each time")
+    transfer_timeout(generate, MODEL_TIMEOUT)
 
     rerun = verb("rerun", run_rerun, f"train again on the same spec: set {RERUN_ANNOTATION} to the UTC time")
     rerun.add_argument("bot")
@@ -540,6 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("bot")
     download.add_argument("directory")
     download.add_argument("--force", action="store_true", help="replace a directory that is not empty")
+    transfer_timeout(download, MODEL_TIMEOUT)
     return parser
 
 

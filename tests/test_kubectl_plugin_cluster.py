@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -209,6 +211,66 @@ def test_logs_find_the_stage_pod_and_say_why_there_is_no_log(dev_env, custom, ap
     code, _, err = in_process(dev_env, capsys, "logs", "gang", "-n", namespace, "--stage", "train")
     assert code == Exit.UNAVAILABLE
     assert f"the train pods of run {RUN} were cleaned up (ttlSecondsAfterFinished); the model is in s3://bots/x/{RUN}/final/" in err
+
+
+def test_logs_follow_every_pod_of_a_gang(dev_env, custom, api_client, namespace, tmp_path):
+    """`logs -f --all-pods`: each pod's lines as they come, prefixed with its index. kwok serves a pod's log
+    from the file a `Logs` object (kwok's CRD) names, in the CRI format a kubelet reads, and follows it for as
+    long as the client reads: the test ends the plugin itself."""
+    from tweetbot_dev.polling import wait_for
+
+    batch, core = client.BatchV1Api(api_client), client.CoreV1Api(api_client)
+    create_bot(custom, namespace, "chorus")
+    job = stage_job(batch, namespace, "chorus", "train", pods=2)
+    write_status(custom, namespace, "chorus", phase="Training", stages={"train": {"jobName": job, "state": "Running"}})
+    wait_for(lambda: len([p for p in core.list_namespaced_pod(namespace, label_selector=f"job-name={job}").items
+                          if p.status.phase == "Running"]) == 2, timeout=60, what="the gang's two pods running")
+    pods = {int(p.metadata.annotations["batch.kubernetes.io/job-completion-index"]): p.metadata.name
+            for p in core.list_namespaced_pod(namespace, label_selector=f"job-name={job}").items}
+
+    def cri(text: str) -> str:
+        return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime())}.000000000Z stdout F {text}\n"
+
+    files = {index: tmp_path / f"{index}.log" for index in pods}
+    for index, name in pods.items():
+        files[index].write_text(cri(f"rank {index} starts"))
+        custom.create_namespaced_custom_object("kwok.x-k8s.io", "v1alpha1", namespace, "logs", {
+            "apiVersion": "kwok.x-k8s.io/v1alpha1", "kind": "Logs", "metadata": {"name": name},
+            "spec": {"logs": [{"containers": ["train"], "logsFile": str(files[index]), "follow": True}]}})
+
+    def served(name: str) -> bool:
+        try:
+            return "starts" in core.read_namespaced_pod_log(name, namespace, container="train")
+        except client.ApiException:
+            return False
+
+    wait_for(lambda: all(served(name) for name in pods.values()), timeout=30, what="kwok serving both pods' logs")
+
+    following = subprocess.Popen([sys.executable, "-m", "tweetbot_operator.kubectl_plugin", "logs", "chorus", "-n", namespace,
+                                  "-f", "--all-pods"], env=plugin_env(dev_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line.rstrip("\n")) for line in following.stdout], daemon=True).start()
+    seen: list[str] = []
+
+    def saw(line: str) -> bool:
+        while not lines.empty():
+            seen.append(lines.get())
+        return line in seen
+
+    try:
+        wait_for(lambda: saw("[0] rank 0 starts") and saw("[1] rank 1 starts"), timeout=60, what="both pods' first lines")
+        assert following.poll() is None  # following, not done
+        with files[1].open("a") as log:
+            log.write(cri("rank 1 step 1") + cri("rank 1 step 2"))
+        with files[0].open("a") as log:
+            log.write(cri("rank 0 step 1"))
+        wait_for(lambda: saw("[1] rank 1 step 2") and saw("[0] rank 0 step 1"), timeout=30, what="the lines written later")
+    finally:
+        following.kill()
+        _, err = following.communicate(timeout=30)
+    assert all(line.startswith(("[0] rank 0 ", "[1] rank 1 ")) for line in seen), (seen, err)
+    assert seen.index("[1] rank 1 step 1") < seen.index("[1] rank 1 step 2")
 
 
 # --- S3: samples, download, generate -----------------------------------------------------------------------

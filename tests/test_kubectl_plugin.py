@@ -1,5 +1,6 @@
 """`kubectl tweetbot`'s decisions, without a cluster: the table, wait's verdicts, which Job and pods `logs`
-reads, the S3 locations and the download's bounds (botview.py)."""
+reads, the S3 locations and the download's bounds (botview.py); and the download against a local S3 endpoint
+that sends more than the manifest says, or drips."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
@@ -15,7 +20,7 @@ from tweetbot_operator.botview import (
     Exit,
     Refusal,
     download_plan,
-    hub_repo_id,
+    hub_location,
     human_duration,
     logs_target,
     model_location,
@@ -27,6 +32,7 @@ from tweetbot_operator.botview import (
     rerun_value,
     s3_endpoint,
     sample_lines,
+    sends_hub_token,
     table,
     wait_verdict,
 )
@@ -221,11 +227,18 @@ def test_the_model_and_its_samples_are_under_the_model_uri():
     assert refused.value.code == Exit.UNAVAILABLE and "no model yet" in str(refused.value)
 
 
-def test_the_s3_endpoint_is_the_flag_else_the_environment_else_the_bots():
+def test_the_s3_endpoint_is_one_the_user_chose_never_the_bots_alone():
     location = model_location(bot(artifacts={"modelUri": MODEL}))
     assert s3_endpoint("http://local:9000", {"AWS_ENDPOINT_URL": "http://env"}, location) == "http://local:9000"
     assert s3_endpoint(None, {"AWS_ENDPOINT_URL": "http://env"}, location) is None  # boto3 reads it itself
-    assert s3_endpoint(None, {}, location) == "http://minio:9000"
+    assert s3_endpoint(None, {"AWS_ENDPOINT_URL_S3": "http://env"}, location) is None
+    # The spec is the bot author's: the user's credentials would sign requests to a host a tenant chose.
+    with pytest.raises(Refusal) as refused:
+        s3_endpoint(None, {}, location)
+    assert "http://minio:9000" in str(refused.value) and "--s3-endpoint" in str(refused.value)
+    on_aws = bot(artifacts={"modelUri": MODEL})
+    del on_aws["spec"]["output"]["s3"]["endpoint"]
+    assert s3_endpoint(None, {}, model_location(on_aws)) is None  # AWS
 
 
 def test_samples_print_one_a_line():
@@ -233,6 +246,17 @@ def test_samples_print_one_a_line():
     assert sample_lines(payload) == ["My dream is a boat", "My dream is\\ntwo lines"]
     with pytest.raises(Refusal):
         sample_lines(b'{"not": "a list"}')
+
+
+def test_samples_reach_the_terminal_without_control_characters():
+    """A model trained on hostile posts can write escape sequences: shown, not obeyed by the terminal."""
+    samples = ["\x1b]0;owned\x07\x1b[2J\x1b[31mred\x1b[0m", "tab\tkept, bell\x07, nul\x00, del\x7f", "c1 csi \x9b2J",
+               "bidi \u202eevil\u202c and \u2066isolate\u2069", "line\u2028separator", "emoji \U0001f468\u200d\U0001f469 ok",
+               "back\\slash\r\n"]
+    assert sample_lines(json.dumps(samples).encode()) == [
+        "\\x1b]0;owned\\x07\\x1b[2J\\x1b[31mred\\x1b[0m", "tab\tkept, bell\\x07, nul\\x00, del\\x7f", "c1 csi \\x9b2J",
+        "bidi \\u202eevil\\u202c and \\u2066isolate\\u2069", "line\\u2028separator", "emoji \U0001f468\u200d\U0001f469 ok",
+        "back\\\\slash\\r\\n"]
 
 
 def test_the_download_follows_the_manifest_within_bounds():
@@ -249,15 +273,195 @@ def test_the_download_follows_the_manifest_within_bounds():
         download_plan(b"not json")
 
 
-def test_generate_loads_from_s3_by_default_else_from_the_hub_repo():
+def test_generate_loads_from_s3_by_default_else_from_the_hub_repo_on_its_own_host():
     both = bot(artifacts={"modelUri": MODEL, "hubUrl": "https://huggingface.co/demo/dreamer"})
     assert model_source(both).kind == "s3" and model_source(both).where == MODEL
-    assert model_source(both, "hub").where == "demo/dreamer"
+    hub = model_source(both, "hub")
+    assert (hub.where, hub.endpoint, hub.anonymous) == ("demo/dreamer", "https://huggingface.co", False)
+    # Published to the bot's own Hub endpoint: loaded from there, not from a same-named repo elsewhere.
     hub_only = bot(artifacts={"hubUrl": "http://127.0.0.1:8080/hub/demo/dreamer"})
-    assert (model_source(hub_only).kind, model_source(hub_only).where) == ("hub", "demo/dreamer")
+    hub = model_source(hub_only)
+    assert (hub.kind, hub.where, hub.endpoint, hub.anonymous) == ("hub", "demo/dreamer", "http://127.0.0.1:8080/hub", True)
+    assert model_source(hub_only, environ={"HF_ENDPOINT": "http://127.0.0.1:8080/"}).anonymous is False
     with pytest.raises(Refusal):
         model_source(bot(artifacts={"modelUri": MODEL}), "hub")
-    assert hub_repo_id("https://huggingface.co/org/name/") == "org/name"
+    for odd in ("file:///etc/demo/dreamer", "https://hub.example\x1b[2J/demo/dreamer", "https://me@hub.example/demo/dreamer"):
+        with pytest.raises(Refusal, match="not a plain http"):
+            model_source(bot(artifacts={"hubUrl": odd}))
+    assert hub_location("https://huggingface.co/org/name/") == ("https://huggingface.co", "org/name")
+
+
+@pytest.mark.parametrize("endpoint, environ, sent", [
+    ("https://huggingface.co", {}, True),
+    ("https://HuggingFace.co:443", {}, True),
+    ("https://hub.example", {}, False),
+    ("http://huggingface.co", {}, False),  # in clear text
+    ("https://huggingface.co.example", {}, False),
+    ("https://huggingface.co@hub.example", {}, False),
+    ("https://huggingface.co:8443", {}, False),
+    ("http://hub.local:8080/mirror", {"HF_ENDPOINT": "http://hub.local:8080"}, True),
+    ("http://hub.local:8080", {"HF_ENDPOINT": "http://hub.local:8080/"}, True),
+    ("http://hub.local:8081", {"HF_ENDPOINT": "http://hub.local:8080"}, False),
+    ("https://huggingface.co", {"HF_ENDPOINT": "http://hub.local:8080"}, False),
+])
+def test_the_hub_token_goes_only_to_the_hub_the_user_configured(endpoint, environ, sent):
+    assert sends_hub_token(endpoint, environ) is sent
+
+
+class FakeS3:
+    """A local S3 endpoint answering path-style GET and HEAD of objects as S3 does (NoSuchKey for a missing one),
+    counting the bytes it sent of each. An object in `dripping` is sent a byte every 0.1 s."""
+
+    def __init__(self):
+        self.objects: dict[str, bytes] = {}  # "bucket/key" -> bytes
+        self.dripping: set[str] = set()
+        self.sent: dict[str, int] = {}
+        self.done = threading.Event()  # set when an answer ended, sent whole or hung up on
+        self.stopped = threading.Event()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                key = unquote(urlsplit(self.path).path).lstrip("/")
+                data = fake.objects.get(key)
+                if data is None:
+                    error = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>NoSuchKey</Code>'
+                             b"<Message>The specified key does not exist.</Message></Error>")
+                    self.send_response(404)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(0 if self.command == "HEAD" else len(error)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(error)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command == "HEAD":
+                    return
+                step, pause = (1, 0.1) if key in fake.dripping else (64 * 1024, 0)
+                fake.sent.setdefault(key, 0)
+                try:
+                    for start in range(0, len(data), step):
+                        if pause and fake.stopped.wait(pause):
+                            return
+                        self.wfile.write(data[start:start + step])
+                        fake.sent[key] += len(data[start:start + step])
+                except OSError:
+                    pass
+                finally:
+                    fake.done.set()
+
+            do_HEAD = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    def put_model(self, prefix: str, files: dict[str, bytes], sizes: dict[str, int] | None = None) -> None:
+        """A final model: its files, and the manifest naming them (with `sizes` where it says otherwise)."""
+        for name, data in files.items():
+            self.objects[prefix + name] = data
+        manifest = {"files": {name: {"bytes": (sizes or {}).get(name, len(data))} for name, data in files.items()}}
+        self.objects[prefix + "manifest.json"] = json.dumps(manifest).encode()
+
+    def __enter__(self):
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopped.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+@pytest.fixture
+def fake_s3(monkeypatch, tmp_path):
+    """A FakeS3, and the AWS chain's variables a user's shell would have, none naming an endpoint."""
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {"AWS_ACCESS_KEY_ID": "reader", "AWS_SECRET_ACCESS_KEY": "reader-secret",
+                        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+                        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials")}.items():
+        monkeypatch.setenv(name, value)
+    with FakeS3() as server:
+        yield server
+
+
+FINAL = "bots/tweetbot/team/dreamer/a1b2c3d4/final/"
+
+
+def downloads(tmp_path):
+    """Where the download tests write: a directory of its own, so what is left beside DIR can be listed."""
+    where = tmp_path / "downloads"
+    where.mkdir()
+    return where
+
+
+def test_a_download_stops_once_more_bytes_arrive_than_the_manifest_says(fake_s3, tmp_path):
+    from tweetbot_operator.kubectl_plugin import download_model
+
+    big = 64 * 1024 * 1024
+    fake_s3.put_model(FINAL, {"config.json": b"{}", "model.safetensors": b"x" * big}, sizes={"model.safetensors": 1000})
+    where = downloads(tmp_path)
+    with pytest.raises(Refusal, match="more than the 1,000 bytes its manifest says") as refused:
+        download_model(model_location(bot(artifacts={"modelUri": "s3://" + FINAL})), where / "model", fake_s3.url,
+                       10**9)
+    assert refused.value.code == Exit.ERROR
+    assert fake_s3.done.wait(10)
+    # Stopped after a chunk or two: the rest is what the sockets' buffers held when the reader hung up.
+    assert fake_s3.sent[FINAL + "model.safetensors"] < big // 4
+    assert list(where.iterdir()) == []
+
+
+def test_a_download_ends_at_its_deadline(fake_s3, tmp_path):
+    from tweetbot_operator.kubectl_plugin import download_model
+
+    fake_s3.put_model(FINAL, {"config.json": b"{}", "model.safetensors": b"x" * 1000})
+    fake_s3.dripping.add(FINAL + "model.safetensors")  # 100 s at a byte every 0.1 s
+    where = downloads(tmp_path)
+    started = time.monotonic()
+    with pytest.raises(Refusal) as refused:
+        download_model(model_location(bot(artifacts={"modelUri": "s3://" + FINAL})), where / "model", fake_s3.url,
+                       10**9, timeout=2)
+    took = time.monotonic() - started
+    assert refused.value.code == Exit.TIMEOUT and took < 5, took
+    assert "--timeout" in str(refused.value) and "model.safetensors" in str(refused.value)
+    assert list(where.iterdir()) == []
+
+
+def test_a_download_never_deletes_what_it_did_not_create(fake_s3, tmp_path):
+    from tweetbot_operator.kubectl_plugin import download_model
+
+    fake_s3.put_model(FINAL, {"config.json": b'{"model_type": "gpt2"}', "model.safetensors": b"weights"})
+    location = model_location(bot(artifacts={"modelUri": "s3://" + FINAL}))
+    where = downloads(tmp_path)
+    # The user's own files, named as the directories the download once used beside DIR.
+    for sibling in ("model.partial", "model.replaced"):
+        (where / sibling).mkdir()
+        (where / sibling / "mine.txt").write_text("keep me")
+    theirs = {path.relative_to(where): path.read_text() for path in where.rglob("*") if path.is_file()}
+
+    def left() -> set[str]:
+        return {path.name for path in where.iterdir()}
+
+    assert download_model(location, where / "model", fake_s3.url, 10**9) == {"config.json": 22, "model.safetensors": 7}
+    assert left() == {"model", "model.partial", "model.replaced"}
+    (where / "model" / "stale.txt").write_text("old")
+    download_model(location, where / "model", fake_s3.url, 10**9, force=True)
+    assert not (where / "model" / "stale.txt").exists() and (where / "model" / "model.safetensors").read_bytes() == b"weights"
+    assert left() == {"model", "model.partial", "model.replaced"}
+    del fake_s3.objects[FINAL + "model.safetensors"]  # a failed download leaves nothing of its own behind
+    with pytest.raises(Refusal):
+        download_model(location, where / "other", fake_s3.url, 10**9)
+    assert left() == {"model", "model.partial", "model.replaced"}
+    assert {path.relative_to(where): path.read_text() for path in where.rglob("*") if path.is_file()
+            and path.parts[len(where.parts)] != "model"} == theirs
 
 
 def test_the_timestamps_are_utc():
@@ -284,3 +488,15 @@ def test_the_verbs_are_the_parsers():
 
     choices = next(action for action in build_parser()._subparsers._group_actions).choices
     assert tuple(choices) == VERBS
+
+
+def test_the_transfer_timeout_reads_as_a_duration():
+    from tweetbot_operator.kubectl_plugin import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["download", "dreamer", "model", "--timeout", "90s"]).timeout == 90
+    assert parser.parse_args(["download", "dreamer", "model"]).timeout == 3600
+    assert parser.parse_args(["samples", "dreamer"]).timeout == 120
+    with pytest.raises(SystemExit) as refused:
+        parser.parse_args(["generate", "dreamer", "--timeout", "soon"])
+    assert refused.value.code == Exit.USAGE

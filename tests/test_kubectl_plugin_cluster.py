@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -40,10 +42,10 @@ def custom(api_client, crd):
     return client.CustomObjectsApi(api_client)
 
 
-def create_bot(custom, namespace, name, bucket="bots") -> dict:
+def create_bot(custom, namespace, name, bucket="bots", endpoint=None) -> dict:
     body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TweetBot", "metadata": {"name": name},
             "spec": {"handles": ["dreamer"], "source": {"xArchive": {"uri": "s3://archives/{handle}/tweets.js"}},
-                     "output": {"s3": {"bucket": bucket}}}}
+                     "output": {"s3": {"bucket": bucket, **({"endpoint": endpoint} if endpoint else {})}}}}
     return custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
 
 
@@ -61,12 +63,15 @@ def write_status(custom, namespace, name, ready=False, stalled=False, reason="Tr
     return custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, body, _content_type=MERGE_PATCH)
 
 
-def plugin(dev_env, *args, timeout=120) -> subprocess.CompletedProcess:
+def plugin_env(dev_env, **extra: str) -> dict[str, str]:
+    return {**os.environ, "KUBECONFIG": str(dev_env.kubeconfig),
+            "PYTHONPATH": os.pathsep.join(str(REPO / part) for part in ("operator", "trainer", "hack")), **extra}
+
+
+def plugin(dev_env, *args, timeout=120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`kubectl tweetbot ARGS` as kubectl runs the plugin: a process of its own, the kubeconfig from the environment."""
-    env = {**os.environ, "KUBECONFIG": str(dev_env.kubeconfig),
-           "PYTHONPATH": os.pathsep.join(str(REPO / part) for part in ("operator", "trainer", "hack"))}
-    return subprocess.run([sys.executable, "-m", "tweetbot_operator.kubectl_plugin", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "tweetbot_operator.kubectl_plugin", *args],
+                          env=plugin_env(dev_env, **(env or {})), capture_output=True, text=True, timeout=timeout)
 
 
 def in_process(dev_env, capsys, *args) -> tuple[int, str, str]:
@@ -128,10 +133,9 @@ def test_wait_exits_by_what_the_bot_became(dev_env, custom, namespace):
     assert time.monotonic() - started < 60
 
     # The watch sees the bot succeed while it waits.
-    env = {**os.environ, "KUBECONFIG": str(dev_env.kubeconfig),
-           "PYTHONPATH": os.pathsep.join(str(REPO / part) for part in ("operator", "trainer", "hack"))}
     waiting = subprocess.Popen([sys.executable, "-m", "tweetbot_operator.kubectl_plugin", "wait", "slow", "-n", namespace,
-                                "--timeout", "60s"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                "--timeout", "60s"], env=plugin_env(dev_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
     try:
         time.sleep(3)
         assert waiting.poll() is None
@@ -209,6 +213,66 @@ def test_logs_find_the_stage_pod_and_say_why_there_is_no_log(dev_env, custom, ap
     assert f"the train pods of run {RUN} were cleaned up (ttlSecondsAfterFinished); the model is in s3://bots/x/{RUN}/final/" in err
 
 
+def test_logs_follow_every_pod_of_a_gang(dev_env, custom, api_client, namespace, tmp_path):
+    """`logs -f --all-pods`: each pod's lines as they come, prefixed with its index. kwok serves a pod's log
+    from the file a `Logs` object (kwok's CRD) names, in the CRI format a kubelet reads, and follows it for as
+    long as the client reads: the test ends the plugin itself."""
+    from tweetbot_dev.polling import wait_for
+
+    batch, core = client.BatchV1Api(api_client), client.CoreV1Api(api_client)
+    create_bot(custom, namespace, "chorus")
+    job = stage_job(batch, namespace, "chorus", "train", pods=2)
+    write_status(custom, namespace, "chorus", phase="Training", stages={"train": {"jobName": job, "state": "Running"}})
+    wait_for(lambda: len([p for p in core.list_namespaced_pod(namespace, label_selector=f"job-name={job}").items
+                          if p.status.phase == "Running"]) == 2, timeout=60, what="the gang's two pods running")
+    pods = {int(p.metadata.annotations["batch.kubernetes.io/job-completion-index"]): p.metadata.name
+            for p in core.list_namespaced_pod(namespace, label_selector=f"job-name={job}").items}
+
+    def cri(text: str) -> str:
+        return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime())}.000000000Z stdout F {text}\n"
+
+    files = {index: tmp_path / f"{index}.log" for index in pods}
+    for index, name in pods.items():
+        files[index].write_text(cri(f"rank {index} starts"))
+        custom.create_namespaced_custom_object("kwok.x-k8s.io", "v1alpha1", namespace, "logs", {
+            "apiVersion": "kwok.x-k8s.io/v1alpha1", "kind": "Logs", "metadata": {"name": name},
+            "spec": {"logs": [{"containers": ["train"], "logsFile": str(files[index]), "follow": True}]}})
+
+    def served(name: str) -> bool:
+        try:
+            return "starts" in core.read_namespaced_pod_log(name, namespace, container="train")
+        except client.ApiException:
+            return False
+
+    wait_for(lambda: all(served(name) for name in pods.values()), timeout=30, what="kwok serving both pods' logs")
+
+    following = subprocess.Popen([sys.executable, "-m", "tweetbot_operator.kubectl_plugin", "logs", "chorus", "-n", namespace,
+                                  "-f", "--all-pods"], env=plugin_env(dev_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line.rstrip("\n")) for line in following.stdout], daemon=True).start()
+    seen: list[str] = []
+
+    def saw(line: str) -> bool:
+        while not lines.empty():
+            seen.append(lines.get())
+        return line in seen
+
+    try:
+        wait_for(lambda: saw("[0] rank 0 starts") and saw("[1] rank 1 starts"), timeout=60, what="both pods' first lines")
+        assert following.poll() is None  # following, not done
+        with files[1].open("a") as log:
+            log.write(cri("rank 1 step 1") + cri("rank 1 step 2"))
+        with files[0].open("a") as log:
+            log.write(cri("rank 0 step 1"))
+        wait_for(lambda: saw("[1] rank 1 step 2") and saw("[0] rank 0 step 1"), timeout=30, what="the lines written later")
+    finally:
+        following.kill()
+        _, err = following.communicate(timeout=30)
+    assert all(line.startswith(("[0] rank 0 ", "[1] rank 1 ")) for line in seen), (seen, err)
+    assert seen.index("[1] rank 1 step 1") < seen.index("[1] rank 1 step 2")
+
+
 # --- S3: samples, download, generate -----------------------------------------------------------------------
 
 
@@ -246,7 +310,7 @@ def test_samples_and_download_read_the_final_model(dev_env, custom, namespace, n
     assert code == 0 and "4 files" in out
     assert {path.relative_to(target).as_posix(): path.read_bytes() for path in target.rglob("*") if path.is_file()
             and path.name != "manifest.json"} == files
-    assert not (tmp_path / "model.partial").exists()
+    assert [path.name for path in tmp_path.iterdir()] == ["model"]  # nothing of the download's own left beside it
 
     code, _, err = in_process(dev_env, capsys, "download", "dreamer", str(target), "-n", namespace)
     assert code == Exit.ERROR and "not an empty directory" in err
@@ -283,3 +347,64 @@ def test_generate_writes_posts_with_the_model_in_s3(dev_env, custom, namespace, 
     assert generated.returncode == 0, generated.stderr
     posts = generated.stdout.splitlines()
     assert len(posts) == 2 and all(post.startswith("My dream is") for post in posts)
+
+
+def test_the_bots_own_s3_endpoint_is_used_only_when_the_user_names_it(dev_env, custom, namespace, new_bucket, s3_env,
+                                                                       monkeypatch, capsys):
+    """The spec is the bot author's: the user's credentials sign requests only to an endpoint the user chose."""
+    s3, bucket = new_bucket("plugin-endpoint")
+    create_bot(custom, namespace, "elsewhere", bucket=bucket, endpoint=dev_env.s3_endpoint)
+    model_uri = put_model(s3, bucket, namespace, "elsewhere", {"samples.json": json.dumps(["My dream is a boat"]).encode()})
+    write_status(custom, namespace, "elsewhere", ready=True, reason="Succeeded", phase="Succeeded",
+                 artifacts={"modelUri": model_uri})
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+
+    code, out, err = in_process(dev_env, capsys, "samples", "elsewhere", "-n", namespace)
+    assert code == Exit.ERROR and out == ""
+    assert f"spec.output.s3.endpoint {dev_env.s3_endpoint}" in err and f"--s3-endpoint {dev_env.s3_endpoint}" in err
+    code, out, _ = in_process(dev_env, capsys, "samples", "elsewhere", "-n", namespace, "--s3-endpoint", dev_env.s3_endpoint)
+    assert code == 0 and out.splitlines() == ["My dream is a boat"]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dev_env.s3_endpoint)
+    assert in_process(dev_env, capsys, "samples", "elsewhere", "-n", namespace)[0] == 0
+
+
+def test_generate_loads_from_the_hub_its_hub_url_names(dev_env, custom, namespace, tmp_path):
+    """A bot published to a Hub of its own is loaded from there, anonymously: the user's HF_TOKEN goes only to
+    the Hub the user configured (HF_ENDPOINT), where a same-named repo is not the bot's."""
+    from huggingface_hub import HfApi
+
+    from tweetbot_dev.fake_hub import FakeHub
+    from tweetbot_dev.tiny_model import build_tiny_gpt2
+
+    model = build_tiny_gpt2(tmp_path / "tiny", ["My dream is to sail the seas", "the sea is calm today", "dream big"] * 20)
+    with FakeHub(tokens={"hf_mine": "alice"}, orgs={"alice": ["tweetbots"]}) as mine, \
+            FakeHub(tokens={"hf_theirs": "mallory"}, orgs={"mallory": ["tweetbots"]}) as theirs:
+        published = [(mine, "hf_mine", "tweetbots/dreamer", False), (theirs, "hf_theirs", "tweetbots/dreamer", False),
+                     (mine, "hf_mine", "tweetbots/secret", True)]
+        for hub, token, repo, private in published:
+            api = HfApi(endpoint=hub.url, token=token)
+            api.create_repo(repo, private=private)
+            api.upload_folder(repo_id=repo, folder_path=model, commit_message="Publish")
+        for hub in (mine, theirs):
+            hub.callers.clear()
+        env = {"HF_ENDPOINT": mine.url, "HF_TOKEN": "hf_mine", "HF_HOME": str(tmp_path / "hf-home"),
+               "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+        generate = ("My dream is", "-n", namespace, "--from", "hub", "--num", "1", "--max-new-tokens", "4", "--seed", "0")
+
+        create_bot(custom, namespace, "elsewhere")
+        write_status(custom, namespace, "elsewhere", ready=True, reason="Succeeded", phase="Succeeded",
+                     artifacts={"hubUrl": f"{theirs.url}/tweetbots/dreamer"})
+        elsewhere = plugin(dev_env, "generate", "elsewhere", *generate, env=env, timeout=300)
+        assert elsewhere.returncode == 0, elsewhere.stderr
+        assert elsewhere.stdout.startswith("My dream is")
+        assert theirs.callers and all(user is None for user, _ in theirs.callers), theirs.callers
+        assert mine.callers == []
+        assert f"{theirs.url} is not your Hub" in elsewhere.stderr and "hf_mine" not in elsewhere.stderr
+
+        create_bot(custom, namespace, "home")
+        write_status(custom, namespace, "home", ready=True, reason="Succeeded", phase="Succeeded",
+                     artifacts={"hubUrl": f"{mine.url}/tweetbots/secret"})
+        home = plugin(dev_env, "generate", "home", *generate, env=env, timeout=300)
+        assert home.returncode == 0, home.stderr
+        assert mine.callers and all(user == "alice" for user, _ in mine.callers), mine.callers
+        assert "is not your Hub" not in home.stderr

@@ -45,6 +45,8 @@ def kwokctl_config(bin_dir: Path, options: dict | None = None, patches: list[dic
             "kubectlBinary": str(bin_dir / "kubectl"),
             "etcdBinary": str(bin_dir / "etcd"),
             "kwokControllerBinary": str(bin_dir / "kwok"),
+            # kwok's Logs objects: a test names a file that kwok serves (and follows) as a fake pod's log.
+            "enableCRDs": ["Logs"],
             **(options or {}),
         },
         # kwok plays the kubelet only of nodes annotated as fake, so a local node agent can own another node.

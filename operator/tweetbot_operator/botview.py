@@ -1,7 +1,7 @@
 """What `kubectl tweetbot` decides from a TweetBot and what the cluster holds, as plain functions: the table
 `get` prints, whether `wait` is done, which Job and pods `logs` means, where a run's model and samples are in
-S3, which files `download` fetches, and the exit codes. No client: `kubectl_plugin` reads and writes around
-these.
+S3 and on the Hub, which endpoint gets the user's credentials, which files `download` fetches, how generated
+text reaches the terminal, and the exit codes. No client: `kubectl_plugin` reads and writes around these.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import IntEnum
 from pathlib import PurePosixPath
+from typing import Mapping
 from urllib.parse import urlsplit
 
 from tweetbot_trainer.contract import STAGES
@@ -28,7 +29,7 @@ class Exit(IntEnum):
     USAGE = 2  # a command line argparse refuses
     FAILED = 3  # wait: the run failed (phase Failed); its lastError is printed
     STALLED = 4  # wait: Stalled is True, the bot waits for a fix (a Secret, a refused Job); the message is printed
-    TIMEOUT = 5  # wait: neither within --timeout
+    TIMEOUT = 5  # wait: neither within --timeout; samples, download, generate: the S3 transfer did not end within it
     UNAVAILABLE = 6  # logs, samples, download, generate: what was asked for is not there (not yet, or cleaned up)
 
 
@@ -275,6 +276,8 @@ SAMPLES_BYTES = 1024 * 1024  # three generations of at most 160 tokens are a few
 MANIFEST_BYTES = 1024 * 1024
 MAX_FILES = 1000
 DEFAULT_MAX_BYTES = 64 * 1024**3  # a 7B model in 32 bits is 28 GB
+SAMPLES_TIMEOUT = "2m"  # --timeout of samples: one object of at most SAMPLES_BYTES
+MODEL_TIMEOUT = "1h"  # --timeout of download and generate: 28 GB in an hour is 8 MB/s
 
 
 @dataclass(frozen=True)
@@ -304,17 +307,23 @@ def model_location(bot: dict) -> ModelLocation:
                          s3.get("region") or "us-east-1", s3.get("endpoint") or "")
 
 
-def s3_endpoint(flag: str | None, environ: dict, location: ModelLocation) -> str | None:
-    """--s3-endpoint, else boto3's own AWS_ENDPOINT_URL(_S3) (None: boto3 reads it), else the bot's endpoint."""
+def s3_endpoint(flag: str | None, environ: Mapping[str, str], location: ModelLocation) -> str | None:
+    """--s3-endpoint, else boto3's own AWS_ENDPOINT_URL(_S3) (None: boto3 reads it), else AWS (None). The bot's
+    spec.output.s3.endpoint is its author's choice, and the user's AWS credentials would sign requests to it:
+    refused until the user names it."""
     if flag:
         return flag
     if environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL"):
         return None
-    return location.endpoint or None
+    if location.endpoint:
+        endpoint = one_line(location.endpoint)
+        raise Refusal(f"the bot's spec.output.s3.endpoint {endpoint} is not an endpoint you chose, and your AWS credentials "
+                      f"go only to AWS or to one you name: if you trust it, pass --s3-endpoint {endpoint}")
+    return None
 
 
 def sample_lines(payload: bytes) -> list[str]:
-    """The samples, one a line: a newline inside a sample is shown as \\n."""
+    """The samples, one a line, as `one_line` shows them (a newline inside one as \\n, an escape as \\x1b)."""
     try:
         samples = json.loads(payload)
     except ValueError:
@@ -324,8 +333,20 @@ def sample_lines(payload: bytes) -> list[str]:
     return [one_line(sample) for sample in samples]
 
 
+# What a terminal obeys rather than shows: C0 and C1 controls (ESC starts ANSI sequences, 0x9b is a one-byte
+# CSI), the bidi embeddings, overrides and isolates that reorder what is shown, and the line separators that
+# some readers split lines at. A tab stays; emoji joiners and other format characters are printable.
+_ESCAPES = {
+    **{code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7f, 0xa0)] if code != ord("\t")},
+    **{ord(char): f"\\u{ord(char):04x}" for char in "\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"},
+    ord("\\"): "\\\\", ord("\n"): "\\n", ord("\r"): "\\r",
+}
+
+
 def one_line(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
+    """Text a model (or a bot's author) wrote, on one line of a terminal, shown and not obeyed: a newline as \\n,
+    other control characters as their escapes (\\x1b), a backslash doubled so an escape reads as one."""
+    return text.translate(_ESCAPES)
 
 
 def download_plan(manifest_text: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_files: int = MAX_FILES) -> dict[str, int]:
@@ -359,26 +380,53 @@ def download_plan(manifest_text: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_
 class ModelSource:
     kind: str  # "s3" or "hub"
     where: str  # an s3:// URI, or a Hub repo id
+    endpoint: str = ""  # the Hub the repo is on, as status.artifacts.hubUrl names it
+    anonymous: bool = False  # not the user's Hub: read without the user's token
 
 
 SOURCES = ("s3", "hub")
+HUB = "https://huggingface.co"  # huggingface_hub's endpoint without HF_ENDPOINT
 
 
-def model_source(bot: dict, wanted: str | None = None) -> ModelSource:
+def model_source(bot: dict, wanted: str | None = None, environ: Mapping[str, str] | None = None) -> ModelSource:
     """Where `generate` loads the model from: S3 (the default while there is a model there), or the Hub repo
-    of `status.artifacts.hubUrl`."""
+    of `status.artifacts.hubUrl`, on the host that URL names; anonymously if that is not the user's Hub."""
     artifacts = (bot.get("status") or {}).get("artifacts") or {}
     wanted = wanted or ("s3" if artifacts.get("modelUri") or not artifacts.get("hubUrl") else "hub")
     if wanted == "s3":
         return ModelSource("s3", model_location(bot).uri)
     if not artifacts.get("hubUrl"):
         raise Refusal(f"{bot['metadata']['name']} has no model on the Hub: status.artifacts.hubUrl is empty", Exit.UNAVAILABLE)
-    return ModelSource("hub", hub_repo_id(artifacts["hubUrl"]))
+    endpoint, repo_id = hub_location(artifacts["hubUrl"])
+    return ModelSource("hub", repo_id, endpoint, anonymous=not sends_hub_token(endpoint, environ or {}))
 
 
-def hub_repo_id(hub_url: str) -> str:
-    """<owner>/<name> of a Hub URL (`<endpoint>/<owner>/<name>`, the endpoint perhaps with a path of its own)."""
-    segments = [segment for segment in urlsplit(hub_url).path.split("/") if segment]
+def hub_location(hub_url: str) -> tuple[str, str]:
+    """(endpoint, <owner>/<name>) of a Hub URL `<endpoint>/<owner>/<name>`, the endpoint perhaps with a path of its own."""
+    try:
+        parts = urlsplit(hub_url)
+        plain = parts.scheme in ("http", "https") and bool(parts.hostname) and "@" not in parts.netloc
+    except ValueError:  # a bracket that opens no IPv6 address
+        plain = False
+    if not plain or not hub_url.isprintable():
+        raise Refusal(f"{hub_url!r} is not a plain http(s) Hub URL")
+    segments = [segment for segment in parts.path.split("/") if segment]
     if len(segments) < 2:
         raise Refusal(f"{hub_url!r} names no Hub repository")
-    return "/".join(segments[-2:])
+    return f"{parts.scheme}://{parts.netloc}" + "".join("/" + segment for segment in segments[:-2]), "/".join(segments[-2:])
+
+
+def _origin(url: str) -> tuple[str, str, int | None] | None:
+    parts = urlsplit(url)
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    except ValueError:
+        return None
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port
+
+
+def sends_hub_token(endpoint: str, environ: Mapping[str, str]) -> bool:
+    """Whether the user's Hub token may go to `endpoint`: only to the Hub the user configured (HF_ENDPOINT, else
+    huggingface.co), the same scheme, host and port. A bot's hubUrl is its author's to choose."""
+    mine = _origin((environ.get("HF_ENDPOINT") or HUB).strip())
+    return mine is not None and bool(mine[1]) and _origin(endpoint) == mine

@@ -3,13 +3,16 @@ models and write with them. Installed as `kubectl-tweetbot` on PATH, which makes
 
 Every verb reads the bot through the Kubernetes API with your kubeconfig (`--kubeconfig`, `--context`,
 `-n/--namespace` as kubectl takes them), and S3 with the AWS credential chain (AWS_ACCESS_KEY_ID, a profile,
-an instance role; `--s3-endpoint` or AWS_ENDPOINT_URL for a store other than AWS). It prints no secret.
+an instance role; `--s3-endpoint` or AWS_ENDPOINT_URL for a store other than AWS). Your credentials go only
+where you point them: a bot's own S3 endpoint is used once you name it with --s3-endpoint, and a model on
+another Hub than yours (HF_ENDPOINT, else huggingface.co) is read without your HF_TOKEN. It prints no secret.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -26,13 +29,17 @@ from .botview import (
     CARD_FILE,
     DEFAULT_MAX_BYTES,
     EXIT_CODES_HELP,
+    HUB,
     MANIFEST_BYTES,
     MANIFEST_FILE,
+    MODEL_TIMEOUT,
     SAMPLES_BYTES,
     SAMPLES_FILE,
+    SAMPLES_TIMEOUT,
     SOURCES,
     Exit,
     ModelLocation,
+    ModelSource,
     Refusal,
     download_plan,
     for_output,
@@ -288,46 +295,79 @@ def _follow_all(cluster: Cluster, container: str, chosen: list[tuple[int, dict]]
 
 # --- S3 ------------------------------------------------------------------------------------------------------
 
+CHUNK_BYTES = 1024 * 1024  # what a transfer holds in memory at a time, and how far past a bound it reads
 
-def _s3(location: ModelLocation, endpoint_flag: str | None):
+
+def _storage(location: ModelLocation, endpoint_flag: str | None):
+    """The trainer's S3 reader (each read in a thread of its own, given up at its deadline), with the user's
+    AWS chain and an endpoint the user chose."""
+    endpoint = s3_endpoint(endpoint_flag, os.environ, location)
     try:
-        import boto3
-        from botocore.config import Config
+        from tweetbot_trainer.storage import Storage
     except ImportError:
         raise Refusal("reading S3 needs boto3: pip install 'tweetbot[kubectl]'") from None
-    return boto3.client("s3", endpoint_url=s3_endpoint(endpoint_flag, os.environ, location), region_name=location.region,
-                        config=Config(connect_timeout=10, read_timeout=60, retries={"max_attempts": 3}))
+    return Storage(endpoint or "", location.region)
 
 
-def _s3_error(error: BaseException) -> str:
-    """S3's error code, not boto's message (it can carry a presigned query string)."""
-    from botocore.exceptions import ClientError
+class _Deadline:
+    """--timeout: when every transfer of the command has to have ended."""
 
-    if isinstance(error, ClientError):
-        return error.response.get("Error", {}).get("Code") or type(error).__name__
-    return type(error).__name__
+    def __init__(self, seconds: float):
+        self.seconds, self.at = seconds, time.monotonic() + seconds
+
+    def left(self, uri: str) -> float:
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise self.passed(uri)
+        return left
+
+    def passed(self, uri: str) -> Refusal:
+        return Refusal(f"reading {uri} did not end within --timeout ({self.seconds:g}s)", Exit.TIMEOUT)
 
 
-def _read_object(s3, bucket: str, key: str, limit: int, missing: str) -> bytes:
+def _copy(storage, uri: str, out, limit: int, deadline: _Deadline, missing: str, too_large: str) -> int:
+    """The object's bytes into `out` as they arrive, given up once more than `limit` have (a manifest's size
+    or a Content-Length is only a claim) or at the deadline; the bytes written."""
     from botocore.exceptions import BotoCoreError, ClientError
 
+    from tweetbot_trainer.errors import NetworkFailure
+    from tweetbot_trainer.storage import s3_error_code
+
+    received = 0
     try:
-        response = s3.get_object(Bucket=bucket, Key=key)
-        if response["ContentLength"] > limit:
-            raise Refusal(f"s3://{bucket}/{key} is {response['ContentLength']:,} bytes, more than {limit:,}")
-        return response["Body"].read(limit + 1)[:limit]
+        chunks = storage.stream(uri, CHUNK_BYTES, seconds=deadline.left(uri))
+        try:
+            for chunk in chunks:
+                received += len(chunk)
+                if received > limit:
+                    raise Refusal(too_large)
+                out.write(chunk)
+        finally:
+            chunks.close()  # the reading thread hangs up at its next chunk
+    except FileNotFoundError:
+        raise Refusal(missing, Exit.UNAVAILABLE) from None
+    except PermissionError:
+        raise Refusal(f"reading {uri} failed: AccessDenied") from None
+    except NetworkFailure as failure:
+        if time.monotonic() >= deadline.at:
+            raise deadline.passed(uri) from None
+        raise Refusal(str(failure)) from None
     except (ClientError, BotoCoreError) as error:
-        code = _s3_error(error)
-        if code in ("NoSuchKey", "404"):
-            raise Refusal(missing, Exit.UNAVAILABLE) from None
-        raise Refusal(f"reading s3://{bucket}/{key} failed: {code}") from None
+        raise Refusal(f"reading {uri} failed: {s3_error_code(error)}") from None
+    return received
+
+
+def _read_object(storage, uri: str, limit: int, deadline: _Deadline, missing: str) -> bytes:
+    out = io.BytesIO()
+    _copy(storage, uri, out, limit, deadline, missing, f"{uri} is more than {limit:,} bytes")
+    return out.getvalue()
 
 
 def run_samples(args: argparse.Namespace) -> int:
     cluster = Cluster(args)
     location = model_location(cluster.bot(args.bot))
-    s3 = _s3(location, args.s3_endpoint)
-    payload = _read_object(s3, location.bucket, location.prefix + SAMPLES_FILE, SAMPLES_BYTES,
+    storage = _storage(location, args.s3_endpoint)
+    payload = _read_object(storage, location.uri + SAMPLES_FILE, SAMPLES_BYTES, _Deadline(args.timeout),
                            f"no samples at {location.uri}{SAMPLES_FILE}: the train stage writes them with the final model")
     for line in sample_lines(payload):
         print(line)
@@ -335,59 +375,75 @@ def run_samples(args: argparse.Namespace) -> int:
 
 
 def download_model(location: ModelLocation, directory: Path, endpoint_flag: str | None, max_bytes: int,
-                   force: bool = False) -> dict[str, int]:
-    """The model's files (its manifest's, and the model card if there is one) into `directory`: first into
-    `<directory>.partial`, then renamed, so `directory` holds a complete model or nothing new."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not force:
+                   force: bool = False, timeout: float = parse_duration(MODEL_TIMEOUT)) -> dict[str, int]:
+    """The model's files (its manifest's, and the model card if there is one) into `directory`: first into a new
+    directory of our own beside it, then renamed, so `directory` holds a complete model or nothing new, and
+    nothing else beside it is touched. Each file ends at its manifest's size, the whole at `timeout` seconds."""
+    occupied = directory.is_symlink() or (directory.exists() and (not directory.is_dir() or any(directory.iterdir())))
+    if occupied and not force:
         raise Refusal(f"{directory} is not an empty directory (--force replaces it)")
-    s3 = _s3(location, endpoint_flag)
-    manifest = _read_object(s3, location.bucket, location.prefix + MANIFEST_FILE, MANIFEST_BYTES,
+    deadline = _Deadline(timeout)
+    storage = _storage(location, endpoint_flag)
+    manifest = _read_object(storage, location.uri + MANIFEST_FILE, MANIFEST_BYTES, deadline,
                             f"no complete model at {location.uri} (no {MANIFEST_FILE}: the train stage writes it last)")
     plan = download_plan(manifest, max_bytes)
-    partial = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # Beside `directory`, so the rename stays on one filesystem; mkdtemp's 0700 becomes what mkdir would make.
+    partial = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
+        partial.chmod(0o777 & ~_umask())
         for name, size in plan.items():
             target = partial / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                s3.download_file(location.bucket, location.prefix + name, str(target))
-            except (ClientError, BotoCoreError) as error:
-                raise Refusal(f"downloading {location.uri}{name} failed: {_s3_error(error)}") from None
-            if target.stat().st_size != size:
-                raise Refusal(f"{location.uri}{name} is {target.stat().st_size:,} bytes, its manifest says {size:,}")
+            with target.open("wb") as out:
+                received = _copy(storage, location.uri + name, out, size, deadline,
+                                 f"{location.uri}{name} is missing, though {MANIFEST_FILE} names it",
+                                 f"{location.uri}{name} sent more than the {size:,} bytes its manifest says")
+            if received != size:
+                raise Refusal(f"{location.uri}{name} is {received:,} bytes, its manifest says {size:,}")
         try:  # the card, beside the model once published
-            card = _read_object(s3, location.bucket, location.prefix + CARD_FILE, MANIFEST_BYTES, "")
+            card = _read_object(storage, location.uri + CARD_FILE, MANIFEST_BYTES, deadline, "")
             (partial / CARD_FILE).write_bytes(card)
         except Refusal as refusal:
             if refusal.code != Exit.UNAVAILABLE:
                 raise
         (partial / MANIFEST_FILE).write_bytes(manifest)
-        if directory.exists():
-            replaced = directory.with_name(directory.name + ".replaced")
-            shutil.rmtree(replaced, ignore_errors=True)
-            directory.rename(replaced)
-            partial.rename(directory)
-            if replaced.is_dir():
-                shutil.rmtree(replaced, ignore_errors=True)
-            else:
-                replaced.unlink()
-        else:
-            partial.rename(directory)
+        _put_in_place(partial, directory)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return plan
 
 
+def _put_in_place(partial: Path, directory: Path) -> None:
+    """`partial` renamed to `directory`; what --force replaces is first moved into a directory of our own, put
+    back if the rename fails, and deleted once the new one is in place."""
+    replaced = None
+    if directory.exists() or directory.is_symlink():
+        replaced = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.replaced."))
+        directory.rename(replaced / directory.name)
+    try:
+        partial.rename(directory)
+    except BaseException:
+        if replaced is not None:
+            (replaced / directory.name).rename(directory)
+            replaced.rmdir()
+        raise
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def run_download(args: argparse.Namespace) -> int:
     cluster = Cluster(args)
     location = model_location(cluster.bot(args.bot))
     directory = Path(args.directory)
-    plan = download_model(location, directory, args.s3_endpoint, args.max_bytes, args.force)
+    plan = download_model(location, directory, args.s3_endpoint, args.max_bytes, args.force, args.timeout)
     print(f"{len(plan)} files, {sum(plan.values()):,} bytes of {location.uri} in {directory}")
     return Exit.OK
 
@@ -395,7 +451,7 @@ def run_download(args: argparse.Namespace) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     cluster = Cluster(args)
     bot = cluster.bot(args.bot)
-    source = model_source(bot, args.source)
+    source = model_source(bot, args.source, os.environ)
     # stdout carries the posts alone: what the libraries print while they load (DeepSpeed's accelerator warning,
     # whose handler keeps the stream it was created with) goes to stderr.
     with tempfile.TemporaryDirectory(prefix="kubectl-tweetbot-") as scratch, contextlib.redirect_stdout(sys.stderr):
@@ -405,10 +461,10 @@ def run_generate(args: argparse.Namespace) -> int:
             raise Refusal("generate needs transformers and torch: pip install 'tweetbot[trainer]'") from None
         if source.kind == "s3":
             model = Path(scratch) / "model"
-            download_model(model_location(bot), model, args.s3_endpoint, args.max_bytes)
+            download_model(model_location(bot), model, args.s3_endpoint, args.max_bytes, timeout=args.timeout)
             model = str(model)
         else:
-            model = source.where  # huggingface_hub reads HF_TOKEN and HF_ENDPOINT itself
+            model = _hub_snapshot(source, Path(scratch))
         if args.seed is not None:
             set_seed(args.seed)
         generator = pipeline("text-generation", model=model)
@@ -416,6 +472,27 @@ def run_generate(args: argparse.Namespace) -> int:
     for output in outputs:
         print(one_line(output["generated_text"]))
     return Exit.OK
+
+
+def _hub_snapshot(source: ModelSource, scratch: Path) -> str:
+    """The repo's files from the Hub its hubUrl names. Your token (HF_TOKEN or a saved login) goes only to your
+    Hub; from another the files are read anonymously into `scratch`, not into your cache, whose entries are
+    by repo id alone (a same-named repo on your Hub would be served from them)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        if not source.anonymous:
+            return snapshot_download(source.where, endpoint=source.endpoint)
+        print(f"note: {source.endpoint} is not your Hub (HF_ENDPOINT, else {HUB}): reading {source.where} from it "
+              "anonymously, without your HF_TOKEN", file=sys.stderr)
+        return snapshot_download(source.where, endpoint=source.endpoint, token=False, cache_dir=scratch / "hub")
+    except RepositoryNotFoundError:
+        raise Refusal(f"{source.endpoint} has no repository {source.where}"
+                      + (" that it shows without a token" if source.anonymous else ""), Exit.UNAVAILABLE) from None
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else type(error).__name__
+        raise Refusal(f"reading {source.where} from {source.endpoint} failed: {status}") from None
 
 
 # --- the command line ----------------------------------------------------------------------------------------
@@ -427,6 +504,13 @@ def _api_message(error) -> str:
         return json.loads(error.body).get("message") or error.reason
     except (TypeError, ValueError, AttributeError):
         return f"{error.status} {error.reason}"
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _byte_count(text: str) -> int:
@@ -444,8 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     connection.add_argument("--kubeconfig", help="the kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
     connection.add_argument("--context", help="the kubeconfig context to use (default: the current one)")
     s3 = argparse.ArgumentParser(add_help=False)
-    s3.add_argument("--s3-endpoint", help="the S3 endpoint to read the model from (default: $AWS_ENDPOINT_URL, "
-                                          "else the bot's spec.output.s3.endpoint, else AWS); credentials: the AWS chain")
+    s3.add_argument("--s3-endpoint", help="the S3 endpoint to read the model from (default: $AWS_ENDPOINT_URL, else AWS); "
+                                          "credentials: the AWS chain. A bot whose spec.output.s3.endpoint names another "
+                                          "store is refused until you name that endpoint here")
     s3.add_argument("--max-bytes", type=_byte_count, default=DEFAULT_MAX_BYTES,
                     help=f"refuse a model larger than this (default {DEFAULT_MAX_BYTES // 2**30}Gi)")
 
@@ -458,6 +543,10 @@ def build_parser() -> argparse.ArgumentParser:
                                epilog=EXIT_CODES_HELP)
         sub.set_defaults(handler=handler)
         return sub
+
+    def transfer_timeout(sub, default: str):
+        sub.add_argument("--timeout", type=_duration, default=default,
+                         help=f"give up (exit 5) when the S3 transfer has not ended by then (90s, 30m, 1h; default {default})")
 
     get = verb("get", run_get, "list bots (or one) with phase, progress, ETA, loss, Hub URL and age")
     get.add_argument("bot", nargs="?", help="one bot's name (default: every bot of the namespace)")
@@ -477,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     samples = verb("samples", run_samples, "print the samples the train stage generated, one a line", (connection, s3))
     samples.add_argument("bot")
+    transfer_timeout(samples, SAMPLES_TIMEOUT)
 
     generate = verb("generate", run_generate, "write posts with the bot's model, here, with transformers",
                     (connection, s3))
@@ -486,8 +576,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--num", type=int, default=3, help="how many posts (default 3)")
     generate.add_argument("--from", dest="source", choices=SOURCES,
                           help="the model in S3 (status.artifacts.modelUri, the default) or on the Hub "
-                               "(status.artifacts.hubUrl; HF_TOKEN and HF_ENDPOINT are honoured)")
+                               "(status.artifacts.hubUrl, from the host it names; HF_TOKEN is sent only if that is "
+                               f"your Hub, HF_ENDPOINT or else {HUB}: from another the model is read anonymously)")
     generate.add_argument("--seed", type=int, help="a seed, for the same posts each time")
+    transfer_timeout(generate, MODEL_TIMEOUT)
 
     rerun = verb("rerun", run_rerun, f"train again on the same spec: set {RERUN_ANNOTATION} to the UTC time")
     rerun.add_argument("bot")
@@ -496,6 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("bot")
     download.add_argument("directory")
     download.add_argument("--force", action="store_true", help="replace a directory that is not empty")
+    transfer_timeout(download, MODEL_TIMEOUT)
     return parser
 
 

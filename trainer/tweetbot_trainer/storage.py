@@ -173,12 +173,12 @@ class Storage:
         """All bytes at an s3:// URI, an http(s):// URL or a local path (errors as `stream`)."""
         return b"".join(self.stream(uri))
 
-    def stream(self, uri: str, chunk_size: int = CHUNK_BYTES) -> Iterator[bytes]:
+    def stream(self, uri: str, chunk_size: int = CHUNK_BYTES, seconds: float | None = None) -> Iterator[bytes]:
         """The bytes at an s3:// URI, an http(s):// URL or a local path, chunk by chunk, so a large file is
         never whole in memory. The request is made at once: FileNotFoundError if there is no such file,
         PermissionError if this identity may not read it (also S3's answer for a missing key to a reader
-        that may not list the bucket). NetworkFailure once the read has waited READ_DEADLINE_SECONDS in all
-        for the server. Messages name the URL without userinfo or query."""
+        that may not list the bucket). NetworkFailure once the read has waited `seconds` (default
+        READ_DEADLINE_SECONDS) in all for the server. Messages name the URL without userinfo or query."""
         shown = redact_url(uri)
         if uri.startswith("s3://"):
             chunks = _s3_chunks(self.s3, uri, chunk_size, shown)
@@ -187,7 +187,7 @@ class Storage:
         else:
             return _file_chunks(open(uri, "rb"), chunk_size)
         where = "{0.scheme}://{0.netloc}".format(urlsplit(shown))  # the host alone: a path can carry a token
-        return iter(_ReadBeforeDeadline(chunks, READ_DEADLINE_SECONDS, where))
+        return iter(_ReadBeforeDeadline(chunks, READ_DEADLINE_SECONDS if seconds is None else seconds, where))
 
     def put(self, bucket: str, key: str, data: bytes) -> None:
         self.s3.put_object(Bucket=bucket, Key=key, Body=data)

@@ -190,7 +190,6 @@ ZERO3_LOAD = """
 import json, os, sys
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from tweetbot_trainer import train
-from tweetbot_trainer.cli import single_process_group
 from tweetbot_trainer.contract import StageRequest
 
 load = train.load_model_and_tokenizer
@@ -204,7 +203,6 @@ def loaded_as_zero3(source, revision):
 
 train.load_posts = lambda storage, layout: []
 train.load_model_and_tokenizer = loaded_as_zero3
-single_process_group()
 train.run_train(StageRequest.from_json(sys.argv[1]), storage=None)
 """
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -28,8 +32,8 @@ def test_auto_is_fp32_on_cpu_and_a_chosen_precision_stands(monkeypatch):
     assert precision_flags("fp16") == {"bf16": False, "fp16": True}
 
 
-def test_one_cpu_process_with_the_defaults_trains_without_deepspeed(monkeypatch, tmp_path):
-    """Measured: on one CPU process DeepSpeed only cost tokens/s and memory (see `uses_deepspeed`)."""
+def test_one_process_with_the_defaults_trains_without_deepspeed(monkeypatch, tmp_path):
+    """One rank, on a GPU or the CPU: DeepSpeed has nothing to partition and costs start-up (see `uses_deepspeed`)."""
     from tweetbot_trainer import train
     from tweetbot_trainer.contract import S3Layout, StageRequest
 
@@ -39,12 +43,31 @@ def test_one_cpu_process_with_the_defaults_trains_without_deepspeed(monkeypatch,
 
     monkeypatch.setattr(train, "DEEPSPEED_CONFIG_PATH", str(tmp_path / "absent.json"))
     defaults = train.TrainArguments.from_request(request())
-    assert train.training_arguments(defaults, "out", 10, False, 1, cuda=False)["deepspeed"] is None
-    assert train.describe_deepspeed(None) == "none (one CPU process)"
-    for args, world, cuda in ((defaults, 1, True), (defaults, 2, False),
+    for cuda in (False, True):
+        assert train.training_arguments(defaults, "out", 10, False, 1, cuda=cuda)["deepspeed"] is None
+    assert train.describe_deepspeed(None) == "none (one process)"
+    for args, world, cuda in ((defaults, 2, True), (defaults, 2, False),
                               (train.TrainArguments.from_request(request(zeroStage=3)), 1, False)):
         config = train.training_arguments(args, "out", 10, False, world, cuda=cuda)["deepspeed"]
         assert config["zero_optimization"]["stage"] == args.zero_stage
     (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 1}}')
     monkeypatch.setattr(train, "DEEPSPEED_CONFIG_PATH", str(tmp_path / "ds.json"))
     assert train.training_arguments(defaults, "out", 10, False, 1, cuda=False)["deepspeed"]["zero_optimization"]["stage"] == 1
+
+
+def test_a_process_without_deepspeed_never_imports_it(tmp_path):
+    """accelerate imports DeepSpeed (and so MLflow) on every Trainer whenever it is installed: seconds of a GPU
+    pod's start for nothing when the stage trains without it."""
+    code = (
+        "import sys\n"
+        "from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments\n"
+        "from tweetbot_trainer.train import skip_deepspeed_import\n"
+        "skip_deepspeed_import()\n"
+        "model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))\n"
+        "Trainer(model=model, args=TrainingArguments(output_dir=sys.argv[1], use_cpu=True, report_to=[]))\n"
+        "print(sorted(name for name in ('deepspeed', 'mlflow') if name in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

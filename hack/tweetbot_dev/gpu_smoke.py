@@ -40,13 +40,13 @@ def run_one(setting: str, model_name: str, steps: int, count: int) -> dict:
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from tweetbot_trainer.cli import single_process_group
     from tweetbot_trainer.train import (BlockDataset, TrainArguments, load_model_and_tokenizer, make_blocks,
-                                        skip_shared_memory_comm, training_arguments)
+                                        single_process_group, skip_shared_memory_comm, training_arguments)
 
     cuda = torch.cuda.is_available()
-    single_process_group()  # as the stage does without torchrun: DeepSpeed wants a process group
-    skip_shared_memory_comm(cuda)
+    if setting == "zero2":  # DeepSpeed wants a process group, as in the stage
+        single_process_group()
+        skip_shared_memory_comm(cuda)
     model, tokenizer = load_model_and_tokenizer(model_name, "main")
     output_dir = tempfile.mkdtemp(prefix=f"tweetbot-gpu-smoke-{setting}-")
     if setting != "huggingtweets":

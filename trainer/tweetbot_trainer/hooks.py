@@ -127,6 +127,9 @@ class ProgressReports(TrainerCallback):
         )
         self.writer.submit(self._write, progress.to_json().encode())
 
+    def on_train_end(self, args, state, control, **kwargs):
+        self.writer.shutdown(wait=True)  # the last report written before the stage goes on (the process ends at once)
+
     def _write(self, body: bytes):
         try:
             self.storage.put(self.layout.bucket, self.layout.progress, body)

@@ -276,16 +276,31 @@ def deepspeed_config(args: TrainArguments) -> dict:
     }
 
 
-def uses_deepspeed(args: TrainArguments, world_size: int, cuda: bool) -> bool:
-    """DeepSpeed on GPUs, across ranks, or when the spec asks for it. One CPU process with the defaults trains
-    with the plain Trainer: there DeepSpeed has nothing to partition or overlap, and it ran at 0.86x the tokens/s
-    with 38 MB more (`tweetbot_dev.gpu_smoke --settings zero2,plain` on CPU, tiny GPT-2, medians of 3 runs)."""
-    return cuda or world_size > 1 or args.zero_asked or Path(DEEPSPEED_CONFIG_PATH).is_file()
+def uses_deepspeed(args: TrainArguments, world_size: int) -> bool:
+    """DeepSpeed across ranks, or when the spec asks for it (zeroStage, offload, a config). One process (one GPU
+    or the CPU) with the defaults trains with the plain Trainer: ZeRO has nothing to partition with one rank and
+    the optimizer is transformers' AdamW either way, so DeepSpeed's bf16 master weights cost what autocast's
+    fp32 weights do. Measured on CPU it ran at 0.86x the tokens/s with 38 MB more (`tweetbot_dev.gpu_smoke
+    --settings zero2,plain`, tiny GPT-2, medians of 3 runs), and its import, process group and engine set-up
+    are a pod's fixed cost (`tweetbot bench`, train fixed cost against the floor)."""
+    return world_size > 1 or args.zero_asked or Path(DEEPSPEED_CONFIG_PATH).is_file()
+
+
+def single_process_group() -> None:
+    """DeepSpeed wants a process group even for one process; torch.distributed.run sets these for several."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 def describe_deepspeed(config: dict | None) -> str:
     if config is None:
-        return "none (one CPU process)"
+        return "none (one process)"
     zero = config.get("zero_optimization", {})
     offload = " with CPU offload" if zero.get("offload_optimizer") else ""
     return f"ZeRO stage {zero.get('stage', 0)}{offload}"
@@ -301,6 +316,15 @@ def skip_shared_memory_comm(cuda: bool) -> None:
     import deepspeed.ops
 
     vars(deepspeed.ops).setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
+
+
+def skip_deepspeed_import() -> None:
+    """Without DeepSpeed, accelerate still imports it whenever it is installed, to ask whether the model is wrapped
+    in DeepSpeed's engine, which it then cannot be: 1.4 s of a pod's start here (MLflow's import among it, which
+    DeepSpeed imports when installed). Its only reader is that question."""
+    import accelerate.utils.other
+
+    accelerate.utils.other.is_deepspeed_available = lambda: False
 
 
 def require_gpus(gpus: int) -> None:
@@ -350,7 +374,7 @@ def training_arguments(args: TrainArguments, output_dir: str, train_blocks: int,
         save_strategy="no",  # saves come from hooks.TimedCheckpoints, and one at the end
         report_to=list(args.report_to),  # transformers' callbacks, on rank 0; tracking.py sets them up
         run_name=args.run_name or None,
-        deepspeed=deepspeed_config(args) if uses_deepspeed(args, world_size, cuda) else None,
+        deepspeed=deepspeed_config(args) if uses_deepspeed(args, world_size) else None,
         use_cpu=not cuda,
         dataloader_num_workers=0,
         disable_tqdm=True,
@@ -497,7 +521,11 @@ def run_train(request: StageRequest, storage: Storage, workdir: Path | None = No
     set_seed(args.seed)
 
     world_size, cuda = int(os.environ.get("WORLD_SIZE", "1")), torch.cuda.is_available()
-    skip_shared_memory_comm(cuda)
+    if uses_deepspeed(args, world_size):
+        single_process_group()
+        skip_shared_memory_comm(cuda)
+    else:
+        skip_deepspeed_import()
     output_dir = workdir / "checkpoints"
     with times.phase("trainerInit"):
         # Before from_pretrained, which reads the DeepSpeed config this registers: under ZeRO-3 each rank then

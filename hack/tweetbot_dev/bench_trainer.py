@@ -4,6 +4,9 @@
   against huggingtweets' way of training (batch 1, contiguous blocks of the model's maximum length, a plain
   transformers Trainer, fp32) on the same training posts, the same tiny GPT-2, on CPU; and where the stage's
   wall time goes (start-up, model load, DeepSpeed init, the training steps, evaluation, saves, uploads).
+- the floor of the train stage (`_floor_train`): a process that imports only what training needs, loads the
+  same model from local disk and runs the same optimizer steps on the stage's own token blocks in a plain
+  loop. The stage's wall time and its fixed cost (wall time less the training steps) stand against the floor's.
 - bench_s3_upload: the stage's checkpoint upload path (Storage.upload_directory) against one plain
   single-stream boto3 put_object per file, on a GPT-2-sized checkpoint.
 
@@ -82,6 +85,65 @@ def _baseline_train(model_dir: str, posts_file: str, epochs: int, seed: int) -> 
             "steps": trainer.state.global_step}
 
 
+def _floor_train(model_dir: str, blocks_file: str, epochs: int, batch_size: int, learning_rate: float, seed: int) -> dict:
+    """The least a train pod could do: import torch and the model's class, load the model from local disk and
+    run the stage's optimizer steps (AdamW, gradient clipping at 1.0, cosine schedule without warm-up: the
+    stage's defaults) over the stage's own training blocks in a plain loop. Nothing else: no data read or
+    tokenized, no evaluation, no checkpoint, no upload."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    blocks = torch.tensor(json.loads(Path(blocks_file).read_text()), dtype=torch.long)
+    steps = math.ceil(len(blocks) / batch_size) * epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+    model.train()
+    started = time.perf_counter()
+    losses = []
+    for _ in range(epochs):
+        order = torch.randperm(len(blocks))
+        for first in range(0, len(blocks), batch_size):
+            batch = blocks[order[first:first + batch_size]]
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+    seconds = time.perf_counter() - started
+    return {"steps": steps, "steps_seconds": seconds, "train_loss": float(torch.stack(losses).mean())}
+
+
+def _in_process(function: str, env: dict, *args) -> dict:
+    """One of this module's functions in a fresh process (its imports and start-up counted), its result and the
+    process's wall time."""
+    code = (f"import json; from tweetbot_dev.bench_trainer import {function}; "
+            f"print('RESULT' + json.dumps({function}(*{args!r})))")
+    started = time.perf_counter()
+    output = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                            timeout=900).stdout
+    result = json.loads(output.split("RESULT", 1)[1].splitlines()[0])
+    result["wall_seconds"] = time.perf_counter() - started
+    return result
+
+
+def stage_blocks(model_dir: Path, texts: list[str], args):
+    """The training and evaluation blocks the stage makes of `texts` with its settings `args`."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from tweetbot_trainer.train import make_blocks
+
+    class Model:
+        config = AutoConfig.from_pretrained(model_dir)
+
+    return make_blocks(texts, AutoTokenizer.from_pretrained(model_dir), Model, args)
+
+
 def _stage_env(request, s3_server, work: Path, threads: int) -> dict:
     """What the operator's train Job sets for a CPU-only bot (gpus: 0, cpu: `threads`): the request, the S3
     credentials from the bot's Secret, OMP_NUM_THREADS and DS_ACCELERATOR=cpu."""
@@ -141,6 +203,7 @@ def bench_train(posts: int = 3000, epochs: int = 2, runs: int = 2, threads: int 
     model_dir = build_tiny_gpt2(work / "model", texts, **TINY)
     train_posts, _ = split_posts(texts, defaults.validation_fraction, defaults.seed)
     (work / "train-posts.json").write_text(json.dumps(train_posts))
+    (work / "train-blocks.json").write_text(json.dumps(stage_blocks(model_dir, texts, defaults).train))
     try:
         with local_s3(work) as (server, s3):
             bucket = "bench"
@@ -164,16 +227,12 @@ def bench_train(posts: int = 3000, epochs: int = 2, runs: int = 2, threads: int 
             baseline_env = {**env, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                             "MASTER_PORT": "29519"}
             baseline_env.pop("TWEETBOT_REQUEST")
-            ours_runs, baseline_runs = [], []
+            ours_runs, baseline_runs, floor_runs = [], [], []
             for run in range(runs):
-                code = (f"import json; from tweetbot_dev.bench_trainer import _baseline_train; print('RESULT' + json.dumps("
-                        f"_baseline_train({str(model_dir)!r}, {str(work / 'train-posts.json')!r}, {epochs}, {defaults.seed})))")
-                started = time.perf_counter()
-                output = subprocess.run([sys.executable, "-c", code], env=baseline_env, capture_output=True, text=True,
-                                        check=True, timeout=900).stdout
-                baseline = json.loads(output.split("RESULT", 1)[1].splitlines()[0])
-                baseline["wall_seconds"] = time.perf_counter() - started
-                baseline_runs.append(baseline)
+                floor_runs.append(_in_process("_floor_train", baseline_env, str(model_dir), str(work / "train-blocks.json"),
+                                              epochs, defaults.batch_size, defaults.learning_rate, defaults.seed))
+                baseline_runs.append(_in_process("_baseline_train", baseline_env, str(model_dir), str(work / "train-posts.json"),
+                                                 epochs, defaults.seed))
                 ours_runs.append(_run_stage(request(run + 1), server, work, threads))
             bf16 = _run_stage(request(runs + 1, precision="bf16"), server, work, threads) if bf16_run else None
     finally:
@@ -190,6 +249,13 @@ def bench_train(posts: int = 3000, epochs: int = 2, runs: int = 2, threads: int 
     tokens = ours["metrics"]["tokens"]
     if tokens != baseline["tokens"]:
         raise RuntimeError(f"the stage trained {tokens} tokens and the baseline {baseline['tokens']}: not the same data")
+    # Against the floor, each side's fastest whole process.
+    stage = min(ours_runs, key=lambda run: run["wall_seconds"])
+    floor = min(floor_runs, key=lambda run: run["wall_seconds"])
+    if floor["steps"] != stage["metrics"]["steps"]:
+        raise RuntimeError(f"the stage ran {stage['metrics']['steps']} steps and the floor {floor['steps']}: not the same work")
+    stage_fixed = stage["wall_seconds"] - stage["timings"]["seconds"]["trainingSteps"]
+    floor_fixed = floor["wall_seconds"] - floor["steps_seconds"]
     ours_seconds, baseline_seconds = train_call(ours), baseline["seconds"]
     timings = ours["timings"]
     steps_seconds = timings["seconds"]["trainingSteps"]
@@ -208,6 +274,14 @@ def bench_train(posts: int = 3000, epochs: int = 2, runs: int = 2, threads: int 
         "steps": ours["metrics"]["steps"], "baseline_steps": baseline["steps"],
         "all_runs_seconds": {"ours": [round(train_call(r), 1) for r in ours_runs],
                              "baseline": [round(r["seconds"], 1) for r in baseline_runs]},
+        "floor": {"wall_seconds": round(floor["wall_seconds"], 2), "steps_seconds": round(floor["steps_seconds"], 2),
+                  "fixed_seconds": round(floor_fixed, 2), "train_loss": round(floor["train_loss"], 4),
+                  "stage_wall_seconds": round(stage["wall_seconds"], 2), "stage_fixed_seconds": round(stage_fixed, 2),
+                  "stage_steps_seconds": round(stage["timings"]["seconds"]["trainingSteps"], 2),
+                  "wall_ratio": round(stage["wall_seconds"] / floor["wall_seconds"], 2),
+                  "fixed_ratio": round(stage_fixed / floor_fixed, 2),
+                  "all_runs_wall_seconds": {"stage": [round(r["wall_seconds"], 2) for r in ours_runs],
+                                            "floor": [round(r["wall_seconds"], 2) for r in floor_runs]}},
         "deepspeed_op_build_seconds": round(op_build, 1),
         "bf16": None if bf16 is None else {
             "tokens_per_second": round(tokens / train_call(bf16)), "speedup": round(baseline_seconds / train_call(bf16), 2),
@@ -329,6 +403,10 @@ def rows(results: dict) -> list[tuple[str, str, str, str, str]]:
              _ratio(train['steps_speedup']), "the same, against the stage's steps without init or eval"),
             ("train stage wall (s)", f"{train['stage_wall_seconds']}", f"{train['baseline_wall_seconds']}",
              f"{train['wall_ratio']}x the time", f"whole processes; same {train['tokens']:,} tokens, tiny GPT-2, CPU"),
+            ("train stage vs floor (s)", f"{train['floor']['stage_wall_seconds']}", f"{train['floor']['wall_seconds']}",
+             f"{train['floor']['wall_ratio']}x the time", "floor: imports, model from disk, the same steps in a plain loop"),
+            ("train fixed cost vs floor (s)", f"{train['floor']['stage_fixed_seconds']}", f"{train['floor']['fixed_seconds']}",
+             f"{train['floor']['fixed_ratio']}x the time", "wall time less the training steps, both processes"),
             ("outside the loop (%)", f"{100 * train['phases']['outside_loop_share']:.0f}", "", "",
              "share of the stage's wall time not in training steps"),
         ]

@@ -323,6 +323,38 @@ def test_pod_overrides_reach_their_stages_pods_only():
     assert "HTTPS_PROXY" not in json.dumps(publish) and "cost-center" not in publish["metadata"]["labels"]
 
 
+def kubelet_expand(value: str, defined: dict[str, str]) -> str:
+    """What the kubelet makes of an env value (Kubernetes' expansion package): `$$` is `$`, `$(NAME)` the value of
+    a variable defined before it, anything else stays."""
+    out, i = [], 0
+    while i < len(value):
+        if value.startswith("$$", i):
+            out.append("$")
+            i += 2
+        elif value.startswith("$(", i) and ")" in value[i:]:
+            end = value.index(")", i)
+            name = value[i + 2:end]
+            out.append(defined.get(name, value[i:end + 1]))
+            i = end + 1
+        else:
+            out.append(value[i])
+            i += 1
+    return "".join(out)
+
+
+@pytest.mark.parametrize("value", ["$(X_BEARER_TOKEN)", "http://$(AWS_SECRET_ACCESS_KEY)@proxy.example:3128", "a$b$$c",
+                                   "$", "$$(X_BEARER_TOKEN)", "plain"])
+def test_override_env_values_reach_the_container_as_written(value):
+    """The kubelet expands $(NAME) in a value from the variables before it, and the Secrets' come first: a tag or
+    a proxy URL could otherwise carry a token the author may not read to a host of theirs."""
+    bot = make_bot(podOverrides={"scrape": {"env": [{"name": "HTTPS_PROXY", "value": value}]}})
+    container = desired_job(bot, run_id_for(bot), "scrape", SETTINGS)["spec"]["template"]["spec"]["containers"][0]
+    secrets = {item["name"]: "secret" for item in container["env"] if "valueFrom" in item}
+    assert {"X_BEARER_TOKEN", "AWS_SECRET_ACCESS_KEY"} <= set(secrets)
+    assert container["env"][-1]["name"] == "HTTPS_PROXY"
+    assert kubelet_expand(container["env"][-1]["value"], secrets) == value
+
+
 def test_a_bot_image_runs_only_where_the_chart_allows_it():
     bot = make_bot(podOverrides={"train": {"image": "registry.example/trainer:patched"}})
     with pytest.raises(InvalidSpec, match=r"spec.podOverrides.train.image: .*trainer.allowBotImages"):

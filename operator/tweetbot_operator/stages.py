@@ -333,6 +333,13 @@ def pod_image(spec: dict, stage: str, settings: Settings) -> str:
     return override["image"] if settings.allow_bot_images and override.get("image") else settings.trainer_image
 
 
+def literal_env(item: dict) -> dict:
+    """A podOverrides variable that reaches the container as written. The kubelet expands $(NAME) in a value from
+    the variables before it, the Secrets' among them, so `$(X_BEARER_TOKEN)` in a proxy URL or a W&B tag would
+    carry a token its author may not read to a host of theirs; `$$` is Kubernetes' escape for `$`."""
+    return {**item, "value": item.get("value", "").replace("$", "$$")}
+
+
 def desired_job(bot: dict, run_id: str, stage: str, settings: Settings, named: str | None = None,
                 lineage: Lineage = Lineage()) -> dict:
     """The Job manifest of one stage of one run (the caller adds the owner reference), named
@@ -368,7 +375,7 @@ def desired_job(bot: dict, run_id: str, stage: str, settings: Settings, named: s
             "image": pod_image(spec, stage, settings),
             "imagePullPolicy": settings.image_pull_policy,
             "command": parts.command,
-            "env": env + parts.env + list(override.get("env") or []),
+            "env": env + parts.env + [literal_env(item) for item in override.get("env") or []],
             "resources": parts.resources,
             "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, *parts.mounts],
             "terminationMessagePath": TERMINATION_MESSAGE_PATH,

@@ -160,11 +160,20 @@ INVALID = [
      "env name is set by the operator"),
     ("env of the S3 identity", bot(podOverrides={"scrape": {"env": [{"name": "AWS_ENDPOINT_URL", "value": "http://x"}]}}),
      "env name is set by the operator"),
+    # Names outside the allow-list: each runs code the admin did not choose in the stage's Python.
+    ("env that imports a module", bot(podOverrides={"train": {"env": [{"name": "PYTHONWARNINGS", "value": "ignore::antigravity.x"}]}}),
+     "env name is not one a stage may be given"),
+    ("env that preloads a library", bot(podOverrides={"train": {"env": [{"name": "LD_PRELOAD", "value": "/tmp/x.so"}]}}),
+     "env name is not one a stage may be given"),
+    ("env that runs a command", bot(podOverrides={"scrape": {"env": [{"name": "BROWSER", "value": "sh -c id"}]}}),
+     "env name is not one a stage may be given"),
+    ("env of an allowed family naming a plugin", bot(podOverrides={"train": {"env": [{"name": "NCCL_NET_PLUGIN", "value": "/tmp/x.so"}]}}),
+     "env name is not one a stage may be given"),
     ("env name that is no variable name", bot(podOverrides={"train": {"env": [{"name": "1X", "value": "x"}]}}),
      "spec.podOverrides.train.env[0].name: Invalid value"),
-    ("env twice", bot(podOverrides={"train": {"env": [{"name": "A", "value": "x"}, {"name": "A", "value": "y"}]}}),
+    ("env twice", bot(podOverrides={"train": {"env": [{"name": "NCCL_DEBUG", "value": "x"}, {"name": "NCCL_DEBUG", "value": "y"}]}}),
      "Duplicate value"),
-    ("env from a Secret", bot(podOverrides={"train": {"env": [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}}),
+    ("env from a Secret", bot(podOverrides={"train": {"env": [{"name": "NCCL_DEBUG", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}}),
      'unknown field "spec.podOverrides.train.env[0].valueFrom"'),
     ("operator's label", bot(podOverrides={"publish": {"labels": {"app.kubernetes.io/component": "train"}}}),
      "labels must not set the operator's own"),
@@ -229,7 +238,9 @@ def test_defaults_are_filled_by_the_api_server(kubectl, namespace):
 
 def test_pod_overrides_are_kept_as_written_and_the_gpu_resource_defaulted(kubectl, namespace):
     overrides = {"train": {"gpuResourceName": "nvidia.com/mig-1g.10gb", "runtimeClassName": "nvidia",
-                           "env": [{"name": "NCCL_DEBUG", "value": "INFO"}], "imagePullSecrets": [{"name": "registry"}],
+                           "env": [{"name": "NCCL_DEBUG", "value": "INFO"},
+                                   {"name": "PYTORCH_CUDA_ALLOC_CONF", "value": "expandable_segments:True"}],
+                           "imagePullSecrets": [{"name": "registry"}],
                            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
                                "nodeSelectorTerms": [{"matchExpressions": [{"key": "nvidia.com/gpu.product", "operator": "In",
                                                                             "values": ["NVIDIA-A100-SXM4-80GB"]}]}]}}},

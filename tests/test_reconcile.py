@@ -323,6 +323,38 @@ def test_pod_overrides_reach_their_stages_pods_only():
     assert "HTTPS_PROXY" not in json.dumps(publish) and "cost-center" not in publish["metadata"]["labels"]
 
 
+def kubelet_expand(value: str, defined: dict[str, str]) -> str:
+    """What the kubelet makes of an env value (Kubernetes' expansion package): `$$` is `$`, `$(NAME)` the value of
+    a variable defined before it, anything else stays."""
+    out, i = [], 0
+    while i < len(value):
+        if value.startswith("$$", i):
+            out.append("$")
+            i += 2
+        elif value.startswith("$(", i) and ")" in value[i:]:
+            end = value.index(")", i)
+            name = value[i + 2:end]
+            out.append(defined.get(name, value[i:end + 1]))
+            i = end + 1
+        else:
+            out.append(value[i])
+            i += 1
+    return "".join(out)
+
+
+@pytest.mark.parametrize("value", ["$(X_BEARER_TOKEN)", "http://$(AWS_SECRET_ACCESS_KEY)@proxy.example:3128", "a$b$$c",
+                                   "$", "$$(X_BEARER_TOKEN)", "plain"])
+def test_override_env_values_reach_the_container_as_written(value):
+    """The kubelet expands $(NAME) in a value from the variables before it, and the Secrets' come first: a tag or
+    a proxy URL could otherwise carry a token the author may not read to a host of theirs."""
+    bot = make_bot(podOverrides={"scrape": {"env": [{"name": "HTTPS_PROXY", "value": value}]}})
+    container = desired_job(bot, run_id_for(bot), "scrape", SETTINGS)["spec"]["template"]["spec"]["containers"][0]
+    secrets = {item["name"]: "secret" for item in container["env"] if "valueFrom" in item}
+    assert {"X_BEARER_TOKEN", "AWS_SECRET_ACCESS_KEY"} <= set(secrets)
+    assert container["env"][-1]["name"] == "HTTPS_PROXY"
+    assert kubelet_expand(container["env"][-1]["value"], secrets) == value
+
+
 def test_a_bot_image_runs_only_where_the_chart_allows_it():
     bot = make_bot(podOverrides={"train": {"image": "registry.example/trainer:patched"}})
     with pytest.raises(InvalidSpec, match=r"spec.podOverrides.train.image: .*trainer.allowBotImages"):
@@ -364,14 +396,11 @@ def test_the_train_pod_alone_mounts_the_model_cache_the_chart_configures():
      "spec.model.tokenSecretRef"),
     # Code the admin did not choose could write anything under a public model's name.
     ({"podOverrides": {"train": {"image": "registry.example/trainer:patched"}}}, Lineage(), "spec.podOverrides.train.image"),
-    ({"podOverrides": {"train": {"env": [{"name": "PYTHONWARNINGS", "value": "ignore::antigravity.x"},
-                                         {"name": "BROWSER", "value": "sh -c 'write the cache'"}]}}}, Lineage(),
-     "spec.podOverrides.train.env"),
     # Not from the Hub at all.
     ({"model": {"name": "s3://bots/base/llama/"}}, Lineage(), "s3:// prefix"),
     ({"model": {"name": "/models/llama"}}, Lineage(), "not a Hub model id"),
     ({"schedule": {"cron": "0 3 * * 1", "resumeFrom": "previous"}}, Lineage(starts_from_run="abc12"), "run abc12"),
-], ids=["gated-model", "bot-image", "bot-env", "s3-model", "local-model", "earlier-runs-model"])
+], ids=["gated-model", "bot-image", "s3-model", "local-model", "earlier-runs-model"])
 def test_the_model_cache_stays_out_of_pods_that_could_poison_it_or_leak_into_it(changes, lineage, reason):
     bot = make_bot(**changes)
     allowing = replace(CACHING, allow_bot_images=True)
@@ -379,6 +408,18 @@ def test_the_model_cache_stays_out_of_pods_that_could_poison_it_or_leak_into_it(
     pod = desired_job(bot, run_id_for(bot), "train", allowing, lineage=lineage)["spec"]["template"]["spec"]
     assert "model-cache" not in json.dumps(pod)
     assert reason in why_no_model_cache(with_defaults(bot), allowing, lineage)
+
+
+def test_the_model_cache_is_mounted_whatever_env_the_train_pod_is_given():
+    """podOverrides.env takes only names that cannot make the trainer run code of their choosing, so they leave the
+    cache to the admin's code as the operator configured it."""
+    env = [{"name": "NCCL_DEBUG", "value": "INFO"}, {"name": "PYTORCH_CUDA_ALLOC_CONF", "value": "expandable_segments:True"},
+           {"name": "HF_HUB_ENABLE_HF_TRANSFER", "value": "1"}, {"name": "HTTPS_PROXY", "value": "http://proxy:3128"}]
+    bot = make_bot(podOverrides={"train": {"env": env}})
+    validate_spec(bot, CACHING)
+    pod = desired_job(bot, run_id_for(bot), "train", CACHING)["spec"]["template"]["spec"]
+    assert {"name": "model-cache", "mountPath": MODEL_CACHE_PATH} in pod["containers"][0]["volumeMounts"]
+    assert why_no_model_cache(with_defaults(bot), CACHING, Lineage()) == ""
 
 
 def test_the_model_cache_setting_is_one_volume_source_in_json():
@@ -427,10 +468,59 @@ def test_the_operator_refuses_env_it_sets_itself(name):
         validate_spec(bot, SETTINGS)
 
 
+# Each runs code the admin did not choose in the admin's image, with the bot's Secrets in its environment, or
+# reaches past the pod: verified or read in the libraries' sources (see contract.ALLOWED_ENV_NAMES).
+CODE_LOADING_ENV = [
+    "PYTHONWARNINGS",  # imports the module a filter names (ignore::antigravity.x)
+    "BROWSER",  # the command webbrowser runs
+    "PYTHONPATH", "PYTHONSTARTUP", "PYTHONHOME", "LD_PRELOAD", "LD_LIBRARY_PATH", "BASH_ENV", "NODE_OPTIONS",
+    "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "GCONV_PATH",
+    "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD",  # torch.load unpickles whatever a checkpoint holds
+    "TORCH_LOGS",  # imports the modules it names
+    "TORCHINDUCTOR_CACHE_DIR", "TRITON_PTXAS_PATH", "TORCH_EXTENSIONS_DIR",
+    "CUDA_INJECTION64_PATH",  # a library the CUDA driver loads
+    "CUDA_CACHE_PATH",  # a directory of compiled kernels the driver loads
+    "NVIDIA_VISIBLE_DEVICES",  # the container runtime may give the pod every GPU of the node
+    "NCCL_NET_PLUGIN", "NCCL_TUNER_PLUGIN", "NCCL_IBVERBS_LIB", "NCCL_CONF_FILE", "NCCL_DEBUG_FILE",
+    "TORCH_NCCL_DEBUG_INFO_TEMP_FILE",
+    "HF_HOME", "HF_HUB_CACHE", "HF_MODULES_CACHE", "HF_XET_DATA_DEFAULT_CAS_ENDPOINT",
+    "WANDB_X_EXECUTABLE", "WANDB_DIR", "MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "MLFLOW_S3_ENDPOINT_URL",
+    "HTTP_PROXY",  # sees and can answer plain-http traffic
+    "OMP_TOOL_LIBRARIES", "UCX_MODULE_DIR", "DS_BUILD_OPS", "A",
+]
+
+
+@pytest.mark.parametrize("name", CODE_LOADING_ENV)
+def test_the_operator_refuses_env_outside_the_allow_list(name):
+    bot = make_bot(podOverrides={"train": {"env": [{"name": name, "value": "x"}]}})
+    with pytest.raises(InvalidSpec, match=rf"spec.podOverrides.train.env {name!r} is not a variable a stage may be "
+                                          r"given .*NCCL_\*.*docs/user-guide.md"):
+        validate_spec(bot, SETTINGS)
+
+
+@pytest.mark.parametrize("name", ["NCCL_DEBUG", "NCCL_SOCKET_IFNAME", "NCCL_IB_HCA", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+                                  "PYTORCH_CUDA_ALLOC_CONF", "TORCH_DISTRIBUTED_DEBUG", "CUDA_LAUNCH_BLOCKING",
+                                  "OMP_PROC_BIND", "MKL_NUM_THREADS", "GLOO_SOCKET_IFNAME", "FI_EFA_USE_DEVICE_RDMA",
+                                  "HF_HUB_ENABLE_HF_TRANSFER", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM",
+                                  "WANDB_TAGS", "MLFLOW_HTTP_REQUEST_TIMEOUT", "HTTPS_PROXY", "NO_PROXY", "TZ", "LANG",
+                                  "LC_ALL"])
+def test_the_operator_takes_env_that_tunes_training(name):
+    validate_spec(make_bot(podOverrides={"scrape": {"env": [{"name": name, "value": "x"}]}}), SETTINGS)
+
+
+def test_every_name_the_contract_allows_is_taken_and_none_it_reserves():
+    from tweetbot_trainer.contract import ALLOWED_ENV_NAMES, ALLOWED_ENV_PREFIXES, RESERVED_ENV_NAMES, env_allowed
+
+    for name in ALLOWED_ENV_NAMES + tuple(prefix + "X" for prefix in ALLOWED_ENV_PREFIXES):
+        assert env_allowed(name), name
+        validate_spec(make_bot(podOverrides={"publish": {"env": [{"name": name, "value": "x"}]}}), SETTINGS)
+    assert not set(ALLOWED_ENV_NAMES) & set(RESERVED_ENV_NAMES)
+
+
 @pytest.mark.parametrize("env, message", [
     ([{"name": "1X", "value": "x"}], "is not an environment variable name"),
-    ([{"name": "A", "value": "x"}, {"name": "A", "value": "y"}], "names A more than once"),
-    ([{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}], "only name and value"),
+    ([{"name": "NCCL_DEBUG", "value": "x"}, {"name": "NCCL_DEBUG", "value": "y"}], "names NCCL_DEBUG more than once"),
+    ([{"name": "NCCL_DEBUG", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}], "only name and value"),
 ])
 def test_override_env_is_plain_values_with_variable_names(env, message):
     with pytest.raises(InvalidSpec, match=message):

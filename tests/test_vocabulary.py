@@ -123,10 +123,11 @@ def test_every_field_of_the_crd_has_a_description():
     assert not missing, f"{len(missing)} fields of the CRD have no description:\n" + "\n".join(missing)
 
 
-def test_the_crds_reserved_env_names_and_labels_are_the_operators():
-    """spec.podOverrides' names the operator keeps: the CRD's rules refuse what `validate_spec` refuses."""
+def test_the_crds_env_names_and_labels_are_the_operators():
+    """spec.podOverrides' names the operator keeps or allows: the CRD's rules refuse what `validate_spec` refuses."""
     from tweetbot_operator.spec import OPERATOR_ANNOTATION_PREFIXES, OPERATOR_LABEL_KEYS, OPERATOR_LABEL_PREFIXES
-    from tweetbot_trainer.contract import RESERVED_ENV_NAMES, RESERVED_ENV_PREFIXES
+    from tweetbot_trainer.contract import (ALLOWED_ENV_NAMES, ALLOWED_ENV_PREFIXES, LOADING_ENV_WORD, RESERVED_ENV_NAMES,
+                                           RESERVED_ENV_PREFIXES)
 
     def listed(rule: str) -> tuple[list[str], list[str]]:
         """The names in a rule's `in [...]` and the prefixes in its `[...].exists(p, ...startsWith(p))`."""
@@ -138,10 +139,23 @@ def test_the_crds_reserved_env_names_and_labels_are_the_operators():
     overrides = SCHEMA["spec"]["properties"]["podOverrides"]["properties"]
     for stage in STAGES:
         fields = overrides[stage]["properties"]
-        env_rule = fields["env"]["items"]["properties"]["name"]["x-kubernetes-validations"][0]["rule"]
-        assert listed(env_rule) == (list(RESERVED_ENV_NAMES), list(RESERVED_ENV_PREFIXES))
+        reserved_rule, allowed_rule = (rule["rule"] for rule in
+                                       fields["env"]["items"]["properties"]["name"]["x-kubernetes-validations"])
+        assert listed(reserved_rule) == (list(RESERVED_ENV_NAMES), list(RESERVED_ENV_PREFIXES))
+        assert listed(allowed_rule) == (list(ALLOWED_ENV_NAMES), list(ALLOWED_ENV_PREFIXES))
+        assert re.findall(r"!self\.matches\('([^']*)'\)", allowed_rule) == [LOADING_ENV_WORD]
         label_rule = fields["labels"]["x-kubernetes-validations"][1]["rule"]
         assert listed(label_rule) == (list(OPERATOR_LABEL_KEYS), list(OPERATOR_LABEL_PREFIXES))
         annotation_rule = fields["annotations"]["x-kubernetes-validations"][1]["rule"]
         assert listed(annotation_rule) == ([], list(OPERATOR_ANNOTATION_PREFIXES))
     assert set(overrides["train"]["properties"]) - set(overrides["scrape"]["properties"]) == {"gpuResourceName"}
+
+
+def test_the_user_guide_lists_every_env_name_a_stage_may_be_given():
+    from tweetbot_trainer.contract import ALLOWED_ENV_NAMES, ALLOWED_ENV_PREFIXES
+
+    guide = (CRD.parents[1] / "docs" / "user-guide.md").read_text()
+    pod_overrides = guide[guide.index("## Pod overrides"):]
+    missing = [name for name in ALLOWED_ENV_NAMES if f"`{name}`" not in pod_overrides]
+    missing += [prefix for prefix in ALLOWED_ENV_PREFIXES if f"`{prefix}*`" not in pod_overrides]
+    assert not missing, f"docs/user-guide.md#pod-overrides does not list {missing}"

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 
 from tweetbot_trainer.contract import (
+    ALLOWED_ENV_PREFIXES,
     GROUP,
     MAX_HANDLES,
     RESERVED_ENV_NAMES,
@@ -17,6 +18,8 @@ from tweetbot_trainer.contract import (
     STAGES,
     TRACKERS,
     S3Layout,
+    env_allowed,
+    env_reserved,
 )
 
 from . import schedule
@@ -136,10 +139,6 @@ def validate_spec(bot: dict, settings: Settings) -> None:
         validate_pod_override(stage, spec["podOverrides"].get(stage) or {}, settings)
 
 
-def reserved_env(name: str) -> bool:
-    return name in RESERVED_ENV_NAMES or name.startswith(RESERVED_ENV_PREFIXES)
-
-
 def operator_label(key: str) -> bool:
     return key in OPERATOR_LABEL_KEYS or key.startswith(OPERATOR_LABEL_PREFIXES)
 
@@ -163,9 +162,16 @@ def validate_pod_override(stage: str, override: dict, settings: Settings) -> Non
         name = item.get("name")
         if not isinstance(name, str) or len(name) > 256 or not ENV_NAME.fullmatch(name):
             raise InvalidSpec(f"{where}.env {name!r} is not an environment variable name")
-        if reserved_env(name):
+        if env_reserved(name):
             raise InvalidSpec(f"{where}.env {name!r} is set by the operator (it keeps every name starting with "
                               f"{', '.join(RESERVED_ENV_PREFIXES)} and {', '.join(RESERVED_ENV_NAMES)})")
+        if not env_allowed(name):
+            families = ", ".join(prefix + "*" for prefix in ALLOWED_ENV_PREFIXES)
+            raise InvalidSpec(f"{where}.env {name!r} is not a variable a stage may be given (allowed: {families} "
+                              "except names of a file, directory, library, plugin, command or host, and the tuning "
+                              "variables docs/user-guide.md#pod-overrides lists, such as PYTORCH_CUDA_ALLOC_CONF, "
+                              "OMP_PROC_BIND, TZ and HTTPS_PROXY): others can make the stage run code the admin did "
+                              "not choose")
         names.append(name)
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:

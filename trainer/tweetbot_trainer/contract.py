@@ -10,6 +10,7 @@ it does not know with a message naming both versions.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -49,11 +50,76 @@ MLFLOW_TOKEN_ENV = "MLFLOW_TRACKING_TOKEN"
 # themselves (the request, the secrets, a gang's rendezvous, the process group, the thread count), every AWS_
 # one (the S3 endpoint and identity are the chart's and spec.output.s3's to choose), and those that would move
 # a token to a host the spec's checked fields did not name (the Hub endpoint, the W&B host, the MLflow URI).
-# The CRD's rule lists the same (tests hold them to it).
+# Refused before the allow-list below, with a message of their own. The CRD's rule lists the same (tests hold them
+# to it).
 RESERVED_ENV_PREFIXES = ("TWEETBOT_", "PET_", "AWS_")
 RESERVED_ENV_NAMES = (X_BEARER_TOKEN_ENV, MASTODON_TOKEN_ENV, HUB_TOKEN_ENV, WANDB_API_KEY_ENV, MLFLOW_TOKEN_ENV,
                       "HF_ENDPOINT", "WANDB_BASE_URL", "MLFLOW_TRACKING_URI", "OMP_NUM_THREADS", "DS_ACCELERATOR",
                       "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+# What spec.podOverrides.<stage>.env may set: an allow-list, because a variable can make the admin's image run code
+# of the bot author's choosing with the bot's Secrets in its environment (trainer.allowBotImages: false promises it
+# does not): PYTHONWARNINGS imports the module a filter names, webbrowser runs BROWSER, LD_PRELOAD loads a library,
+# TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD has torch.load unpickle a checkpoint, TORCH_LOGS imports the modules it names,
+# CUDA_INJECTION64_PATH is a library the driver loads, NVIDIA_VISIBLE_DEVICES can give the container every GPU
+# of the node. The names below tune training and only that: each was read in its library (NCCL 2.30, torch 2.15,
+# huggingface_hub 2.4, hf_xet 1.8, wandb 0.31, mlflow 3.18) for what its value is. A family is allowed by prefix only
+# where it is large and made of tuning knobs, less each name with a word of LOADING_ENV_WORD; the CRD's rule lists
+# the same (tests hold them to it). Another need is one more line here, after the same reading.
+ALLOWED_ENV_PREFIXES = (
+    "NCCL_",  # NCCL's transports, algorithms and debug output: a cluster's network is told to it this way
+    "TORCH_NCCL_",  # torch's NCCL process group: error handling, timeouts, the flight recorder's size
+    "HF_HUB_",  # huggingface_hub's timeouts, offline mode, progress bars, telemetry
+    "FI_EFA_",  # libfabric's EFA provider (AWS), where the image has the aws-ofi-nccl plugin
+    "LC_",  # locale categories: data files, never code
+)
+ALLOWED_ENV_NAMES = (
+    # CUDA and PyTorch's allocator and diagnostics.
+    "CUDA_LAUNCH_BLOCKING", "CUDA_DEVICE_MAX_CONNECTIONS", "CUDA_MODULE_LOADING", "CUDA_DEVICE_ORDER",
+    "CUBLAS_WORKSPACE_CONFIG", "NVIDIA_TF32_OVERRIDE", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF",
+    "PYTORCH_HIP_ALLOC_CONF", "PYTORCH_NO_CUDA_MEMORY_CACHING", "TORCH_DISTRIBUTED_DEBUG",
+    "TORCH_SHOW_CPP_STACKTRACES", "TORCH_CPP_LOG_LEVEL",
+    # CPU threads (OMP_NUM_THREADS is the operator's). Not OMP_TOOL_LIBRARIES: libraries the OpenMP runtime loads.
+    "OMP_PROC_BIND", "OMP_PLACES", "OMP_SCHEDULE", "OMP_STACKSIZE", "OMP_WAIT_POLICY", "OMP_DYNAMIC",
+    "OMP_MAX_ACTIVE_LEVELS", "OMP_THREAD_LIMIT", "OMP_DISPLAY_ENV", "OMP_DISPLAY_AFFINITY",
+    "MKL_NUM_THREADS", "MKL_DYNAMIC", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS",
+    "KMP_AFFINITY", "KMP_BLOCKTIME", "KMP_HW_SUBSET", "KMP_SETTINGS",
+    # Gloo's interface (torch's CPU collectives) and libfabric's provider.
+    "GLOO_SOCKET_IFNAME", "FI_PROVIDER", "FI_LOG_LEVEL",
+    # The Hub's transfers and transformers' output. Not HF_HOME or any cache: the base-model cache is shared.
+    "HF_XET_HIGH_PERFORMANCE", "TRANSFORMERS_VERBOSITY", "TRANSFORMERS_NO_ADVISORY_WARNINGS", "TRANSFORMERS_OFFLINE",
+    "TOKENIZERS_PARALLELISM",
+    # The trackers' labels, timeouts and output. Not their families: every WANDB_<setting> reaches wandb's
+    # settings (WANDB_X_EXECUTABLE, a proxy, a directory), and MLFLOW_ has pickle loading and S3 endpoints.
+    "WANDB_MODE", "WANDB_TAGS", "WANDB_NOTES", "WANDB_RUN_GROUP", "WANDB_JOB_TYPE", "WANDB_SILENT", "WANDB_QUIET",
+    "WANDB_DISABLE_CODE", "WANDB_DISABLE_GIT", "WANDB_INIT_TIMEOUT", "WANDB_HTTP_TIMEOUT",
+    "MLFLOW_TAGS", "MLFLOW_FLATTEN_PARAMS", "MLFLOW_MAX_LOG_PARAMS", "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING",
+    "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL",
+    # Time zone, locale and an egress proxy. Not HTTP_PROXY: a proxy of the bot's choosing would see and could
+    # answer plain-http traffic (a Hub mirror's downloads into the shared base-model cache, an http S3 endpoint).
+    "TZ", "LANG", "LANGUAGE", "HTTPS_PROXY", "NO_PROXY",
+)
+# A word of a name in an allowed family that says its value is a file, directory, library, plugin, command or
+# host, which the process would load, run, write or send to: NCCL_NET_PLUGIN, NCCL_IBVERBS_LIB, NCCL_CONF_FILE (it
+# sets other variables), NCCL_DEBUG_FILE, HF_HUB_CACHE. Refused in every family, with names a library adds later.
+LOADING_ENV_WORDS = ("PATH", "PATHS", "FILE", "FILES", "FILENAME", "DIR", "DIRS", "HOME", "ROOT", "LIB", "LIBS",
+                     "LIBRARY", "LIBRARIES", "PLUGIN", "PLUGINS", "MODULE", "MODULES", "CACHE", "PRELOAD", "CMD",
+                     "COMMAND", "EXEC", "EXECUTABLE", "SCRIPT", "HOOK", "HOOKS", "URL", "URI", "ENDPOINT", "HOST")
+LOADING_ENV_WORD = f"(^|_)({'|'.join(LOADING_ENV_WORDS)})(_|$)"  # the same regex in Python and the CRD's CEL (RE2)
+
+
+def env_reserved(name: str) -> bool:
+    """A variable the operator or the trainer sets, which spec.podOverrides.<stage>.env may not."""
+    return name in RESERVED_ENV_NAMES or name.startswith(RESERVED_ENV_PREFIXES)
+
+
+def env_allowed(name: str) -> bool:
+    """A variable spec.podOverrides.<stage>.env may set: one of the names, or of a family less its loading words."""
+    return name in ALLOWED_ENV_NAMES or (name.startswith(ALLOWED_ENV_PREFIXES)
+                                         and re.search(LOADING_ENV_WORD, name) is None)
+
+
 # The extended resource a training pod's GPUs are asked for by, unless spec.podOverrides.train says another
 # (a MIG slice such as nvidia.com/mig-1g.10gb, amd.com/gpu).
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"

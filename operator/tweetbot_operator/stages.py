@@ -337,7 +337,7 @@ def literal_env(item: dict) -> dict:
     """A podOverrides variable that reaches the container as written. The kubelet expands $(NAME) in a value from
     the variables before it, the Secrets' among them, so `$(X_BEARER_TOKEN)` in a proxy URL or a W&B tag would
     carry a token its author may not read to a host of theirs; `$$` is Kubernetes' escape for `$`."""
-    return {**item, "value": item.get("value", "").replace("$", "$$")}
+    return {**item, "value": item["value"].replace("$", "$$")} if "value" in item else item
 
 
 def desired_job(bot: dict, run_id: str, stage: str, settings: Settings, named: str | None = None,

@@ -137,7 +137,7 @@ def test_a_lora_run_changes_only_the_target_modules_and_loads_with_pipeline(name
     assert training["method"] == "lora"
     assert training["lora"] == {"r": 8, "alpha": 16, "dropout": 0.05, "targetModules": targets, "publish": "merged"}
     assert training["hyperparameters"]["LoRA"] == f"r 8, alpha 16, dropout 0.05, target modules {', '.join(targets)}"
-    assert training["deepspeed"] == ("ZeRO stage 2" if deepspeed else "none (one CPU process)")
+    assert training["deepspeed"] == ("ZeRO stage 2" if deepspeed else "none (one process)")
 
     base, merged = load_file(local[name] / "model.safetensors"), load_file(final / "model.safetensors")
     assert merged.keys() == base.keys()

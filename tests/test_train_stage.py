@@ -297,3 +297,21 @@ def test_a_refused_checkpoint_upload_stops_training_at_the_next_step(world, tmp_
     local = local_checkpoints(tmp_path / "tmp")
     assert 1 in local and max(local) <= 3, sorted(local)
     assert checkpoint_steps(s3, bucket, request.s3) == []
+
+
+def test_samples_from_the_trained_model_in_memory_are_those_of_the_saved_one(tmp_path):
+    """The card's samples come from the model still in memory (no second load; on its GPU where it trained):
+    they must be what the saved files give with the same seed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tweetbot_trainer.train import sample_generations, save_for_generation
+
+    source = build_tiny_gpt2(tmp_path / "tiny", posts(50))
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(source), AutoTokenizer.from_pretrained(source)
+    model.train()  # as the Trainer leaves it: sampling must not keep dropout on
+    final = tmp_path / "final"
+    model.save_pretrained(final)
+    save_for_generation(final, tokenizer)
+    saved = sample_generations(final, seed=7)
+    assert sample_generations(final, seed=7, trained=model) == saved
+    assert len(set(saved)) > 1

@@ -5,7 +5,7 @@
 Each setting trains `--model` (from the Hub or a local path) for `--steps` steps on generated posts, in a
 process of its own, and prints tokens/s and peak memory:
 - tweetbot: `TrainArguments`' defaults as the stage runs them (batch 4, blocks of 512, `precision: auto`;
-  DeepSpeed ZeRO-2 on a GPU, the plain Trainer for one CPU process);
+  one process: the plain Trainer, on a GPU or the CPU);
 - huggingtweets: batch 1, blocks of the model's whole context, transformers' plain Trainer, fp32;
 - zero2 and plain (`--settings zero2,plain`): the stage's defaults with DeepSpeed ZeRO-2 forced on, and off;
 - lora (`--settings plain,lora`): the stage's defaults with `method: lora` (peft's adapters, r 8, alpha 16).
@@ -13,7 +13,7 @@ Each setting also saves one checkpoint after its last step, as the stage does (w
 prints its size; the save is not in the tokens/s. Tokens per CPU second (all of the process's threads) is the
 figure to compare on a machine that other work shares: wall-clock tokens/s there swings with the other load.
 Without a GPU it refuses, unless `--allow-cpu`: what the tests use, and how the choice of the plain Trainer
-for one CPU process was measured (`--allow-cpu --model <tiny GPT-2> --settings zero2,plain --repeat 3`).
+for one process was measured (`--allow-cpu --model <tiny GPT-2> --settings zero2,plain --repeat 3`).
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ class TrainArguments:
     precision: str = arg(TRAINING["precision"], "auto, bf16, fp16 or fp32 (auto: see precision_flags).")
     zero_stage: int = arg(ZERO_STAGE, "DeepSpeed ZeRO stage.")
     offload: str = arg(OFFLOAD, "none, or cpu: optimizer state (and stage 3's parameters) in CPU memory.")
-    zero_asked: bool = arg(False, "The spec names zeroStage or offload: DeepSpeed runs even for one CPU process.")
+    zero_asked: bool = arg(False, "The spec names zeroStage or offload: DeepSpeed runs even for one process.")
     validation_fraction: float = arg(DATA["validationFraction"], "Share of posts held out to evaluate.")
     checkpoint_every_minutes: float = arg(TRAINING["checkpoint"]["everyMinutes"], "Save a checkpoint to S3 at least this often.")
     checkpoint_every_steps: int = arg(EVERY_STEPS, "Also save every this many steps; 0: by time only.")
@@ -461,22 +461,28 @@ def save_for_generation(final_dir: Path, tokenizer) -> None:
                      pad_token_id=tokenizer.pad_token_id, **GENERATION_DEFAULTS).save_pretrained(final_dir)
 
 
-def sample_generations(model_dir: Path, seed: int, count: int = 3, base: tuple[str, str] | None = None) -> list[str]:
-    """A few texts from "My dream is" with the saved generation settings, for the model card. `base`: (source,
-    revision) of the base model under an adapter in `model_dir`, loaded from there: the adapter names the base
-    as its users find it (`lora.name_the_base`), which may not be where this pod can load it."""
+def sample_generations(model_dir: Path, seed: int, count: int = 3, base: tuple[str, str] | None = None,
+                       trained=None) -> list[str]:
+    """A few texts from "My dream is" with the saved generation settings, for the model card. `trained`: the model
+    as it was saved to `model_dir`, still in memory and whole on this rank: sampled where it is (its GPU), with no
+    second load. Else the saved files on the CPU; `base`: (source, revision) of the base model under an adapter in
+    `model_dir`, loaded from there: the adapter names the base as its users find it (`lora.name_the_base`), which
+    may not be where this pod can load it."""
     from transformers import GenerationConfig, pipeline, set_seed
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()  # else, after ZeRO-3, from_pretrained would load the weights partitioned
     set_seed(seed)
-    model = str(model_dir)
-    if base is not None:
+    model, device = str(model_dir), "cpu"
+    if trained is not None:
+        model, device = trained.eval(), None  # eval: no dropout; None: where the model is
+    elif base is not None:
         from .lora import base_with_adapter
 
         model = base_with_adapter(model_dir, *base)
+    if not isinstance(model, str):
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
-    generator = pipeline("text-generation", model=model, tokenizer=str(model_dir), device="cpu", trust_remote_code=False)
+    generator = pipeline("text-generation", model=model, tokenizer=str(model_dir), device=device, trust_remote_code=False)
     outputs = generator(SAMPLE_PROMPT, num_return_sequences=count, max_new_tokens=40)
     return [output["generated_text"] for output in outputs]
 
@@ -599,7 +605,12 @@ def run_train(request: StageRequest, storage: Storage, workdir: Path | None = No
         save_for_generation(final_dir, tokenizer)
     with times.phase("samples"):
         base = (source, args.revision) if args.publishes_adapter else None
-        samples = sample_generations(final_dir, args.seed, base=base)
+        # The weights in memory are those saved unless adapters were merged or published apart, or ZeRO-3 holds a
+        # partition of them on each rank.
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        trained = trainer.model if not args.lora and not is_deepspeed_zero3_enabled() else None
+        samples = sample_generations(final_dir, args.seed, base=base, trained=trained)
         (final_dir / "samples.json").write_text(json.dumps(samples, ensure_ascii=False))
     with times.phase("trackers"):
         trackers.log_samples(SAMPLE_PROMPT, samples, trainer.state.global_step)

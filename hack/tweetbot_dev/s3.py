@@ -67,15 +67,20 @@ class S3Server:
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"MinIO exited with code {process.returncode}; see {log_file}")
+            # `ready` answers before the object layer is up (a loaded machine saw XMinioServerNotInitialized on the
+            # first CreateBucket after it); `cluster` only once it has its write quorum.
             try:
-                with urllib.request.urlopen(f"{self.endpoint}/minio/health/ready", timeout=2) as response:
-                    if response.status == 200:
-                        return
+                if all(self._healthy(check) for check in ("ready", "cluster")):
+                    return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"MinIO did not become ready within {timeout:.0f}s; see {log_file}")
+
+    def _healthy(self, check: str) -> bool:
+        with urllib.request.urlopen(f"{self.endpoint}/minio/health/{check}", timeout=2) as response:
+            return response.status == 200
 
     def stop(self) -> None:
         if self.pid is not None:

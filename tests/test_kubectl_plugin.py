@@ -215,6 +215,64 @@ def test_cleaned_up_pods_say_where_the_model_is():
     assert "no pod yet" in no_pods_message(pending, logs_target(pending), job={"metadata": {}})
 
 
+class FakeLog:
+    """A pod log response as the Kubernetes client returns it unread (`_preload_content=False`): its lines, then
+    the connection breaking if `broken` is an exception."""
+
+    def __init__(self, lines: list[bytes], broken: Exception | None = None):
+        self.lines, self.broken, self.released = lines, broken, False
+
+    def stream(self, amount):
+        yield from self.lines
+        if self.broken is not None:
+            raise self.broken
+
+    def release_conn(self):
+        self.released = True
+
+
+def log_cluster(logs: dict[str, FakeLog | Exception]):
+    """What `_print_log` uses of a Cluster: the core API's pod log reads, answered from `logs` by pod name."""
+    from types import SimpleNamespace
+
+    def read_namespaced_pod_log(name, namespace, **_):
+        answer = logs[name]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    return SimpleNamespace(namespace="team", core=SimpleNamespace(read_namespaced_pod_log=read_namespaced_pod_log))
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_following_every_pod_fails_with_one_line_when_a_log_breaks_off(capsys):
+    from urllib3.exceptions import ProtocolError
+
+    from tweetbot_operator.kubectl_plugin import _follow_all
+
+    broken = FakeLog([b"step 1\n", b"step 2\n"], ProtocolError("Connection broken: IncompleteRead(0 bytes read)"))
+    cluster = log_cluster({"t-0": FakeLog([b"rank 0 ok\n"]), "t-1": broken, "t-2": RuntimeError("unforeseen")})
+    code = _follow_all(cluster, "train", [(0, pod("t-0", 0)), (1, pod("t-1", 1)), (2, pod("t-2", 2))])
+    out, err = capsys.readouterr()
+    assert code == Exit.ERROR
+    assert sorted(out.splitlines()) == ["[0] rank 0 ok", "[1] step 1", "[1] step 2"]
+    assert "Traceback" not in err
+    assert err.splitlines() == ["error: the log of pod t-1 broke off: Connection broken: IncompleteRead(0 bytes read)",
+                                "error: following the log of pod t-2 failed: RuntimeError: unforeseen"]
+    assert broken.released
+
+
+def test_following_one_pod_fails_with_one_line_when_its_log_breaks_off(capsys):
+    from urllib3.exceptions import ProtocolError
+
+    from tweetbot_operator.kubectl_plugin import _print_log
+
+    cluster = log_cluster({"t-0": FakeLog([b"step 1\n"], ProtocolError("Connection broken: IncompleteRead(0 bytes read)"))})
+    with pytest.raises(Refusal, match="the log of pod t-0 broke off: Connection broken") as refused:
+        _print_log(cluster, pod("t-0"), "train", None, follow=True)
+    assert refused.value.code == Exit.ERROR and capsys.readouterr().out == "step 1\n"
+
+
 # --- S3 ----------------------------------------------------------------------------------------------------
 
 

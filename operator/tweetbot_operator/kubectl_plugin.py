@@ -232,17 +232,17 @@ def run_logs(args: argparse.Namespace) -> int:
     prefix = args.all_pods
     if args.follow and len(chosen) > 1:
         return _follow_all(cluster, target.stage, chosen)
-    code = Exit.OK
     for index, pod in chosen:
-        code = max(code, _print_log(cluster, pod, target.stage, index if prefix else None, args.follow))
-    return code
+        _print_log(cluster, pod, target.stage, index if prefix else None, args.follow)
+    return Exit.OK
 
 
 _print_lock = threading.Lock()
 
 
-def _print_log(cluster: Cluster, pod: dict, container: str, index: int | None, follow: bool) -> int:
+def _print_log(cluster: Cluster, pod: dict, container: str, index: int | None, follow: bool) -> None:
     from kubernetes.client.rest import ApiException
+    from urllib3.exceptions import HTTPError
 
     name = pod["metadata"]["name"]
     try:
@@ -251,6 +251,8 @@ def _print_log(cluster: Cluster, pod: dict, container: str, index: int | None, f
                                                         _request_timeout=None if follow else REQUEST_TIMEOUT)
     except ApiException as error:
         raise Refusal(f"the log of pod {name} cannot be read: {_api_message(error)}", Exit.UNAVAILABLE) from None
+    except HTTPError as error:
+        raise Refusal(f"the log of pod {name} cannot be read: {_http_reason(error)}") from None
     pending = b""
     try:
         for chunk in response.stream(64 * 1024):
@@ -259,9 +261,15 @@ def _print_log(cluster: Cluster, pod: dict, container: str, index: int | None, f
             _write_lines(lines, index)
         if pending:
             _write_lines([pending], index)
+    except HTTPError as error:  # the connection reset, or the API server went away, mid-log
+        raise Refusal(f"the log of pod {name} broke off: {_http_reason(error)}") from None
     finally:
         response.release_conn()
-    return Exit.OK
+
+
+def _http_reason(error) -> str:
+    """urllib3's own words: a ProtocolError's str is the tuple of its message and the exception under it."""
+    return error.args[0] if error.args and isinstance(error.args[0], str) else str(error) or type(error).__name__
 
 
 def _write_lines(lines: list[bytes], index: int | None) -> None:
@@ -273,24 +281,27 @@ def _write_lines(lines: list[bytes], index: int | None) -> None:
 
 
 def _follow_all(cluster: Cluster, container: str, chosen: list[tuple[int, dict]]) -> int:
-    """Every pod's log at once, each line prefixed with its pod's index, until all have ended."""
-    codes: list[int] = []
-    errors: list[str] = []
+    """Every pod's log at once, each line prefixed with its pod's index, until all have ended; each pod that
+    failed told in one line, and the exit code of the first (by index)."""
+    failures: dict[int, Refusal] = {}
 
     def follow(index: int, pod: dict) -> None:
         try:
-            codes.append(_print_log(cluster, pod, container, index, follow=True))
+            _print_log(cluster, pod, container, index, follow=True)
         except Refusal as refusal:
-            errors.append(str(refusal))
+            failures[index] = refusal
+        except Exception as error:  # a thread's exception reaches only threading.excepthook: the command would end 0
+            failures[index] = Refusal(f"following the log of pod {pod['metadata']['name']} failed: "
+                                      f"{type(error).__name__}: {error}")
 
     threads = [threading.Thread(target=follow, args=item, daemon=True) for item in chosen]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    for error in errors:
-        print(f"error: {error}", file=sys.stderr)
-    return Exit.UNAVAILABLE if errors else Exit.OK
+    for index in sorted(failures):
+        print(f"error: {failures[index]}", file=sys.stderr)
+    return failures[min(failures)].code if failures else Exit.OK
 
 
 # --- S3 ------------------------------------------------------------------------------------------------------

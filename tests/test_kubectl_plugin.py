@@ -33,6 +33,7 @@ from tweetbot_operator.botview import (
     s3_endpoint,
     sample_lines,
     sends_hub_token,
+    still_waiting,
     table,
     wait_verdict,
 )
@@ -97,6 +98,8 @@ def test_a_cell_cannot_break_the_table():
     sneaky = bot(artifacts={"hubUrl": "https://hub.example/a b\nfake-row\tx"})
     lines = table([sneaky], NOW).splitlines()
     assert len(lines) == 2 and len(lines[1].split()) == 7
+    hostile = bot(phase=HOSTILE, progress={"summary": HOSTILE}, artifacts={"hubUrl": HOSTILE})
+    assert all(line.isprintable() for line in table([hostile], NOW).splitlines())
 
 
 # --- wait --------------------------------------------------------------------------------------------------
@@ -137,6 +140,24 @@ def test_wait_ends_on_stalled_with_its_reason():
                   conditions=conditions(stalled=True, reason="SecretMissing", message="Secret x-api is missing"))
     verdict = wait_verdict(stalled)
     assert verdict.code == Exit.STALLED == 4 and "SecretMissing" in verdict.message and "x-api" in verdict.message
+
+
+# What a scraped post or a tenant can put into a status (a stage's message quotes its error): shown, not obeyed.
+HOSTILE = "\x1b]0;owned\x07\x1b[2J\nfake line\x9b2J \u202eevil"
+SHOWN = "\\x1b]0;owned\\x07\\x1b[2J\\nfake line\\x9b2J \\u202eevil"
+
+
+def shown_escaped(text: str) -> bool:
+    return SHOWN in text and text.isprintable()
+
+
+def test_wait_shows_the_status_texts_escaped():
+    failed = bot(phase="Failed", observedGeneration=1, runId=HOSTILE, lastError=HOSTILE, conditions=conditions())
+    stalled = bot(phase="Pending", observedGeneration=1, conditions=conditions(stalled=True, reason=HOSTILE, message=HOSTILE))
+    ready = bot(phase="Succeeded", observedGeneration=1, conditions=conditions(ready=True), artifacts={"hubUrl": HOSTILE})
+    for copy in (failed, stalled, ready):
+        assert shown_escaped(wait_verdict(copy).message), wait_verdict(copy).message
+    assert shown_escaped(still_waiting(bot(phase=HOSTILE, progress={"summary": HOSTILE})))
 
 
 def test_the_exit_codes_are_distinct():
@@ -215,6 +236,35 @@ def test_cleaned_up_pods_say_where_the_model_is():
     assert "no pod yet" in no_pods_message(pending, logs_target(pending), job={"metadata": {}})
 
 
+def test_logs_show_the_status_texts_escaped():
+    with pytest.raises(Refusal) as refused:
+        logs_target(bot(phase=HOSTILE))
+    assert shown_escaped(str(refused.value))
+    with pytest.raises(Refusal) as refused:
+        logs_target(bot(phase=HOSTILE, stages={"scrape": {"jobName": "s"}}), "train")
+    assert shown_escaped(str(refused.value))
+    ended = bot(runId=HOSTILE, stages={"scrape": {"jobName": HOSTILE, "state": HOSTILE, "message": HOSTILE}},
+                artifacts={"datasetUri": HOSTILE, "modelUri": HOSTILE, "hubUrl": HOSTILE})
+    for stage in ("scrape", "train", "publish"):
+        ended["status"]["stages"][stage] = {"jobName": HOSTILE, "state": "Succeeded", "message": HOSTILE}
+        target = logs_target(ended, stage)
+        assert shown_escaped(no_pods_message(ended, target, job=None))
+    ended["status"]["stages"]["train"]["state"] = HOSTILE
+    assert shown_escaped(no_pods_message(ended, logs_target(ended, "train"), job={"metadata": {}}))
+
+
+def test_the_api_servers_message_is_shown_escaped():
+    from kubernetes.client.rest import ApiException
+
+    from tweetbot_operator.kubectl_plugin import _api_message
+
+    refusal = ApiException(status=422, reason="Unprocessable Entity")
+    refusal.body = json.dumps({"kind": "Status", "message": HOSTILE})
+    assert _api_message(refusal) == SHOWN
+    odd = ApiException(status=500, reason=HOSTILE)
+    assert shown_escaped(_api_message(odd))
+
+
 class FakeLog:
     """A pod log response as the Kubernetes client returns it unread (`_preload_content=False`): its lines, then
     the connection breaking if `broken` is an exception."""
@@ -283,6 +333,13 @@ def test_the_model_and_its_samples_are_under_the_model_uri():
     with pytest.raises(Refusal) as refused:
         model_location(bot(phase="Training"))
     assert refused.value.code == Exit.UNAVAILABLE and "no model yet" in str(refused.value)
+    with pytest.raises(Refusal) as refused:
+        model_location(bot(phase=HOSTILE))
+    assert shown_escaped(str(refused.value))
+    # Its bucket and key reach messages and --help's advice: a URI the operator cannot have written is refused.
+    with pytest.raises(Refusal, match="not a plain s3:// URI") as refused:
+        model_location(bot(artifacts={"modelUri": "s3://bots/team/" + HOSTILE + "/final/"}))
+    assert shown_escaped(str(refused.value))
 
 
 def test_the_s3_endpoint_is_one_the_user_chose_never_the_bots_alone():

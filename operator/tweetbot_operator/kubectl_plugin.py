@@ -291,8 +291,8 @@ def _follow_all(cluster: Cluster, container: str, chosen: list[tuple[int, dict]]
         except Refusal as refusal:
             failures[index] = refusal
         except Exception as error:  # a thread's exception reaches only threading.excepthook: the command would end 0
-            failures[index] = Refusal(f"following the log of pod {pod['metadata']['name']} failed: "
-                                      f"{type(error).__name__}: {error}")
+            failures[index] = Refusal(one_line(f"following the log of pod {pod['metadata']['name']} failed: "
+                                               f"{type(error).__name__}: {error}"))
 
     threads = [threading.Thread(target=follow, args=item, daemon=True) for item in chosen]
     for thread in threads:
@@ -510,11 +510,13 @@ def _hub_snapshot(source: ModelSource, scratch: Path) -> str:
 
 
 def _api_message(error) -> str:
-    """The API server's message from a refusal's Status body, else its reason."""
+    """The API server's message from a refusal's Status body, else its reason, as `one_line` shows them (a
+    message can quote what a tenant wrote)."""
     try:
-        return json.loads(error.body).get("message") or error.reason
+        message = json.loads(error.body).get("message") or error.reason
     except (TypeError, ValueError, AttributeError):
-        return f"{error.status} {error.reason}"
+        message = f"{error.status} {error.reason}"
+    return one_line(str(message))
 
 
 def _duration(text: str) -> float:

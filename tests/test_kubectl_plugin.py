@@ -12,6 +12,7 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
@@ -20,6 +21,7 @@ from tweetbot_operator.botview import (
     Exit,
     Refusal,
     download_plan,
+    hub_download_bytes,
     hub_location,
     human_duration,
     logs_target,
@@ -577,6 +579,125 @@ def test_a_download_never_deletes_what_it_did_not_create(fake_s3, tmp_path):
     assert left() == {"model", "model.partial", "model.replaced"}
     assert {path.relative_to(where): path.read_text() for path in where.rglob("*") if path.is_file()
             and path.parts[len(where.parts)] != "model"} == theirs
+
+
+# --- the Hub ------------------------------------------------------------------------------------------------
+
+
+def test_a_hub_repo_is_bounded_by_the_sizes_the_hub_gives_before_any_download():
+    sizes = {"config.json": 10, "model.safetensors": 1000}
+    assert hub_download_bytes("http://hub/o/n", sizes, max_bytes=1010) == 1010
+    with pytest.raises(Refusal, match="http://hub/o/n is 1,010 bytes on the Hub, more than --max-bytes 1,009"):
+        hub_download_bytes("http://hub/o/n", sizes, max_bytes=1009)
+    with pytest.raises(Refusal, match="more than 1"):
+        hub_download_bytes("http://hub/o/n", sizes, max_bytes=10**9, max_files=1)
+    # A Hub that does not tell (files_metadata unanswered): a download nothing bounds is not started.
+    with pytest.raises(Refusal, match="gives no size for 'model.safetensors'"):
+        hub_download_bytes("http://hub/o/n", {"config.json": 10, "model.safetensors": None}, max_bytes=10**9)
+    with pytest.raises(Refusal, match="lists no files"):
+        hub_download_bytes("http://hub/o/n", None, max_bytes=10**9)
+
+
+REPO_FILES = {"config.json": b'{"model_type": "gpt2"}', "model.safetensors": b"w" * 1000, "README.md": b"# dreamer"}
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """A FakeHub holding the public repo tweetbots/dreamer and the private tweetbots/secret, both of REPO_FILES,
+    and a user's environment whose own Hub is huggingface.co, with a token that Hub never sees; the Hugging
+    Face cache under tmp_path."""
+    import hashlib
+
+    from tweetbot_dev.fake_hub import FakeCommit, FakeHub, FakeRepo
+
+    for name, value in {"HF_HOME": str(tmp_path / "hf-home"), "HF_TOKEN": "hf_mine", "HF_HUB_DISABLE_XET": "1",
+                        "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("HF_ENDPOINT", "HF_HUB_CACHE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    with FakeHub(tokens={"hf_mine": "alice"}, orgs={"alice": ["tweetbots"]}) as hub:
+        for repo_id, private in (("tweetbots/dreamer", False), ("tweetbots/secret", True)):
+            commit = FakeCommit(hashlib.sha1(repo_id.encode()).hexdigest(), "Publish", "", dict(REPO_FILES))
+            hub.repos[repo_id] = FakeRepo(repo_id, private, [commit], {"main": commit.id})
+        yield hub
+
+
+def hub_source(hub, repo="tweetbots/dreamer", environ=None):
+    return model_source(bot(artifacts={"hubUrl": f"{hub.url}/{repo}"}), "hub", environ or {})
+
+
+def test_generate_from_another_hub_refuses_beyond_max_bytes_before_downloading(fake_hub, tmp_path, capsys):
+    from tweetbot_operator.kubectl_plugin import _hub_snapshot
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    total = sum(len(data) for data in REPO_FILES.values())
+    with pytest.raises(Refusal, match=f"more than --max-bytes {total - 1:,}") as refused:
+        _hub_snapshot(hub_source(fake_hub), scratch, max_bytes=total - 1, timeout=60)
+    assert refused.value.code == Exit.ERROR
+    assert fake_hub.downloads == [] and list(scratch.iterdir()) == []
+    assert any("blobs=" in request for request in fake_hub.requests), fake_hub.requests
+
+    snapshot = Path(_hub_snapshot(hub_source(fake_hub), scratch, max_bytes=total, timeout=60))
+    assert {path.name: path.read_bytes() for path in snapshot.iterdir()} == REPO_FILES
+    # The commit whose sizes were read, not what main is by the time the download starts.
+    assert snapshot.name == fake_hub.repos["tweetbots/dreamer"].head.id and snapshot.is_relative_to(scratch)
+    assert fake_hub.callers and all(user is None for user, _ in fake_hub.callers)  # anonymous: not the user's Hub
+    assert "is not your Hub" in capsys.readouterr().err
+    assert not (tmp_path / "hf-home" / "hub").exists()  # nothing in the user's cache
+
+
+def test_generate_from_the_hub_ends_at_its_deadline(fake_hub, tmp_path):
+    import multiprocessing
+
+    from tweetbot_operator.kubectl_plugin import _hub_snapshot
+
+    fake_hub.dripping.add("tweetbots/dreamer/model.safetensors")  # 100 s at a byte every 0.1 s
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    started = time.monotonic()
+    with pytest.raises(Refusal) as refused:
+        _hub_snapshot(hub_source(fake_hub), scratch, max_bytes=10**9, timeout=4)
+    took = time.monotonic() - started
+    assert refused.value.code == Exit.TIMEOUT and took < 8, took
+    assert str(refused.value) == f"reading {fake_hub.url}/tweetbots/dreamer did not end within --timeout (4s)"
+    assert any(path.endswith("model.safetensors") for path in fake_hub.downloads)  # it was under way
+    assert list(scratch.iterdir()) == [] and multiprocessing.active_children() == []
+
+
+def test_a_hub_that_fails_is_told_in_one_line(fake_hub, tmp_path, capfd):
+    """What fails in the download's process reaches the user as a refusal, not as that process's traceback."""
+    import socket
+
+    from tweetbot_operator.kubectl_plugin import _hub_snapshot
+
+    fake_hub.failing = 500
+    with pytest.raises(Refusal, match=f"reading tweetbots/dreamer from {fake_hub.url} failed: 500$") as refused:
+        _hub_snapshot(hub_source(fake_hub), tmp_path, max_bytes=10**9, timeout=60)
+    assert refused.value.code == Exit.ERROR
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{unused.getsockname()[1]}"  # bound, never listening: connections are refused
+        source = model_source(bot(artifacts={"hubUrl": f"{closed}/tweetbots/dreamer"}), "hub", {})
+        with pytest.raises(Refusal, match=f"reading tweetbots/dreamer from {closed} failed: ConnectError: ") as refused:
+            _hub_snapshot(source, tmp_path, max_bytes=10**9, timeout=60)
+    assert refused.value.code == Exit.ERROR and "Traceback" not in capfd.readouterr().err
+
+
+def test_generate_from_the_users_hub_reads_sizes_and_files_with_the_users_token(fake_hub, tmp_path, monkeypatch):
+    from tweetbot_operator.kubectl_plugin import _hub_snapshot
+
+    monkeypatch.setenv("HF_ENDPOINT", fake_hub.url)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    source = hub_source(fake_hub, "tweetbots/secret", {"HF_ENDPOINT": fake_hub.url})
+    assert not source.anonymous
+    with pytest.raises(Refusal, match="more than --max-bytes"):
+        _hub_snapshot(source, scratch, max_bytes=10, timeout=60)  # the private repo's sizes: read with the token
+    snapshot = Path(_hub_snapshot(source, scratch, max_bytes=10**9, timeout=60))
+    assert {path.name: path.read_bytes() for path in snapshot.iterdir()} == REPO_FILES
+    assert snapshot.is_relative_to(tmp_path / "hf-home" / "hub") and list(scratch.iterdir()) == []  # the user's cache
+    assert fake_hub.callers and all(user == "alice" for user, _ in fake_hub.callers), fake_hub.callers
 
 
 def test_the_timestamps_are_utc():

@@ -30,7 +30,7 @@ class Exit(IntEnum):
     USAGE = 2  # a command line argparse refuses
     FAILED = 3  # wait: the run failed (phase Failed); its lastError is printed
     STALLED = 4  # wait: Stalled is True, the bot waits for a fix (a Secret, a refused Job); the message is printed
-    TIMEOUT = 5  # wait: neither within --timeout; samples, download, generate: the S3 transfer did not end within it
+    TIMEOUT = 5  # wait: neither within --timeout; samples, download, generate: the S3 or Hub transfer did not end in it
     UNAVAILABLE = 6  # logs, samples, download, generate: what was asked for is not there (not yet, or cleaned up)
 
 
@@ -424,6 +424,24 @@ def hub_location(hub_url: str) -> tuple[str, str]:
     if len(segments) < 2:
         raise Refusal(f"{hub_url!r} names no Hub repository")
     return f"{parts.scheme}://{parts.netloc}" + "".join("/" + segment for segment in segments[:-2]), "/".join(segments[-2:])
+
+
+def hub_download_bytes(where: str, sizes: Mapping[str, int | None] | None, max_bytes: int = DEFAULT_MAX_BYTES,
+                       max_files: int = MAX_FILES) -> int:
+    """The bytes of a Hub repo's files, by name as the Hub lists them (model_info with files_metadata) before
+    any is downloaded: the whole repo is, so all count. A repo beyond the bounds is refused, and so is one with
+    a file the Hub gives no size for: nothing would bound its download."""
+    if sizes is None:
+        raise Refusal(f"the Hub lists no files of {where}")
+    if len(sizes) > max_files:
+        raise Refusal(f"{where} has {len(sizes)} files on the Hub, more than {max_files}")
+    for name, size in sizes.items():
+        if not isinstance(size, int) or size < 0:
+            raise Refusal(f"the Hub gives no size for '{one_line(name)}' of {where}")
+    total = sum(sizes.values())
+    if total > max_bytes:
+        raise Refusal(f"{where} is {total:,} bytes on the Hub, more than --max-bytes {max_bytes:,}")
+    return total
 
 
 def _origin(url: str) -> tuple[str, str, int | None] | None:

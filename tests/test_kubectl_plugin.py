@@ -12,6 +12,7 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
@@ -20,6 +21,7 @@ from tweetbot_operator.botview import (
     Exit,
     Refusal,
     download_plan,
+    hub_download_bytes,
     hub_location,
     human_duration,
     logs_target,
@@ -33,6 +35,7 @@ from tweetbot_operator.botview import (
     s3_endpoint,
     sample_lines,
     sends_hub_token,
+    still_waiting,
     table,
     wait_verdict,
 )
@@ -97,6 +100,8 @@ def test_a_cell_cannot_break_the_table():
     sneaky = bot(artifacts={"hubUrl": "https://hub.example/a b\nfake-row\tx"})
     lines = table([sneaky], NOW).splitlines()
     assert len(lines) == 2 and len(lines[1].split()) == 7
+    hostile = bot(phase=HOSTILE, progress={"summary": HOSTILE}, artifacts={"hubUrl": HOSTILE})
+    assert all(line.isprintable() for line in table([hostile], NOW).splitlines())
 
 
 # --- wait --------------------------------------------------------------------------------------------------
@@ -137,6 +142,24 @@ def test_wait_ends_on_stalled_with_its_reason():
                   conditions=conditions(stalled=True, reason="SecretMissing", message="Secret x-api is missing"))
     verdict = wait_verdict(stalled)
     assert verdict.code == Exit.STALLED == 4 and "SecretMissing" in verdict.message and "x-api" in verdict.message
+
+
+# What a scraped post or a tenant can put into a status (a stage's message quotes its error): shown, not obeyed.
+HOSTILE = "\x1b]0;owned\x07\x1b[2J\nfake line\x9b2J \u202eevil"
+SHOWN = "\\x1b]0;owned\\x07\\x1b[2J\\nfake line\\x9b2J \\u202eevil"
+
+
+def shown_escaped(text: str) -> bool:
+    return SHOWN in text and text.isprintable()
+
+
+def test_wait_shows_the_status_texts_escaped():
+    failed = bot(phase="Failed", observedGeneration=1, runId=HOSTILE, lastError=HOSTILE, conditions=conditions())
+    stalled = bot(phase="Pending", observedGeneration=1, conditions=conditions(stalled=True, reason=HOSTILE, message=HOSTILE))
+    ready = bot(phase="Succeeded", observedGeneration=1, conditions=conditions(ready=True), artifacts={"hubUrl": HOSTILE})
+    for copy in (failed, stalled, ready):
+        assert shown_escaped(wait_verdict(copy).message), wait_verdict(copy).message
+    assert shown_escaped(still_waiting(bot(phase=HOSTILE, progress={"summary": HOSTILE})))
 
 
 def test_the_exit_codes_are_distinct():
@@ -215,6 +238,93 @@ def test_cleaned_up_pods_say_where_the_model_is():
     assert "no pod yet" in no_pods_message(pending, logs_target(pending), job={"metadata": {}})
 
 
+def test_logs_show_the_status_texts_escaped():
+    with pytest.raises(Refusal) as refused:
+        logs_target(bot(phase=HOSTILE))
+    assert shown_escaped(str(refused.value))
+    with pytest.raises(Refusal) as refused:
+        logs_target(bot(phase=HOSTILE, stages={"scrape": {"jobName": "s"}}), "train")
+    assert shown_escaped(str(refused.value))
+    ended = bot(runId=HOSTILE, stages={"scrape": {"jobName": HOSTILE, "state": HOSTILE, "message": HOSTILE}},
+                artifacts={"datasetUri": HOSTILE, "modelUri": HOSTILE, "hubUrl": HOSTILE})
+    for stage in ("scrape", "train", "publish"):
+        ended["status"]["stages"][stage] = {"jobName": HOSTILE, "state": "Succeeded", "message": HOSTILE}
+        target = logs_target(ended, stage)
+        assert shown_escaped(no_pods_message(ended, target, job=None))
+    ended["status"]["stages"]["train"]["state"] = HOSTILE
+    assert shown_escaped(no_pods_message(ended, logs_target(ended, "train"), job={"metadata": {}}))
+
+
+def test_the_api_servers_message_is_shown_escaped():
+    from kubernetes.client.rest import ApiException
+
+    from tweetbot_operator.kubectl_plugin import _api_message
+
+    refusal = ApiException(status=422, reason="Unprocessable Entity")
+    refusal.body = json.dumps({"kind": "Status", "message": HOSTILE})
+    assert _api_message(refusal) == SHOWN
+    odd = ApiException(status=500, reason=HOSTILE)
+    assert shown_escaped(_api_message(odd))
+
+
+class FakeLog:
+    """A pod log response as the Kubernetes client returns it unread (`_preload_content=False`): its lines, then
+    the connection breaking if `broken` is an exception."""
+
+    def __init__(self, lines: list[bytes], broken: Exception | None = None):
+        self.lines, self.broken, self.released = lines, broken, False
+
+    def stream(self, amount):
+        yield from self.lines
+        if self.broken is not None:
+            raise self.broken
+
+    def release_conn(self):
+        self.released = True
+
+
+def log_cluster(logs: dict[str, FakeLog | Exception]):
+    """What `_print_log` uses of a Cluster: the core API's pod log reads, answered from `logs` by pod name."""
+    from types import SimpleNamespace
+
+    def read_namespaced_pod_log(name, namespace, **_):
+        answer = logs[name]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    return SimpleNamespace(namespace="team", core=SimpleNamespace(read_namespaced_pod_log=read_namespaced_pod_log))
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_following_every_pod_fails_with_one_line_when_a_log_breaks_off(capsys):
+    from urllib3.exceptions import ProtocolError
+
+    from tweetbot_operator.kubectl_plugin import _follow_all
+
+    broken = FakeLog([b"step 1\n", b"step 2\n"], ProtocolError("Connection broken: IncompleteRead(0 bytes read)"))
+    cluster = log_cluster({"t-0": FakeLog([b"rank 0 ok\n"]), "t-1": broken, "t-2": RuntimeError("unforeseen")})
+    code = _follow_all(cluster, "train", [(0, pod("t-0", 0)), (1, pod("t-1", 1)), (2, pod("t-2", 2))])
+    out, err = capsys.readouterr()
+    assert code == Exit.ERROR
+    assert sorted(out.splitlines()) == ["[0] rank 0 ok", "[1] step 1", "[1] step 2"]
+    assert "Traceback" not in err
+    assert err.splitlines() == ["error: the log of pod t-1 broke off: Connection broken: IncompleteRead(0 bytes read)",
+                                "error: following the log of pod t-2 failed: RuntimeError: unforeseen"]
+    assert broken.released
+
+
+def test_following_one_pod_fails_with_one_line_when_its_log_breaks_off(capsys):
+    from urllib3.exceptions import ProtocolError
+
+    from tweetbot_operator.kubectl_plugin import _print_log
+
+    cluster = log_cluster({"t-0": FakeLog([b"step 1\n"], ProtocolError("Connection broken: IncompleteRead(0 bytes read)"))})
+    with pytest.raises(Refusal, match="the log of pod t-0 broke off: Connection broken") as refused:
+        _print_log(cluster, pod("t-0"), "train", None, follow=True)
+    assert refused.value.code == Exit.ERROR and capsys.readouterr().out == "step 1\n"
+
+
 # --- S3 ----------------------------------------------------------------------------------------------------
 
 
@@ -225,6 +335,13 @@ def test_the_model_and_its_samples_are_under_the_model_uri():
     with pytest.raises(Refusal) as refused:
         model_location(bot(phase="Training"))
     assert refused.value.code == Exit.UNAVAILABLE and "no model yet" in str(refused.value)
+    with pytest.raises(Refusal) as refused:
+        model_location(bot(phase=HOSTILE))
+    assert shown_escaped(str(refused.value))
+    # Its bucket and key reach messages and --help's advice: a URI the operator cannot have written is refused.
+    with pytest.raises(Refusal, match="not a plain s3:// URI") as refused:
+        model_location(bot(artifacts={"modelUri": "s3://bots/team/" + HOSTILE + "/final/"}))
+    assert shown_escaped(str(refused.value))
 
 
 def test_the_s3_endpoint_is_one_the_user_chose_never_the_bots_alone():
@@ -462,6 +579,125 @@ def test_a_download_never_deletes_what_it_did_not_create(fake_s3, tmp_path):
     assert left() == {"model", "model.partial", "model.replaced"}
     assert {path.relative_to(where): path.read_text() for path in where.rglob("*") if path.is_file()
             and path.parts[len(where.parts)] != "model"} == theirs
+
+
+# --- the Hub ------------------------------------------------------------------------------------------------
+
+
+def test_a_hub_repo_is_bounded_by_the_sizes_the_hub_gives_before_any_download():
+    sizes = {"config.json": 10, "model.safetensors": 1000}
+    assert hub_download_bytes("http://hub/o/n", sizes, max_bytes=1010) == 1010
+    with pytest.raises(Refusal, match="http://hub/o/n is 1,010 bytes on the Hub, more than --max-bytes 1,009"):
+        hub_download_bytes("http://hub/o/n", sizes, max_bytes=1009)
+    with pytest.raises(Refusal, match="more than 1"):
+        hub_download_bytes("http://hub/o/n", sizes, max_bytes=10**9, max_files=1)
+    # A Hub that does not tell (files_metadata unanswered): a download nothing bounds is not started.
+    with pytest.raises(Refusal, match="gives no size for 'model.safetensors'"):
+        hub_download_bytes("http://hub/o/n", {"config.json": 10, "model.safetensors": None}, max_bytes=10**9)
+    with pytest.raises(Refusal, match="lists no files"):
+        hub_download_bytes("http://hub/o/n", None, max_bytes=10**9)
+
+
+REPO_FILES = {"config.json": b'{"model_type": "gpt2"}', "model.safetensors": b"w" * 1000, "README.md": b"# dreamer"}
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """A FakeHub holding the public repo tweetbots/dreamer and the private tweetbots/secret, both of REPO_FILES,
+    and a user's environment whose own Hub is huggingface.co, with a token that Hub never sees; the Hugging
+    Face cache under tmp_path."""
+    import hashlib
+
+    from tweetbot_dev.fake_hub import FakeCommit, FakeHub, FakeRepo
+
+    for name, value in {"HF_HOME": str(tmp_path / "hf-home"), "HF_TOKEN": "hf_mine", "HF_HUB_DISABLE_XET": "1",
+                        "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("HF_ENDPOINT", "HF_HUB_CACHE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    with FakeHub(tokens={"hf_mine": "alice"}, orgs={"alice": ["tweetbots"]}) as hub:
+        for repo_id, private in (("tweetbots/dreamer", False), ("tweetbots/secret", True)):
+            commit = FakeCommit(hashlib.sha1(repo_id.encode()).hexdigest(), "Publish", "", dict(REPO_FILES))
+            hub.repos[repo_id] = FakeRepo(repo_id, private, [commit], {"main": commit.id})
+        yield hub
+
+
+def hub_source(hub, repo="tweetbots/dreamer", environ=None):
+    return model_source(bot(artifacts={"hubUrl": f"{hub.url}/{repo}"}), "hub", environ or {})
+
+
+def test_generate_from_another_hub_refuses_beyond_max_bytes_before_downloading(fake_hub, tmp_path, capsys):
+    from tweetbot_operator.kubectl_plugin import _hub_snapshot
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    total = sum(len(data) for data in REPO_FILES.values())
+    with pytest.raises(Refusal, match=f"more than --max-bytes {total - 1:,}") as refused:
+        _hub_snapshot(hub_source(fake_hub), scratch, max_bytes=total - 1, timeout=60)
+    assert refused.value.code == Exit.ERROR
+    assert fake_hub.downloads == [] and list(scratch.iterdir()) == []
+    assert any("blobs=" in request for request in fake_hub.requests), fake_hub.requests
+
+    snapshot = Path(_hub_snapshot(hub_source(fake_hub), scratch, max_bytes=total, timeout=60))
+    assert {path.name: path.read_bytes() for path in snapshot.iterdir()} == REPO_FILES
+    # The commit whose sizes were read, not what main is by the time the download starts.
+    assert snapshot.name == fake_hub.repos["tweetbots/dreamer"].head.id and snapshot.is_relative_to(scratch)
+    assert fake_hub.callers and all(user is None for user, _ in fake_hub.callers)  # anonymous: not the user's Hub
+    assert "is not your Hub" in capsys.readouterr().err
+    assert not (tmp_path / "hf-home" / "hub").exists()  # nothing in the user's cache
+
+
+def test_generate_from_the_hub_ends_at_its_deadline(fake_hub, tmp_path):
+    import multiprocessing
+
+    from tweetbot_operator.kubectl_plugin import _hub_snapshot
+
+    fake_hub.dripping.add("tweetbots/dreamer/model.safetensors")  # 100 s at a byte every 0.1 s
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    started = time.monotonic()
+    with pytest.raises(Refusal) as refused:
+        _hub_snapshot(hub_source(fake_hub), scratch, max_bytes=10**9, timeout=4)
+    took = time.monotonic() - started
+    assert refused.value.code == Exit.TIMEOUT and took < 8, took
+    assert str(refused.value) == f"reading {fake_hub.url}/tweetbots/dreamer did not end within --timeout (4s)"
+    assert any(path.endswith("model.safetensors") for path in fake_hub.downloads)  # it was under way
+    assert list(scratch.iterdir()) == [] and multiprocessing.active_children() == []
+
+
+def test_a_hub_that_fails_is_told_in_one_line(fake_hub, tmp_path, capfd):
+    """What fails in the download's process reaches the user as a refusal, not as that process's traceback."""
+    import socket
+
+    from tweetbot_operator.kubectl_plugin import _hub_snapshot
+
+    fake_hub.failing = 500
+    with pytest.raises(Refusal, match=f"reading tweetbots/dreamer from {fake_hub.url} failed: 500$") as refused:
+        _hub_snapshot(hub_source(fake_hub), tmp_path, max_bytes=10**9, timeout=60)
+    assert refused.value.code == Exit.ERROR
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{unused.getsockname()[1]}"  # bound, never listening: connections are refused
+        source = model_source(bot(artifacts={"hubUrl": f"{closed}/tweetbots/dreamer"}), "hub", {})
+        with pytest.raises(Refusal, match=f"reading tweetbots/dreamer from {closed} failed: ConnectError: ") as refused:
+            _hub_snapshot(source, tmp_path, max_bytes=10**9, timeout=60)
+    assert refused.value.code == Exit.ERROR and "Traceback" not in capfd.readouterr().err
+
+
+def test_generate_from_the_users_hub_reads_sizes_and_files_with_the_users_token(fake_hub, tmp_path, monkeypatch):
+    from tweetbot_operator.kubectl_plugin import _hub_snapshot
+
+    monkeypatch.setenv("HF_ENDPOINT", fake_hub.url)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    source = hub_source(fake_hub, "tweetbots/secret", {"HF_ENDPOINT": fake_hub.url})
+    assert not source.anonymous
+    with pytest.raises(Refusal, match="more than --max-bytes"):
+        _hub_snapshot(source, scratch, max_bytes=10, timeout=60)  # the private repo's sizes: read with the token
+    snapshot = Path(_hub_snapshot(source, scratch, max_bytes=10**9, timeout=60))
+    assert {path.name: path.read_bytes() for path in snapshot.iterdir()} == REPO_FILES
+    assert snapshot.is_relative_to(tmp_path / "hf-home" / "hub") and list(scratch.iterdir()) == []  # the user's cache
+    assert fake_hub.callers and all(user == "alice" for user, _ in fake_hub.callers), fake_hub.callers
 
 
 def test_the_timestamps_are_utc():

@@ -5,7 +5,9 @@ run unchanged against it with `HF_ENDPOINT` pointing here (and `HF_HUB_DISABLE_X
 Every file is a regular git file held in memory: the server answers "regular" to every preupload request, so
 the client sends contents base64-encoded inside the commit itself and never tries LFS or Xet storage, and no
 download response carries Xet headers. Branches are created from `main` (or a `startingPoint`), commits go to a
-branch, and downloads, listings and commits may name a branch or (reads) any commit id.
+branch, and downloads, listings and commits may name a branch or (reads) any commit id. A model's info lists
+its files' sizes and blob ids with `blobs=true` (`files_metadata=True`), as the Hub does. Files in `dripping`
+are sent a byte every 0.1 s, for clients' deadlines.
 Not served: tags, pull requests, deleting branches, LFS, Range requests, pagination; `parentCommit` is not checked.
 """
 
@@ -86,6 +88,7 @@ class FakeHub:
     # which huggingface_hub sends to check a cached file, is not one): what a cache saves.
     downloads: list[str] = field(default_factory=list)
     failing: int | None = None  # a status every request is answered with (an outage), None: serving
+    dripping: set[str] = field(default_factory=set)  # "<repo>/<path>" of files whose contents are sent slowly
     host: str = "127.0.0.1"  # the real node's pods reach the host at node.NODE_IP
 
     def __post_init__(self):
@@ -103,6 +106,7 @@ class FakeHub:
 
         self._httpd = ThreadingHTTPServer((self.host, 0), Handler)
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._stopped = threading.Event()  # ends dripping answers
 
     @property
     def url(self) -> str:
@@ -113,6 +117,7 @@ class FakeHub:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._stopped.set()
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -124,6 +129,8 @@ class FakeHub:
         segments = [unquote(s) for s in parts.path.strip("/").split("/")]
         length = int(request.headers.get("Content-Length") or 0)
         body = request.rfile.read(length) if length else b""
+        drip = (request.command == "GET" and len(segments) >= 5 and segments[2] == "resolve"
+                and "/".join(segments[:2] + segments[4:]) in self.dripping)
         with self._lock:
             self.requests.append(f"{request.command} {request.path}")
             try:
@@ -137,10 +144,9 @@ class FakeHub:
                 if error.code:
                     headers["X-Error-Code"] = error.code
                 status, payload = error.status, {"error": error.message, **error.extra}
-        self._send(request, status, payload, headers)
+        self._send(request, status, payload, headers, drip and status == 200)
 
-    @staticmethod
-    def _send(request, status: int, payload, headers: dict) -> None:
+    def _send(self, request, status: int, payload, headers: dict, drip: bool = False) -> None:
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         request.send_response(status)
         if not isinstance(payload, bytes):
@@ -149,8 +155,19 @@ class FakeHub:
         for name, value in headers.items():
             request.send_header(name, value)
         request.end_headers()
-        if request.command != "HEAD":
+        if request.command == "HEAD":
+            return
+        if not drip:
             request.wfile.write(data)
+            return
+        try:
+            for index in range(len(data)):
+                if self._stopped.wait(0.1):
+                    return
+                request.wfile.write(data[index:index + 1])
+                request.wfile.flush()
+        except OSError:  # the client hung up
+            pass
 
     def _user(self, request) -> str | None:
         """The caller's user name, None if anonymous. The Hub rejects an unknown token on every route, even
@@ -222,7 +239,8 @@ class FakeHub:
                 return 200, self._refs(self._readable_repo(repo_id, user)), {}
             if method == "GET" and (rest == [] or (len(rest) == 2 and rest[0] == "revision")):
                 repo = self._readable_repo(repo_id, user)
-                return 200, self._model_info(repo, self._commit(repo, rest[1] if rest else "main")), {}
+                return 200, self._model_info(repo, self._commit(repo, rest[1] if rest else "main"),
+                                             query.get("blobs") in ("true", "True", "1")), {}
             if method == "GET" and len(rest) >= 2 and rest[0] == "tree":
                 repo = self._readable_repo(repo_id, user)
                 return 200, self._tree(self._commit(repo, rest[1]), "/".join(rest[2:]),
@@ -309,9 +327,12 @@ class FakeHub:
         return 200, {"success": True, "commitOid": commit.id, "commitUrl": f"{self.url}/{repo.id}/commit/{commit.id}",
                      "hookOutput": ""}, {}
 
-    def _model_info(self, repo: FakeRepo, commit: FakeCommit) -> dict:
+    def _model_info(self, repo: FakeRepo, commit: FakeCommit, blobs: bool = False) -> dict:
+        """With `blobs`, each sibling's size and blob id too (an LFS file would also have `lfs`: none here)."""
+        siblings = [{"rfilename": path, **({"blobId": git_blob_sha1(data), "size": len(data)} if blobs else {})}
+                    for path, data in sorted(commit.files.items())]
         return {"id": repo.id, "modelId": repo.id, "author": repo.id.split("/")[0], "sha": commit.id,
-                "private": repo.private, "siblings": [{"rfilename": path} for path in sorted(commit.files)]}
+                "private": repo.private, "siblings": siblings}
 
     @staticmethod
     def _tree(commit: FakeCommit, path: str, recursive: bool) -> list[dict]:

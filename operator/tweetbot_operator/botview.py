@@ -1,7 +1,8 @@
 """What `kubectl tweetbot` decides from a TweetBot and what the cluster holds, as plain functions: the table
 `get` prints, whether `wait` is done, which Job and pods `logs` means, where a run's model and samples are in
 S3 and on the Hub, which endpoint gets the user's credentials, which files `download` fetches, how generated
-text reaches the terminal, and the exit codes. No client: `kubectl_plugin` reads and writes around these.
+and status text reaches the terminal, and the exit codes. No client: `kubectl_plugin` reads and writes around
+these.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class Exit(IntEnum):
     USAGE = 2  # a command line argparse refuses
     FAILED = 3  # wait: the run failed (phase Failed); its lastError is printed
     STALLED = 4  # wait: Stalled is True, the bot waits for a fix (a Secret, a refused Job); the message is printed
-    TIMEOUT = 5  # wait: neither within --timeout; samples, download, generate: the S3 transfer did not end within it
+    TIMEOUT = 5  # wait: neither within --timeout; samples, download, generate: the S3 or Hub transfer did not end in it
     UNAVAILABLE = 6  # logs, samples, download, generate: what was asked for is not there (not yet, or cleaned up)
 
 
@@ -134,7 +135,8 @@ class Verdict:
 def wait_verdict(bot: dict) -> Verdict | None:
     """Whether `wait` is done with this copy of the bot: Ready True for the current generation and the current
     rerun annotation (Succeeded), Failed, or Stalled True; None: not yet. A status the operator wrote for an
-    older generation or rerun value says nothing about the run asked for."""
+    older generation or rerun value says nothing about the run asked for. The message shows the status's texts
+    as `one_line` does: a stage's error can quote a scraped post."""
     metadata, status = bot["metadata"], bot.get("status") or {}
     generation = metadata.get("generation")
     name = f"tweetbot {metadata.get('namespace', '')}/{metadata['name']}".replace(" /", " ")
@@ -151,21 +153,22 @@ def wait_verdict(bot: dict) -> Verdict | None:
 
     if true(Condition.READY):
         where = (status.get("artifacts") or {}).get("hubUrl") or (status.get("artifacts") or {}).get("modelUri")
-        return Verdict(Exit.OK, f"{name} is {Phase.SUCCEEDED} (run {status.get('runId', '?')})"
-                       + (f": {where}" if where else ""))
+        return Verdict(Exit.OK, one_line(f"{name} is {Phase.SUCCEEDED} (run {status.get('runId', '?')})"
+                                         + (f": {where}" if where else "")))
     stalled = true(Condition.STALLED)
     if status.get("phase") == Phase.FAILED:
         why = status.get("lastError") or (stalled or {}).get("message") or "no message"
-        return Verdict(Exit.FAILED, f"{name} is {Phase.FAILED} (run {status.get('runId', '?')}): {why}")
+        return Verdict(Exit.FAILED, one_line(f"{name} is {Phase.FAILED} (run {status.get('runId', '?')}): {why}"))
     if stalled:
         why = status.get("lastError") or stalled.get("message") or "no message"
-        return Verdict(Exit.STALLED, f"{name} is stalled ({stalled.get('reason', '?')}): {why}")
+        return Verdict(Exit.STALLED, one_line(f"{name} is stalled ({stalled.get('reason', '?')}): {why}"))
     return None
 
 
 def still_waiting(bot: dict) -> str:
     status = bot.get("status") or {}
-    return f"phase {status.get('phase') or 'not set yet'}, progress {(status.get('progress') or {}).get('summary') or '-'}"
+    return one_line(f"phase {status.get('phase') or 'not set yet'}, "
+                    f"progress {(status.get('progress') or {}).get('summary') or '-'}")
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
@@ -220,13 +223,13 @@ def logs_target(bot: dict, stage: str | None = None) -> LogsTarget:
         started = [each for each in STAGES if (stages.get(each) or {}).get("jobName")]
         running = [each for each in started if stages[each].get("state") in ACTIVE_STATES]
         if not started:
-            raise Refusal(f"no stage of {name}'s run {run_id} has started yet (phase {status.get('phase') or 'not set'})",
-                          Exit.UNAVAILABLE)
+            raise Refusal(one_line(f"no stage of {name}'s run {run_id} has started yet "
+                                   f"(phase {status.get('phase') or 'not set'})"), Exit.UNAVAILABLE)
         stage = (running or started)[-1]
     job = (stages.get(stage) or {}).get("jobName")
     if not job:
-        raise Refusal(f"the {stage} stage of {name}'s run {run_id} has no Job (phase {status.get('phase') or 'not set'})",
-                      Exit.UNAVAILABLE)
+        raise Refusal(one_line(f"the {stage} stage of {name}'s run {run_id} has no Job "
+                               f"(phase {status.get('phase') or 'not set'})"), Exit.UNAVAILABLE)
     return LogsTarget(name, stage, job, run_id)
 
 
@@ -246,7 +249,11 @@ def pods_to_show(pods: list[dict], all_pods: bool = False) -> list[tuple[int, di
 
 def no_pods_message(bot: dict, target: LogsTarget, job: dict | None) -> str:
     """Why there is no pod to read: not started yet, or the Job and its pods were cleaned up (the results
-    outlive them, in the status and in S3)."""
+    outlive them, in the status and in S3); the status's texts as `one_line` shows them."""
+    return one_line(_no_pods(bot, target, job))
+
+
+def _no_pods(bot: dict, target: LogsTarget, job: dict | None) -> str:
     stage_status = ((bot.get("status") or {}).get("stages") or {}).get(target.stage) or {}
     if job is not None and stage_status.get("state") not in ENDED:
         return f"the {target.stage} Job {target.job} of run {target.run_id} has no pod yet ({stage_status.get('state') or 'Pending'})"
@@ -299,8 +306,11 @@ def model_location(bot: dict) -> ModelLocation:
     uri = (status.get("artifacts") or {}).get("modelUri") or ""
     parts = urlsplit(uri)
     if parts.scheme != "s3" or not parts.netloc:
-        raise Refusal(f"{bot['metadata']['name']} has no model yet: status.artifacts.modelUri is empty "
-                      f"(phase {status.get('phase') or 'not set'})", Exit.UNAVAILABLE)
+        raise Refusal(one_line(f"{bot['metadata']['name']} has no model yet: status.artifacts.modelUri is empty "
+                               f"(phase {status.get('phase') or 'not set'})"), Exit.UNAVAILABLE)
+    # The URI reaches every message of the transfer: one the operator cannot have written is not read.
+    if not uri.isprintable():
+        raise Refusal(f"status.artifacts.modelUri {one_line(uri)} is not a plain s3:// URI")
     s3 = ((bot.get("spec") or {}).get("output") or {}).get("s3") or {}
     prefix = parts.path.lstrip("/")
     return ModelLocation(parts.netloc, prefix if prefix.endswith("/") else prefix + "/",
@@ -344,8 +354,8 @@ _ESCAPES = {
 
 
 def one_line(text: str) -> str:
-    """Text a model (or a bot's author) wrote, on one line of a terminal, shown and not obeyed: a newline as \\n,
-    other control characters as their escapes (\\x1b), a backslash doubled so an escape reads as one."""
+    """Text a model, a bot's author or a status wrote, on one line of a terminal, shown and not obeyed: a newline
+    as \\n, other control characters as their escapes (\\x1b), a backslash doubled so an escape reads as one."""
     return text.translate(_ESCAPES)
 
 
@@ -414,6 +424,24 @@ def hub_location(hub_url: str) -> tuple[str, str]:
     if len(segments) < 2:
         raise Refusal(f"{hub_url!r} names no Hub repository")
     return f"{parts.scheme}://{parts.netloc}" + "".join("/" + segment for segment in segments[:-2]), "/".join(segments[-2:])
+
+
+def hub_download_bytes(where: str, sizes: Mapping[str, int | None] | None, max_bytes: int = DEFAULT_MAX_BYTES,
+                       max_files: int = MAX_FILES) -> int:
+    """The bytes of a Hub repo's files, by name as the Hub lists them (model_info with files_metadata) before
+    any is downloaded: the whole repo is, so all count. A repo beyond the bounds is refused, and so is one with
+    a file the Hub gives no size for: nothing would bound its download."""
+    if sizes is None:
+        raise Refusal(f"the Hub lists no files of {where}")
+    if len(sizes) > max_files:
+        raise Refusal(f"{where} has {len(sizes)} files on the Hub, more than {max_files}")
+    for name, size in sizes.items():
+        if not isinstance(size, int) or size < 0:
+            raise Refusal(f"the Hub gives no size for '{one_line(name)}' of {where}")
+    total = sum(sizes.values())
+    if total > max_bytes:
+        raise Refusal(f"{where} is {total:,} bytes on the Hub, more than --max-bytes {max_bytes:,}")
+    return total
 
 
 def _origin(url: str) -> tuple[str, str, int | None] | None:

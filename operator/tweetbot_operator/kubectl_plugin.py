@@ -14,8 +14,10 @@ import argparse
 import contextlib
 import io
 import json
+import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -43,6 +45,7 @@ from .botview import (
     Refusal,
     download_plan,
     for_output,
+    hub_download_bytes,
     logs_target,
     model_location,
     model_source,
@@ -232,17 +235,17 @@ def run_logs(args: argparse.Namespace) -> int:
     prefix = args.all_pods
     if args.follow and len(chosen) > 1:
         return _follow_all(cluster, target.stage, chosen)
-    code = Exit.OK
     for index, pod in chosen:
-        code = max(code, _print_log(cluster, pod, target.stage, index if prefix else None, args.follow))
-    return code
+        _print_log(cluster, pod, target.stage, index if prefix else None, args.follow)
+    return Exit.OK
 
 
 _print_lock = threading.Lock()
 
 
-def _print_log(cluster: Cluster, pod: dict, container: str, index: int | None, follow: bool) -> int:
+def _print_log(cluster: Cluster, pod: dict, container: str, index: int | None, follow: bool) -> None:
     from kubernetes.client.rest import ApiException
+    from urllib3.exceptions import HTTPError
 
     name = pod["metadata"]["name"]
     try:
@@ -251,6 +254,8 @@ def _print_log(cluster: Cluster, pod: dict, container: str, index: int | None, f
                                                         _request_timeout=None if follow else REQUEST_TIMEOUT)
     except ApiException as error:
         raise Refusal(f"the log of pod {name} cannot be read: {_api_message(error)}", Exit.UNAVAILABLE) from None
+    except HTTPError as error:
+        raise Refusal(f"the log of pod {name} cannot be read: {_http_reason(error)}") from None
     pending = b""
     try:
         for chunk in response.stream(64 * 1024):
@@ -259,9 +264,15 @@ def _print_log(cluster: Cluster, pod: dict, container: str, index: int | None, f
             _write_lines(lines, index)
         if pending:
             _write_lines([pending], index)
+    except HTTPError as error:  # the connection reset, or the API server went away, mid-log
+        raise Refusal(f"the log of pod {name} broke off: {_http_reason(error)}") from None
     finally:
         response.release_conn()
-    return Exit.OK
+
+
+def _http_reason(error) -> str:
+    """urllib3's own words: a ProtocolError's str is the tuple of its message and the exception under it."""
+    return error.args[0] if error.args and isinstance(error.args[0], str) else str(error) or type(error).__name__
 
 
 def _write_lines(lines: list[bytes], index: int | None) -> None:
@@ -273,24 +284,27 @@ def _write_lines(lines: list[bytes], index: int | None) -> None:
 
 
 def _follow_all(cluster: Cluster, container: str, chosen: list[tuple[int, dict]]) -> int:
-    """Every pod's log at once, each line prefixed with its pod's index, until all have ended."""
-    codes: list[int] = []
-    errors: list[str] = []
+    """Every pod's log at once, each line prefixed with its pod's index, until all have ended; each pod that
+    failed told in one line, and the exit code of the first (by index)."""
+    failures: dict[int, Refusal] = {}
 
     def follow(index: int, pod: dict) -> None:
         try:
-            codes.append(_print_log(cluster, pod, container, index, follow=True))
+            _print_log(cluster, pod, container, index, follow=True)
         except Refusal as refusal:
-            errors.append(str(refusal))
+            failures[index] = refusal
+        except Exception as error:  # a thread's exception reaches only threading.excepthook: the command would end 0
+            failures[index] = Refusal(one_line(f"following the log of pod {pod['metadata']['name']} failed: "
+                                               f"{type(error).__name__}: {error}"))
 
     threads = [threading.Thread(target=follow, args=item, daemon=True) for item in chosen]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    for error in errors:
-        print(f"error: {error}", file=sys.stderr)
-    return Exit.UNAVAILABLE if errors else Exit.OK
+    for index in sorted(failures):
+        print(f"error: {failures[index]}", file=sys.stderr)
+    return failures[min(failures)].code if failures else Exit.OK
 
 
 # --- S3 ------------------------------------------------------------------------------------------------------
@@ -464,7 +478,7 @@ def run_generate(args: argparse.Namespace) -> int:
             download_model(model_location(bot), model, args.s3_endpoint, args.max_bytes, timeout=args.timeout)
             model = str(model)
         else:
-            model = _hub_snapshot(source, Path(scratch))
+            model = _hub_snapshot(source, Path(scratch), args.max_bytes, args.timeout)
         if args.seed is not None:
             set_seed(args.seed)
         generator = pipeline("text-generation", model=model)
@@ -474,19 +488,72 @@ def run_generate(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
-def _hub_snapshot(source: ModelSource, scratch: Path) -> str:
-    """The repo's files from the Hub its hubUrl names. Your token (HF_TOKEN or a saved login) goes only to your
-    Hub; from another the files are read anonymously into `scratch`, not into your cache, whose entries are
-    by repo id alone (a same-named repo on your Hub would be served from them)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+def _hub_snapshot(source: ModelSource, scratch: Path, max_bytes: int, timeout: float) -> str:
+    """The repo's files from the Hub its hubUrl names, once the sizes the Hub gives for them are within
+    `max_bytes`, all within `timeout` seconds. Your token (HF_TOKEN or a saved login) goes only to your Hub; from
+    another the files are read anonymously into `scratch`, not into your cache, whose entries are by repo id
+    alone (a same-named repo on your Hub would be served from them).
 
-    try:
-        if not source.anonymous:
-            return snapshot_download(source.where, endpoint=source.endpoint)
+    The download runs in a process of its own, killed at the deadline: huggingface_hub downloads in a thread
+    pool that Python joins at exit, so a download given up in a thread would keep the command running until it
+    ended, and writing into `scratch` while that is deleted."""
+    if source.anonymous:
         print(f"note: {source.endpoint} is not your Hub (HF_ENDPOINT, else {HUB}): reading {source.where} from it "
               "anonymously, without your HF_TOKEN", file=sys.stderr)
-        return snapshot_download(source.where, endpoint=source.endpoint, token=False, cache_dir=scratch / "hub")
+    uri = f"{source.endpoint}/{source.where}"
+    deadline = _Deadline(timeout)
+    cache = scratch / "hub" if source.anonymous else None
+    context = multiprocessing.get_context("spawn")  # a fork would copy the locks other threads (torch's) hold
+    answers, answer = context.Pipe(duplex=False)
+    child = context.Process(target=_fetch_hub_repo, args=(source, cache, max_bytes, answer), daemon=True)
+    child.start()
+    answer.close()  # the child's end: once the child is gone, recv() ends in EOFError rather than waiting
+    path = None
+    try:
+        if not answers.poll(max(0.0, deadline.at - time.monotonic())):
+            raise deadline.passed(uri)
+        path, message, code = answers.recv()
+    except EOFError:
+        raise Refusal(f"reading {uri} failed: its download ended without an answer (exit code {child.exitcode})") from None
+    finally:
+        child.kill()  # once it answered, it is ending anyway; at the deadline, mid-download
+        child.join()
+        answers.close()
+        if path is None and cache is not None:
+            shutil.rmtree(cache, ignore_errors=True)
+    if path is None:
+        raise Refusal(message, code)
+    return path
+
+
+def _fetch_hub_repo(source: ModelSource, cache: Path | None, max_bytes: int, answer) -> None:
+    """The download's process: (the snapshot's path, "", OK) or (None, a refusal's message, its code) to `answer`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to answer: it kills this process
+    sys.stdout = sys.stderr  # stdout carries the posts alone
+    try:
+        answer.send((_download_hub_repo(source, cache, max_bytes), "", Exit.OK))
+    except Refusal as refusal:
+        answer.send((None, str(refusal), refusal.code))
+    except Exception as error:  # the parent prints one line, not this process's traceback
+        answer.send((None, one_line(f"reading {source.where} from {source.endpoint} failed: "
+                                    f"{type(error).__name__}: {error}"), Exit.ERROR))
+    finally:
+        answer.close()
+
+
+def _download_hub_repo(source: ModelSource, cache: Path | None, max_bytes: int) -> str:
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    token = False if source.anonymous else None  # None: HF_TOKEN, else the saved login
+    try:
+        info = HfApi(endpoint=source.endpoint).model_info(source.where, files_metadata=True, token=token)
+        sizes = None if info.siblings is None else {
+            sibling.rfilename: sibling.lfs.size if sibling.lfs is not None else sibling.size for sibling in info.siblings}
+        hub_download_bytes(f"{source.endpoint}/{source.where}", sizes, max_bytes)
+        # The commit whose sizes were read: one published in between would not be what was bounded.
+        return snapshot_download(source.where, revision=info.sha, endpoint=source.endpoint, token=token,
+                                 cache_dir=cache)
     except RepositoryNotFoundError:
         raise Refusal(f"{source.endpoint} has no repository {source.where}"
                       + (" that it shows without a token" if source.anonymous else ""), Exit.UNAVAILABLE) from None
@@ -499,11 +566,13 @@ def _hub_snapshot(source: ModelSource, scratch: Path) -> str:
 
 
 def _api_message(error) -> str:
-    """The API server's message from a refusal's Status body, else its reason."""
+    """The API server's message from a refusal's Status body, else its reason, as `one_line` shows them (a
+    message can quote what a tenant wrote)."""
     try:
-        return json.loads(error.body).get("message") or error.reason
+        message = json.loads(error.body).get("message") or error.reason
     except (TypeError, ValueError, AttributeError):
-        return f"{error.status} {error.reason}"
+        message = f"{error.status} {error.reason}"
+    return one_line(str(message))
 
 
 def _duration(text: str) -> float:
@@ -532,7 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "credentials: the AWS chain. A bot whose spec.output.s3.endpoint names another "
                                           "store is refused until you name that endpoint here")
     s3.add_argument("--max-bytes", type=_byte_count, default=DEFAULT_MAX_BYTES,
-                    help=f"refuse a model larger than this (default {DEFAULT_MAX_BYTES // 2**30}Gi)")
+                    help="refuse a model larger than this, by its manifest's sizes (from the Hub: the sizes the Hub "
+                         f"gives for the repo's files), before downloading it (default {DEFAULT_MAX_BYTES // 2**30}Gi)")
 
     parser = argparse.ArgumentParser(prog="kubectl tweetbot", description=__doc__, epilog=EXIT_CODES_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -544,9 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    def transfer_timeout(sub, default: str):
+    def transfer_timeout(sub, default: str, transfer: str = "the S3 transfer"):
         sub.add_argument("--timeout", type=_duration, default=default,
-                         help=f"give up (exit 5) when the S3 transfer has not ended by then (90s, 30m, 1h; default {default})")
+                         help=f"give up (exit 5) when {transfer} has not ended by then (90s, 30m, 1h; default {default})")
 
     get = verb("get", run_get, "list bots (or one) with phase, progress, ETA, loss, Hub URL and age")
     get.add_argument("bot", nargs="?", help="one bot's name (default: every bot of the namespace)")
@@ -579,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "(status.artifacts.hubUrl, from the host it names; HF_TOKEN is sent only if that is "
                                f"your Hub, HF_ENDPOINT or else {HUB}: from another the model is read anonymously)")
     generate.add_argument("--seed", type=int, help="a seed, for the same posts each time")
-    transfer_timeout(generate, MODEL_TIMEOUT)
+    transfer_timeout(generate, MODEL_TIMEOUT, "the model's download, from S3 or the Hub,")
 
     rerun = verb("rerun", run_rerun, f"train again on the same spec: set {RERUN_ANNOTATION} to the UTC time")
     rerun.add_argument("bot")

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from tweetbot_trainer.contract import STAGES
 
-from .jobs import parse_time
+from .jobs import COMPLETION_INDEX_ANNOTATION, parse_time
 from .names import ENDED, FINISHED, RERUN_ANNOTATION, Condition, Phase
 
 
@@ -202,7 +202,6 @@ def rerun_patch(value: str) -> dict:
 
 # --- logs --------------------------------------------------------------------------------------------------
 
-INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 ACTIVE_STATES = ("Pending", "Queued", "Running")
 
 
@@ -239,7 +238,7 @@ def pods_to_show(pods: list[dict], all_pods: bool = False) -> list[tuple[int, di
     newest: dict[int, dict] = {}
     for pod in pods:
         metadata = pod["metadata"]
-        index = int((metadata.get("annotations") or {}).get(INDEX_ANNOTATION) or 0)
+        index = int((metadata.get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION) or 0)
         age = (metadata.get("creationTimestamp") or "", metadata["name"])
         if index not in newest or age > (newest[index]["metadata"].get("creationTimestamp") or "", newest[index]["metadata"]["name"]):
             newest[index] = pod

@@ -76,6 +76,10 @@ def admission_message(workloads: list[dict]) -> str | None:
     return None
 
 
+# The annotation on each pod of an Indexed Job (a gang) that holds its index.
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+
+
 def gang_subdomain(job: dict) -> str | None:
     """The subdomain of a Job whose pods find each other by DNS (several nodes), or None."""
     return ((job.get("spec", {}).get("template") or {}).get("spec") or {}).get("subdomain")

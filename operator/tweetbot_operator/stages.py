@@ -30,7 +30,7 @@ from tweetbot_trainer.contract import (
 )
 from tweetbot_trainer.errors import permanent_exit_codes
 
-from .jobs import gang_subdomain
+from .jobs import COMPLETION_INDEX_ANNOTATION, gang_subdomain
 from .names import Phase
 from .settings import Settings, StageResources
 from .spec import digest, normalize_handles, s3_layout, spec_field, with_defaults
@@ -39,7 +39,7 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"  # a Kueue WorkloadPriorityClass
 # Where torch.distributed.run's c10d rendezvous listens on a gang's first pod.
 RENDEZVOUS_PORT = 29400
-COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+COMPLETION_INDEX = f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"
 
 
 @dataclass(frozen=True)
